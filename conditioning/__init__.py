@@ -1,0 +1,1 @@
+"""Text conditioning: CLIP text encoders, tokenizers, the empty prompt, embedding cache."""

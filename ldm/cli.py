@@ -1,0 +1,74 @@
+"""The ``ldm`` command line: one console script, one subcommand per job.
+
+Errors the user can fix (bad arguments, missing files) are printed as one line
+``ldm <command>: error: ...`` with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from ldm import __version__
+
+
+class UsageError(Exception):
+    """An error in what the user asked for; printed as one line, exit code 2."""
+
+
+# name -> one-line description, in the order `ldm --help` lists them.
+SUBCOMMANDS = {
+    "generate": "generate images from a prompt",
+    "sweep": "sweep the guidance weight over prompts and seeds; grid, metrics and plot",
+    "data": "build (emoji, shapes) or check a captioned image data set",
+    "train-vae": "train the autoencoder (VQ-VAE) from a YAML config",
+    "train-clip": "train a small CLIP text/image encoder from a YAML config",
+    "train": "train the latent diffusion U-Net from a YAML config",
+    "finetune": "fine-tune a model bundle on your own captioned images",
+}
+
+# Subcommands that exist: name -> (add_arguments(parser), run(args) -> exit code).
+_IMPLEMENTED: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise UsageError(f"'ldm {name}' is not available yet in ldm-toolkit {__version__}")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ldm",
+        description="Latent text-to-image diffusion toolkit: data, training, generation, guidance sweeps.",
+    )
+    parser.add_argument("--version", action="version", version=f"ldm-toolkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, summary in SUBCOMMANDS.items():
+        if name in _IMPLEMENTED:
+            add_arguments, run = _IMPLEMENTED[name]
+            p = sub.add_parser(name, help=summary, description=summary)
+            add_arguments(p)
+        else:
+            p = sub.add_parser(name, help=f"{summary} (not available yet)", description=f"{summary} (not available yet)")
+            run = _not_available(name)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in _IMPLEMENTED:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.run(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Autoencoders of the first stage: VQ-VAE, KL autoencoders, latent scaling."""
