@@ -2,12 +2,19 @@
 
 Errors the user can fix (bad arguments, missing files) are printed as one line
 ``ldm <command>: error: ...`` with exit code 2 and no traceback.
+
+Each subcommand lives in a module with two functions, ``add_arguments(parser)``
+and ``run(args) -> exit code``, registered in ``_IMPLEMENTED`` below. Those
+modules import torch and friends inside ``run`` so that ``ldm --help`` stays
+instant. This file is the application's entry point and the one place in
+``ldm`` that may reach into ``train`` (to dispatch the training commands).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 from ldm import __version__
@@ -28,8 +35,8 @@ SUBCOMMANDS = {
     "finetune": "fine-tune a model bundle on your own captioned images",
 }
 
-# Subcommands that exist: name -> (add_arguments(parser), run(args) -> exit code).
-_IMPLEMENTED: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+# Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
+_IMPLEMENTED: dict[str, ModuleType] = {}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
@@ -48,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, summary in SUBCOMMANDS.items():
         if name in _IMPLEMENTED:
-            add_arguments, run = _IMPLEMENTED[name]
-            p = sub.add_parser(name, help=summary, description=summary)
-            add_arguments(p)
+            module = _IMPLEMENTED[name]
+            p = sub.add_parser(name, help=summary, description=module.__doc__ or summary,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(p)
+            run = module.run
         else:
             p = sub.add_parser(name, help=f"{summary} (not available yet)", description=f"{summary} (not available yet)")
             run = _not_available(name)
