@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 from ldm import __version__
+from train import clip_cli
 
 
 class UsageError(Exception):
@@ -36,7 +37,7 @@ SUBCOMMANDS = {
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {}
+_IMPLEMENTED: dict[str, ModuleType] = {"train-clip": clip_cli}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
