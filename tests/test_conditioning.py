@@ -152,6 +152,15 @@ def test_save_load_round_trip_is_exact(encoder, tmp_path):
     assert load_text_encoder(tmp_path / "bundle").layer == "penultimate"
 
 
+def test_half_precision_bundle_loads_as_float32(encoder, tmp_path):
+    copy.deepcopy(encoder).to(torch.float16).save_pretrained(tmp_path)  # half the size on disk
+    loaded = load_text_encoder(tmp_path)
+    assert loaded.dtype == torch.float32
+    half = {k: v.half().float() for k, v in encoder.model.state_dict().items()}
+    assert all(torch.equal(v, half[k]) for k, v in loaded.model.state_dict().items())
+    torch.testing.assert_close(loaded(PROMPTS)[0], encoder(PROMPTS)[0], rtol=0, atol=2e-2)
+
+
 def test_open_clip_reads_our_folder_and_weights_file_loads_into_build(encoder, tmp_path):
     encoder.save_pretrained(tmp_path)
     tokens = open_clip.tokenize(PROMPTS)
