@@ -18,10 +18,9 @@ from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 from ldm import __version__
+from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
-
-class UsageError(Exception):
-    """An error in what the user asked for; printed as one line, exit code 2."""
+from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -36,7 +35,7 @@ SUBCOMMANDS = {
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {}
+_IMPLEMENTED: dict[str, ModuleType] = {"generate": generate_cli, "sweep": sweep_cli}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:

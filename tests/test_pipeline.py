@@ -86,3 +86,16 @@ def test_progress_reports_every_step():
 def test_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_pipe()(**{"steps": 2, **kwargs})
+
+
+def test_onnx_backend_gives_the_same_images(tmp_path, monkeypatch):
+    from ldm.onnx_backend import use_onnx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch_pipe, onnx_pipe = make_pipe(), make_pipe()
+    onnx_pipe.unet = onnx_pipe.unet.inner
+    use_onnx(onnx_pipe)
+    kwargs = dict(prompt=["a koala", "a cat", "a dog"], steps=4, guidance=3.0, seed=0, height=32, width=24, output="tensor")
+    ref, got = torch_pipe(**kwargs), onnx_pipe(**kwargs)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "ldm-toolkit" / "onnx" / "unsaved").glob("*.onnx")) == ["decoder-8x6.onnx", "unet-8x6.onnx"]
