@@ -21,6 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
+from train import data_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -35,7 +36,7 @@ SUBCOMMANDS = {
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {"generate": generate_cli, "sweep": sweep_cli}
+_IMPLEMENTED: dict[str, ModuleType] = {"generate": generate_cli, "sweep": sweep_cli, "data": data_cli}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
