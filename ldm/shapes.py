@@ -210,8 +210,13 @@ def read_shape(image: Union[Image.Image, np.ndarray]) -> ShapeReading:
 _POSITION_WORDS = sorted(POSITIONS + ("center",), key=len, reverse=True)
 
 
-def parse_caption(caption: str) -> ShapeSpec:
-    """The attributes a caption names; None for each it does not ("center" reads as "centre")."""
+def parse_caption(caption: str, *, partial: bool = False) -> Optional[ShapeSpec]:
+    """The attributes a shapes caption names ("center" reads as "centre").
+
+    A caption of the shapes set names all four; for any other caption this returns None (so
+    ``parse_caption(p) is not None`` tells shapes prompts apart), unless ``partial``, which returns
+    a spec with None for each attribute not named ("a red thing" -> colour red).
+    """
     text = " ".join(re.findall(r"[a-z]+", caption.lower()))
 
     def find(words) -> Optional[str]:
@@ -221,16 +226,19 @@ def parse_caption(caption: str) -> ShapeSpec:
         return None
 
     position = find(_POSITION_WORDS)
-    return ShapeSpec(find(COLOURS), find(SHAPES), find(SIZES), "centre" if position == "center" else position)
+    spec = ShapeSpec(find(COLOURS), find(SHAPES), find(SIZES), "centre" if position == "center" else position)
+    if not partial and None in (spec.colour, spec.shape, spec.size, spec.position):
+        return None
+    return spec
 
 
 def score_attributes(image: Union[Image.Image, np.ndarray], caption: str) -> dict[str, Optional[bool]]:
     """Per-attribute agreement of an image with a caption: ``{"colour", "shape", "size", "position", "all"}``.
 
-    Each is True or False, or None for an attribute the caption does not name; ``"all"`` is True
-    when every named attribute is right.
+    Each is True or False, or None for an attribute the caption does not name (only for captions
+    outside the shapes set's language); ``"all"`` is True when every named attribute is right.
     """
-    wanted, read = parse_caption(caption), read_shape(image)
+    wanted, read = parse_caption(caption, partial=True), read_shape(image)
     scores: dict[str, Optional[bool]] = {}
     for name in ATTRIBUTES:
         target = getattr(wanted, name)

@@ -1,6 +1,7 @@
 """Procedural shapes: the generator's captions, and the reader's accuracy on clean and degraded images."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -61,8 +62,11 @@ def test_captions_and_parser_round_trip():
         assert shapes.parse_caption(spec.caption) == spec
     assert shapes.ShapeSpec("red", "circle", "small", "top left").caption == "a small red circle at the top left"
     assert shapes.ShapeSpec("blue", "square", "large", "centre").caption == "a large blue square in the centre"
-    assert shapes.parse_caption("A RED thing in the center") == shapes.ShapeSpec("red", None, None, "centre")
-    assert shapes.parse_caption("koala, twemoji style") == shapes.ShapeSpec(None, None, None, None)
+    # only captions naming all four attributes are shapes captions; partial=True reads the rest
+    assert shapes.parse_caption("koala, twemoji style") is None
+    assert shapes.parse_caption("A RED thing in the center") is None
+    assert shapes.parse_caption("A RED thing in the center", partial=True) == shapes.ShapeSpec("red", None, None, "centre")
+    assert shapes.parse_caption("a LARGE cyan Triangle, bottom-left") == shapes.ShapeSpec("cyan", "triangle", "large", "bottom left")
 
 
 def test_score_attributes_marks_each_wrong_attribute():
@@ -100,6 +104,9 @@ def test_shapes_command_writes_a_loadable_set(tmp_path):
     assert main(["data", "shapes", "--out", str(out), "--size", "32", "--n", "30", "--seed", "1"]) == 0
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 30
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temporary folder
     for row in rows:
         spec = shapes.ShapeSpec(row["colour"], row["shape"], row["size"], row["position"])
         assert row["text"] == spec.caption

@@ -81,7 +81,7 @@ class DataSummary:
             f"kept: {self.kept} image-caption pairs ({self.captions} captions)",
             f"skipped: {self.total_skipped}" + (f" ({reasons})" if reasons else ""),
             f"captions over {self.max_tokens} tokens: {self.long_captions} of {self.captions}"
-            + (f" (longest {self.longest} tokens; longer ones are truncated by the text encoder)" if self.captions else ""),
+            + (f" (longest {self.longest}; the text encoder truncates beyond {self.max_tokens})" if self.captions else ""),
         ]
         return "\n".join(lines)
 

@@ -27,6 +27,9 @@ def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the data set is not
     try:
         yield tmp
         old = None
