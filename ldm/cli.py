@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 from ldm import __version__
+from train import vae_cli, vae_eval_cli
 
 
 class UsageError(Exception):
@@ -30,13 +31,14 @@ SUBCOMMANDS = {
     "sweep": "sweep the guidance weight over prompts and seeds; grid, metrics and plot",
     "data": "build (emoji, shapes) or check a captioned image data set",
     "train-vae": "train the autoencoder (VQ-VAE) from a YAML config",
+    "eval-vae": "evaluate an autoencoder on held-out images: PSNR, SSIM, codebook use; PNG of reconstructions",
     "train-clip": "train a small CLIP text/image encoder from a YAML config",
     "train": "train the latent diffusion U-Net from a YAML config",
     "finetune": "fine-tune a model bundle on your own captioned images",
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {}
+_IMPLEMENTED: dict[str, ModuleType] = {"train-vae": vae_cli, "eval-vae": vae_eval_cli}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
