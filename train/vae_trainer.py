@@ -173,7 +173,8 @@ def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress:
     model = autoencoder.model
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    codebook = CodebookTrainer(model.quantize.embedding, config.quantizer) if autoencoder.kind == "vq" else None
+    broadcast = (lambda x: torch.distributed.broadcast(x, 0)) if accelerator.num_processes > 1 else None
+    codebook = CodebookTrainer(model.quantize.embedding, config.quantizer, broadcast) if autoencoder.kind == "vq" else None
     discriminator = build_discriminator(config.loss)
     if config.loss.lpips_weights:
         lpips = build_lpips(config.loss.lpips_weights, config.loss.vgg_weights).to(accelerator.device)

@@ -30,6 +30,7 @@ from vae.config import QuantizerConfig
 from vae.metrics import codebook_usage, perplexity
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one)
+Broadcast = Callable[[torch.Tensor], None]  # copies process 0's tensor into every process's, in place
 
 
 @dataclass
@@ -72,10 +73,11 @@ class CodebookTrainer(nn.Module):
     the codebook healthy as ``config`` says. Call ``forward`` once per training step with the
     pre-quantisation latents (after ``quant_conv``)."""
 
-    def __init__(self, embedding: nn.Embedding, config: QuantizerConfig) -> None:
+    def __init__(self, embedding: nn.Embedding, config: QuantizerConfig, broadcast: Optional[Broadcast] = None) -> None:
         super().__init__()
         self.embedding = [embedding]  # a list, so the model's parameter is not registered twice
         self.config = config
+        self.broadcast = broadcast  # multi-process: k-means init and restarts are random; process 0's win
         k, d = embedding.weight.shape
         if config.update == "ema":
             embedding.weight.requires_grad_(False)
@@ -120,6 +122,12 @@ class CodebookTrainer(nn.Module):
         self.ema_sum.copy_(centroids)
         self.ema_count.fill_(1.0)
         self.initialised.fill_(True)
+        self._sync()
+
+    def _sync(self) -> None:
+        if self.broadcast is not None:
+            for tensor in (self.codebook.data, self.ema_sum, self.ema_count):
+                self.broadcast(tensor)
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, indices: torch.Tensor, reduce: Reduce) -> None:
@@ -145,8 +153,8 @@ class CodebookTrainer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor) -> None:
-        """Move codes whose EMA count is below the threshold onto random encoder outputs of this batch.
-        (Multi-process training would need the same draw on every process; broadcast the new codes.)"""
+        """Move codes whose EMA count is below the threshold onto random encoder outputs of this batch
+        (the EMA statistics are summed over processes, so every process finds the same dead codes)."""
         dead = self.ema_count < self.config.dead_code_threshold  # (K,)
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -157,6 +165,7 @@ class CodebookTrainer(nn.Module):
         self.ema_sum[dead] = new * self.config.dead_code_threshold
         self.ema_count[dead] = self.config.dead_code_threshold
         self.restarted.add_(n_dead)
+        self._sync()
 
     # --- log ----------------------------------------------------------------------------------------------
     def usage(self) -> tuple[float, float]:
