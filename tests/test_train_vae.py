@@ -101,7 +101,8 @@ def test_resume_errors_name_the_checkpoint_and_the_difference(tmp_path):
 
 
 def test_gan_and_lpips_paths_run(tmp_path):
-    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg16.pth")
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # vgg16's, random weights
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
     lin = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     cfg = config(tmp_path, "train.max_steps=2", "loss.disc_weight=0.5", "loss.disc_start=1", "loss.disc_layers=2",
                  "loss.disc_channels=8", f"loss.lpips_weights={lin}", f"loss.vgg_weights={tmp_path / 'vgg16.pth'}",

@@ -1,8 +1,9 @@
-"""Autoencoder losses: LPIPS built from local files agrees with the lpips package, PatchGAN shape,
+"""Autoencoder losses: our LPIPS built from local files agrees with the lpips package (the reference), PatchGAN shape,
 hinge losses and VQGAN's adaptive weight by hand."""
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lpips
 import pytest
@@ -11,37 +12,45 @@ import torchvision
 from torch import nn
 
 from vae.config import LossConfig
-from vae.losses import (PatchDiscriminator, adaptive_weight, build_discriminator, build_lpips, gan_active,
-                        hinge_d_loss, hinge_g_loss, reconstruction_loss)
+from vae.losses import (PatchDiscriminator, adaptive_weight, build_discriminator, gan_active, hinge_d_loss,
+                        hinge_g_loss, reconstruction_loss)
+from vae.lpips import LPIPS
 
 LPIPS_LIN = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"  # ships with the lpips package
 
 
+def vgg16_features_state(path):
+    """A torchvision vgg16 state dict (features only; random weights stand in for the ImageNet ones)."""
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"]).eval()
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+    return SimpleNamespace(features=features)
+
+
 def test_lpips_from_local_files_matches_the_lpips_package(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    vgg = torchvision.models.vgg16(weights=None).eval()  # random weights stand in for the ImageNet ones
-    torch.save(vgg.state_dict(), tmp_path / "vgg16.pth")
+    vgg = vgg16_features_state(tmp_path / "vgg16.pth")
     # the reference: lpips' own LPIPS(vgg) with its shipped linear layers, built around this very vgg16
     monkeypatch.setattr(lpips.pretrained_networks.tv, "vgg16", lambda *a, **k: vgg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = lpips.LPIPS(net="vgg", model_path=str(LPIPS_LIN), verbose=False).eval()
     monkeypatch.undo()
-    ours = build_lpips(str(LPIPS_LIN), str(tmp_path / "vgg16.pth"))
+    ours = LPIPS(str(LPIPS_LIN), str(tmp_path / "vgg16.pth"))
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(ours(x, y), reference(x, y))
+        assert ours(x, y).min() > 0 and ours(x, x).abs().max() < 1e-6
     assert not any(p.requires_grad for p in ours.parameters())
 
 
 def test_lpips_weight_files_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        build_lpips(str(tmp_path / "missing.pth"), str(tmp_path / "vgg.pth"))
+        LPIPS(str(tmp_path / "missing.pth"), str(tmp_path / "vgg.pth"))
     torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="expected keys"):
-        build_lpips(str(tmp_path / "bad.pth"), str(tmp_path / "bad.pth"))
+        LPIPS(str(tmp_path / "bad.pth"), str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="not a torchvision vgg16 state dict"):
-        build_lpips(str(LPIPS_LIN), str(tmp_path / "bad.pth"))
+        LPIPS(str(LPIPS_LIN), str(tmp_path / "bad.pth"))
     with pytest.raises(ValueError, match="given together"):
         LossConfig(lpips_weights=str(LPIPS_LIN))
 

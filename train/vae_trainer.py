@@ -27,8 +27,8 @@ import yaml
 from train.vae_data import read_imagefolder, to_model_range
 from train.vae_train_config import VAETrainingConfig
 from vae.autoencoder import Autoencoder, build_autoencoder, compute_scaling_factor
-from vae.losses import adaptive_weight, build_discriminator, build_lpips, gan_active, hinge_d_loss, hinge_g_loss, \
-    reconstruction_loss
+from vae.losses import adaptive_weight, build_discriminator, gan_active, hinge_d_loss, hinge_g_loss, reconstruction_loss
+from vae.lpips import LPIPS
 from vae.metrics import psnr, to_unit
 from vae.vq import CodebookTrainer
 
@@ -177,7 +177,7 @@ def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress:
     codebook = CodebookTrainer(model.quantize.embedding, config.quantizer, broadcast) if autoencoder.kind == "vq" else None
     discriminator = build_discriminator(config.loss)
     if config.loss.lpips_weights:
-        lpips = build_lpips(config.loss.lpips_weights, config.loss.vgg_weights).to(accelerator.device)
+        lpips = LPIPS(config.loss.lpips_weights, config.loss.vgg_weights).to(accelerator.device)
         log(f"LPIPS on: weight {config.loss.lpips_weight}, weights {config.loss.lpips_weights} + {config.loss.vgg_weights}")
     else:
         lpips = None

@@ -116,8 +116,8 @@ class LossConfig:
     l2_weight: float = 1.0  # mean (x - x_rec)^2
     codebook_weight: float = 1.0  # weight of codebook + commitment losses (VQ)
     kl_weight: float = 1.0e-6  # weight of KL(q(z|x) || N(0, I)) (KL autoencoders)
-    lpips_weights: Optional[str] = None  # local .pth file of LPIPS(vgg) linear-layer weights; None: no LPIPS
-    vgg_weights: Optional[str] = None  # local .pth file of torchvision vgg16 weights LPIPS needs; None: no LPIPS
+    lpips_weights: Optional[str] = None  # local file of LPIPS(vgg) linear layers (lpips/weights/v0.1/vgg.pth); None: off
+    vgg_weights: Optional[str] = None  # local file of torchvision vgg16 weights (features.N.*); None: no LPIPS
     lpips_weight: float = 1.0  # weight of the LPIPS term when enabled
     disc_weight: float = 0.0  # weight of the PatchGAN hinge loss; 0: no discriminator
     disc_start: int = 10000  # step at which the discriminator and its loss switch on

@@ -1,11 +1,9 @@
-"""Autoencoder training losses: L1/L2 reconstruction, LPIPS from local weights, PatchGAN with hinge loss,
-and the VQGAN paper's adaptive weight (Esser et al. 2021, eq. 7; CompVis taming-transformers
-``vqperceptual.py``, latent-diffusion ``contperceptual.py``)."""
+"""Autoencoder training losses: L1/L2 reconstruction, PatchGAN with hinge loss, and the VQGAN paper's
+adaptive weight (Esser et al. 2021, eq. 7; CompVis taming-transformers
+``vqperceptual.py``, latent-diffusion ``contperceptual.py``). LPIPS is ``vae.lpips``."""
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -24,53 +22,6 @@ def reconstruction_loss(x: torch.Tensor, x_rec: torch.Tensor, config: LossConfig
     if config.l2_weight:
         loss = loss + config.l2_weight * diff.square().mean()
     return loss
-
-
-# --- LPIPS -----------------------------------------------------------------------------------------------------
-# torchvision vgg16 ``features`` indices of LPIPS' five slices (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
-_VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
-
-
-def _load_weights(path: str, what: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{what} file {file} not found (LPIPS needs local weights; nothing is downloaded)")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(file)
-    return torch.load(file, map_location="cpu", weights_only=True)
-
-
-def build_lpips(lpips_weights: str, vgg_weights: str) -> nn.Module:
-    """LPIPS(vgg) of the ``lpips`` package, built without downloading: ``lpips_weights`` is its linear-layer
-    file (``lpips/weights/v0.1/vgg.pth`` ships with the package), ``vgg_weights`` a torchvision vgg16
-    state dict (``features.N.*`` keys). Frozen, in eval mode; inputs in [-1, 1]."""
-    try:
-        import lpips
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ValueError("loss.lpips_weights is set but the 'lpips' package is not installed (pip install lpips)") from exc
-    with warnings.catch_warnings():  # lpips passes torchvision the deprecated pretrained=False
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False)
-    lin = _load_weights(lpips_weights, "loss.lpips_weights")
-    lin_keys = {f"lin{i}.model.1.weight" for i in range(len(_VGG_SLICES))}
-    if set(lin) != lin_keys:
-        raise ValueError(f"loss.lpips_weights {lpips_weights}: expected keys {sorted(lin_keys)} "
-                         f"(lpips/weights/v0.1/vgg.pth); got {sorted(lin)[:6]}")
-    vgg = _load_weights(vgg_weights, "loss.vgg_weights")
-    mapped = {f"net.slice{n}.{i}.{p}": vgg.get(f"features.{i}.{p}")
-              for n, (lo, hi) in enumerate(_VGG_SLICES, start=1) for i in range(lo, hi) for p in ("weight", "bias")
-              if f"net.slice{n}.{i}.{p}" in model.state_dict()}
-    if any(v is None for v in mapped.values()):
-        raise ValueError(f"loss.vgg_weights {vgg_weights}: not a torchvision vgg16 state dict "
-                         "(expected keys features.0.weight ... features.28.bias)")
-    # strict=False: the scaling layer's constants are not in either file, and lins.N are lin N again.
-    result = model.load_state_dict({**lin, **mapped}, strict=False)
-    left = [k for k in result.missing_keys if not k.startswith(("scaling_layer.", "lins."))]
-    if left:
-        raise ValueError(f"LPIPS weights left unset: {left[:5]}")
-    return model.eval().requires_grad_(False)
 
 
 # --- PatchGAN ---------------------------------------------------------------------------------------------------
