@@ -220,8 +220,10 @@ def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in batches:
             x = to_model_range(batch)  # (B, 3, H, W)
+            # This micro-batch's own random stream: a resumed run draws exactly what the straight one did.
+            rng = torch.Generator(x.device).manual_seed(t.seed * 1_000_003 + micro)
             if config.data.flip:
-                flip = torch.rand(x.shape[0], device=x.device) < 0.5  # (B,)
+                flip = torch.rand(x.shape[0], device=x.device, generator=rng) < 0.5  # (B,)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -231,7 +233,7 @@ def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress:
                 with accelerator.autocast():
                     if codebook is not None:
                         h = unwrapped.quant_conv(unwrapped.encoder(x))  # (B, D, h, w)
-                        q = codebook(h, reduce)
+                        q = codebook(h, reduce, rng)
                         x_rec = unwrapped.decoder(unwrapped.post_quant_conv(q.z_q))  # (B, 3, H, W)
                         reg = config.loss.codebook_weight * (q.codebook_loss + q.commitment_loss)
                     else:

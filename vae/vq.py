@@ -94,18 +94,20 @@ class CodebookTrainer(nn.Module):
     def codebook(self) -> torch.Tensor:
         return self.embedding[0].weight  # (K, D)
 
-    def forward(self, z: torch.Tensor, reduce: Optional[Reduce] = None) -> QuantizeOutput:
+    def forward(self, z: torch.Tensor, reduce: Optional[Reduce] = None,
+                generator: Optional[torch.Generator] = None) -> QuantizeOutput:
         """z (B, D, h, w) -> QuantizeOutput. In training mode this also updates the codebook (EMA,
-        k-means init, restarts) and the usage counters; ``reduce`` sums statistics over processes."""
+        k-means init, restarts) and the usage counters; ``reduce`` sums statistics over processes and
+        ``generator`` drives the random choices of k-means init and restarts."""
         reduce = reduce or (lambda t: t)
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
         if self.training and not bool(self.initialised):
-            self._kmeans_init(flat.detach().float())
+            self._kmeans_init(flat.detach().float(), generator)
         indices = nearest_codes(flat.detach(), self.codebook)  # (B*h*w,)
         e = F.embedding(indices, self.codebook).to(z.dtype)  # (B*h*w, D)
         if self.training:
-            self._update(flat.detach().float(), indices, reduce)
+            self._update(flat.detach().float(), indices, reduce, generator)
         z_q = (flat + (e - flat).detach()).view(b, h, w, d).permute(0, 3, 1, 2)  # (B, D, h, w)
         commitment = self.config.beta * F.mse_loss(flat.float(), e.detach().float())
         if self.config.update == "loss":
@@ -116,8 +118,8 @@ class CodebookTrainer(nn.Module):
 
     # --- codebook updates ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _kmeans_init(self, flat: torch.Tensor) -> None:
-        centroids = kmeans(flat, self.codebook.shape[0], self.config.kmeans_iters)  # (K, D)
+    def _kmeans_init(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> None:
+        centroids = kmeans(flat, self.codebook.shape[0], self.config.kmeans_iters, generator)  # (K, D)
         self.codebook.data.copy_(centroids)
         self.ema_sum.copy_(centroids)
         self.ema_count.fill_(1.0)
@@ -130,7 +132,8 @@ class CodebookTrainer(nn.Module):
                 self.broadcast(tensor)
 
     @torch.no_grad()
-    def _update(self, flat: torch.Tensor, indices: torch.Tensor, reduce: Reduce) -> None:
+    def _update(self, flat: torch.Tensor, indices: torch.Tensor, reduce: Reduce,
+                generator: Optional[torch.Generator]) -> None:
         k = self.codebook.shape[0]
         counts = reduce(torch.bincount(indices, minlength=k).float())  # (K,) n_k
         sums = reduce(torch.zeros(k, flat.shape[1], device=flat.device).index_add_(0, indices, flat))  # (K, D)
@@ -142,7 +145,7 @@ class CodebookTrainer(nn.Module):
             smoothed = (self.ema_count + 1e-5) / (total + k * 1e-5) * total  # Laplace smoothing of N_k
             self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
         if self.config.dead_code_threshold > 0:
-            self._restart_dead(flat)
+            self._restart_dead(flat, generator)
         self.window_hits.add_(counts)
         self.window_steps.add_(1)
         if int(self.window_steps) >= self.config.usage_window:
@@ -152,14 +155,14 @@ class CodebookTrainer(nn.Module):
             self.window_steps.zero_()
 
     @torch.no_grad()
-    def _restart_dead(self, flat: torch.Tensor) -> None:
+    def _restart_dead(self, flat: torch.Tensor, generator: Optional[torch.Generator]) -> None:
         """Move codes whose EMA count is below the threshold onto random encoder outputs of this batch
         (the EMA statistics are summed over processes, so every process finds the same dead codes)."""
         dead = self.ema_count < self.config.dead_code_threshold  # (K,)
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device)
+        pick = torch.randint(flat.shape[0], (n_dead,), device=flat.device, generator=generator)
         new = flat[pick]  # (n_dead, D)
         self.codebook.data[dead] = new
         self.ema_sum[dead] = new * self.config.dead_code_threshold
