@@ -21,7 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
-from train import data_cli, vae_cli, vae_eval_cli  # noqa: E402
+from train import clip_cli, data_cli, vae_cli, vae_eval_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -43,6 +43,7 @@ _IMPLEMENTED: dict[str, ModuleType] = {
     "data": data_cli,
     "train-vae": vae_cli,
     "eval-vae": vae_eval_cli,
+    "train-clip": clip_cli,
 }
 
 
