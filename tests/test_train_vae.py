@@ -100,6 +100,10 @@ def test_resume_errors_name_the_checkpoint_and_the_difference(tmp_path):
     with pytest.raises(ValueError, match=r"step-2/trainer_state.json was written for a different setup: "
                                          r"model.num_embeddings is 32 there but 64 here"):
         train_vae(config(tmp_path, "model.num_embeddings=64"), resume="latest", progress=False)
+    (tmp_path / "run" / "checkpoints" / "step-2" / "codebook.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"step-2 lacks codebook.safetensors; expected model.safetensors, "
+                                                r"optimizer.bin, scheduler.bin, codebook.safetensors"):
+        train_vae(config(tmp_path), resume="latest", progress=False)
 
 
 def test_gan_and_lpips_paths_run(tmp_path):

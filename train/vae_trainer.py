@@ -125,6 +125,24 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, codebook: Optional[Co
     return final
 
 
+def load_checkpoint(accelerator, checkpoint: Path, codebook: Optional[CodebookTrainer]) -> None:
+    """accelerate's load_state (weights_only loads) plus the codebook buffers; a missing or damaged file is
+    an error naming it and what was expected."""
+    from safetensors.torch import load_file
+
+    expected = ["model.safetensors", "optimizer.bin", "scheduler.bin"] + ([CODEBOOK_NAME] if codebook else [])
+    missing = [name for name in expected if not (checkpoint / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {checkpoint} lacks {', '.join(missing)}; expected {', '.join(expected)} "
+                                "as written by ldm train-vae")
+    try:
+        accelerator.load_state(str(checkpoint))
+        if codebook is not None:
+            codebook.load_state_dict(load_file(checkpoint / CODEBOOK_NAME, device=str(accelerator.device)))
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ValueError(f"checkpoint {checkpoint} does not match this config's model: {str(exc)[:300]}") from exc
+
+
 # --- the loop ----------------------------------------------------------------------------------------------------
 def _lr_lambda(config: VAETrainingConfig):
     t = config.train
@@ -148,7 +166,8 @@ def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress:
     out_dir = Path(t.out_dir)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(t.mixed_precision, t.mixed_precision), gradient_accumulation_steps=t.grad_accum,
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(t.mixed_precision, t.mixed_precision),
+                              gradient_accumulation_steps=t.grad_accum,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     checkpoint = resolve_resume(out_dir, resume) if resume else None
     state = check_compatible(checkpoint, config) if checkpoint else {"step": 0}
@@ -196,11 +215,7 @@ def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress:
         codebook.to(accelerator.device)
     step = int(state["step"])
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        if codebook is not None:
-            from safetensors.torch import load_file
-
-            codebook.load_state_dict(load_file(checkpoint / CODEBOOK_NAME, device=str(accelerator.device)))
+        load_checkpoint(accelerator, checkpoint, codebook)
         log(f"resumed from {checkpoint} at step {step}")
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     log(f"{len(images)} images {tuple(images.shape[1:])}, {len(loader)} batches of {t.batch_size} per epoch; "
