@@ -84,8 +84,18 @@ class TextEncoder(nn.Module):
 
     def __init__(self, layer: str = "final"):
         super().__init__()
-        self.layer = check_layer(layer)
         self._empty: Optional[torch.Tensor] = None
+        self.layer = layer
+
+    @property
+    def layer(self) -> str:
+        """Which hidden states form the context: "final" or "penultimate"."""
+        return self._layer
+
+    @layer.setter
+    def layer(self, value: str) -> None:
+        self._layer = check_layer(value)
+        self.clear_cache()
 
     # --- backend hooks -------------------------------------------------------------------------
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
@@ -147,7 +157,7 @@ class TextEncoder(nn.Module):
     def weights_hash(self) -> str:
         """A 16-hex-digit hash of everything that decides the context: weights (with their dtypes),
         layer, context length and tokenizer. Caches of contexts are keyed by it. Computed afresh
-        on each call (about 1 s per 100M parameters), so it always reflects the current weights."""
+        on each call (it reads every weight), so it always reflects the current weights."""
         h = hashlib.sha256()
         h.update(f"{self.backend}|{self.layer}|{self.max_length}|{self._tokenizer_fingerprint()}".encode())
         for name, tensor in sorted(self.state_dict().items()):

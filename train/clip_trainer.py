@@ -94,8 +94,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
-            or "embedding" in name or "token_embedding" in name
+        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "embedding" in name
         (no_decay if exclude else decay).append(p)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
@@ -150,7 +149,6 @@ def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, fl
     from open_clip.loss import ClipLoss
     from tqdm.auto import tqdm
 
-
     out = Path(config.run.output_dir)
     ckpt_dir = out / "checkpoints"
     if resume is None and list_checkpoints(ckpt_dir):
@@ -167,10 +165,10 @@ def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, fl
     module = ContrastivePair(clip)
     optimizer = torch.optim.AdamW(param_groups(module, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
 
-    step, micro = 0, 0
+    step, micro, elapsed = 0, 0, 0.0
     if resume is not None:
         state = load_checkpoint(resolve_resume(resume, ckpt_dir), module, optimizer)
-        step, micro = state["step"], state["micro"]
+        step, micro, elapsed = state["step"], state["micro"], state.get("elapsed_s", 0.0)
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
 
@@ -193,14 +191,15 @@ def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, fl
     stop = min(opt.max_steps, config.run.stop_at or opt.max_steps)
     bar = tqdm(total=opt.max_steps, initial=step, desc="train-clip", unit="step",
                disable=not (config.run.progress and accelerator.is_local_main_process))
-    started, window_loss, window_n, window_t = time.time(), 0.0, 0, time.time()
+    started, window_loss, window_n, window_t = time.time() - elapsed, 0.0, 0, time.time()
     module.train()
 
     def checkpoint() -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_checkpoint(ckpt_dir, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                            {"micro": micro, "config": dataclasses.asdict(config)}, keep_last=config.run.keep_checkpoints)
+                            {"micro": micro, "elapsed_s": time.time() - started, "config": dataclasses.asdict(config)},
+                            keep_last=config.run.keep_checkpoints)
 
     def run_eval() -> dict[str, float]:
         metrics = evaluate(unwrapped, test_set, opt.batch_size, accelerator.autocast)
@@ -260,7 +259,8 @@ def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, fl
     if accelerator.is_main_process:
         encoder = OpenCLIPTextEncoder(unwrapped.clip, model_cfg, layer=config.run.context_layer)
         encoder.save_pretrained(out)
-        summary = {"step": step, "parameters": sum(p.numel() for p in unwrapped.clip.parameters()), **metrics}
+        summary = {"step": step, "parameters": sum(p.numel() for p in unwrapped.clip.parameters()),
+                   "train_seconds": round(time.time() - started, 1), **metrics}
         with atomic_path(out / "metrics.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         accelerator.print(f"train-clip: wrote {out / 'text_encoder'} and {out / 'tokenizer'}")
