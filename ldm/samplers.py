@@ -27,7 +27,7 @@ Conventions (the ones diffusers' schedulers are tested against in tests/):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -88,9 +88,20 @@ def ddim_step(
     return x_s + _broadcast(sigma, x_t) * noise
 
 
-def _randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def randn(shape: Sequence[int], generator: Generators, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` = (B, ...), drawn on the generator's device.
+
+    With a list of B generators, row i is drawn from generator i alone, so each sample of a batch
+    can be reproduced on its own from its own seed (as diffusers' ``randn_tensor`` does)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
 def needs_noise(method: str, eta: float, s: int) -> bool:
@@ -111,7 +122,7 @@ def sample(
     steps_offset: int = 0,
     variance: str = "fixed_small",
     clip_x0: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     callback: Optional[StepCallback] = None,
 ) -> torch.Tensor:
     """Run the reverse process from x_T to an estimate of x_0.
@@ -130,7 +141,8 @@ def sample(
         variance: DDPM's sigma_t^2, ``fixed_small`` (beta~, the posterior variance) or
             ``fixed_large`` (beta).
         clip_x0: if given, clamp the predicted x0 to [-clip_x0, clip_x0] at every step.
-        generator: source of the noise of stochastic steps.
+        generator: source of the noise of stochastic steps; a list of B generators gives each sample
+            its own noise stream.
         callback: ``callback(i, t, x_s, x0_hat)`` after step i (progress bars, previews).
 
     Returns:
@@ -164,7 +176,7 @@ def sample(
         if clip_x0 is not None:
             x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
             eps_hat = schedule.eps_from_x0(x0_hat, x, t)
-        noise = _randn_like(x, generator) if needs_noise(method, eta, s) else None
+        noise = randn(x.shape, generator, x.dtype, x.device) if needs_noise(method, eta, s) else None
         if method == "ddpm":
             x = ddpm_step(schedule, x, x0_hat, t, s, variance, noise)
         else:

@@ -77,3 +77,13 @@ def test_bad_arguments(kwargs, words):
 def test_denoise_of_wrong_shape():
     with pytest.raises(ValueError, match=r"denoise returned \(2, 4, 8\); expected a tensor of shape \(2, 4, 8, 8\)"):
         sample(lambda x, t: x[..., 0], x_T(), SCHEDULE, steps=2)
+
+
+def test_a_generator_per_sample_makes_each_row_reproducible_alone():
+    x = x_T()
+    both = sample(denoise, x, SCHEDULE, method="ddpm", steps=20,
+                  generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
+    second = sample(denoise, x[1:], SCHEDULE, method="ddpm", steps=20, generator=[torch.Generator().manual_seed(6)])
+    torch.testing.assert_close(both[1:], second, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        sample(denoise, x, SCHEDULE, method="ddpm", steps=2, generator=[torch.Generator()] * 3)

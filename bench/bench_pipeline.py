@@ -1,0 +1,122 @@
+"""Our pipeline against diffusers' StableDiffusionPipeline on the same tiny Stable Diffusion model.
+
+One run, side by side, on this machine: a Stable Diffusion-layout folder (UNet2DConditionModel of
+~18M parameters at 16x16x4 latents, AutoencoderKL f=4, CLIPTextModel, CLIP's real BPE tokenizer)
+is built from configs with random weights and loaded by both pipelines. DDIM, the same steps and
+guidance, the same per-image seeds. Prints images/s at batch 1 and 8 for diffusers, ours with the
+torch backend and ours with the ONNX Runtime backend, the pixel differences against diffusers, and
+the share of our time spent inside U-Net and decoder calls.
+
+    python bench/bench_pipeline.py [--steps 25] [--repeats 3] [--folder /tmp/tiny-sd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "a koala wearing a red hat, twemoji style"
+
+
+class Timed:
+    """Wraps a callable and adds up the seconds spent in it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class TimedDecoder:
+    """The autoencoder, with its decode calls timed."""
+
+    def __init__(self, autoencoder):
+        self._autoencoder, self.decode = autoencoder, Timed(autoencoder.decode)
+
+    def __getattr__(self, name):
+        return getattr(self._autoencoder, name)
+
+
+def best_time(fn, repeats):
+    """(fastest run's seconds, total seconds, last output)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), sum(times), out
+
+
+def timed_ours(pipe, batch, steps, guidance, repeats):
+    """(fastest seconds, images, share of the time inside U-Net and decoder calls)."""
+    unet, autoencoder = pipe.unet, pipe.autoencoder
+    pipe.unet, pipe.autoencoder = Timed(unet), TimedDecoder(autoencoder)
+    try:
+        t, total, imgs = best_time(lambda: run_ours(pipe, batch, steps, guidance), repeats)
+        share = (pipe.unet.seconds + pipe.autoencoder.decode.seconds) / total
+    finally:
+        pipe.unet, pipe.autoencoder = unet, autoencoder
+    return t, imgs, share
+
+
+def run_diffusers(pipe, batch, steps, guidance):
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    out = pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+               output_type="np", height=64, width=64)
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
+
+
+def run_ours(pipe, batch, steps, guidance):
+    images = pipe(PROMPT, steps=steps, guidance=guidance, seed=0, num_images=batch, batch_size=batch, output="tensor")
+    return images / 2 + 0.5  # (B, 3, H, W) in [0, 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", type=Path, default=None)
+    args = parser.parse_args()
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.testing import build_sd_folder
+
+    dlogging.disable_progress_bar()
+    folder = args.folder or Path(tempfile.mkdtemp()) / "tiny-sd"
+    if not (folder / "model_index.json").is_file():
+        build_sd_folder(folder, "bench")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DDIM {args.steps} steps, guidance {args.guidance}, 64x64 images")
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    ours = Text2ImagePipeline.from_pretrained(folder, backend="torch")
+    onnx = Text2ImagePipeline.from_pretrained(folder, backend="onnx")
+    run_ours(onnx, 1, 2, args.guidance)  # export the graphs outside the timed runs
+
+    rows = []
+    for batch in (1, 8):
+        t_ref, _, ref = best_time(lambda: run_diffusers(theirs, batch, args.steps, args.guidance), args.repeats)
+        rows.append((batch, "diffusers (torch eager)", batch / t_ref, 1.0, 0.0, None))
+        for name, pipe in (("ours, torch", ours), ("ours, onnx", onnx)):
+            t, imgs, share = timed_ours(pipe, batch, args.steps, args.guidance, args.repeats)
+            rows.append((batch, name, batch / t, t_ref / t, (imgs - ref).abs().max().item() * 255, share))
+
+    print(f"\n{'batch':>5}  {'pipeline':<24} {'images/s':>9} {'x diffusers':>12} {'max |diff| (of 255)':>20} {'in U-Net+decoder':>17}")
+    for batch, name, ips, speedup, diff, share in rows:
+        share_s = f"{100 * share:.0f}%" if share is not None else "-"
+        print(f"{batch:>5}  {name:<24} {ips:>9.2f} {speedup:>11.2f}x {diff:>20.4f} {share_s:>17}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The model bundle on disk: a folder in diffusers' layout, so each part also loads with diffusers.
+
+    model_index.json                 which class sits in each folder
+    unet/                            UNet2DConditionModel: config.json + diffusion_pytorch_model.safetensors
+    vae/                             VQModel or AutoencoderKL (config has scaling_factor)
+    text_encoder/, tokenizer/        open_clip (config + safetensors) or transformers CLIP
+    scheduler/scheduler_config.json  num_train_timesteps, beta_schedule, beta_start, beta_end, prediction_type, ...
+
+A Stable Diffusion 1.x/2.x folder in diffusers layout is a bundle too. The scheduler config is
+written as diffusers' DDIMScheduler reads it; reading accepts any diffusers scheduler config
+(Stable Diffusion ships PNDMScheduler's) and keeps only the schedule and the conventions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from ldm.pipeline import SamplingConfig, Text2ImagePipeline
+from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSchedule
+
+PathLike = Union[str, os.PathLike]
+PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SCHEDULER_CONFIG = "scheduler_config.json"
+DEFAULT_BUNDLE = Path(__file__).parent / "default_model"
+
+
+class BundleError(FileNotFoundError):
+    """A bundle folder is missing or lacks a part; the message says which and what was expected."""
+
+
+def check_bundle(path: PathLike) -> Path:
+    """The bundle folder as a Path, after checking that every part is there."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"model folder {root} does not exist; give --model a bundle folder (model_index.json, {', '.join(PARTS)})")
+    missing = [p for p in PARTS if not (root / p).is_dir()]
+    if not (root / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    if missing:
+        raise BundleError(f"model folder {root} lacks {', '.join(missing)}; a bundle holds model_index.json and {', '.join(PARTS)}/")
+    return root
+
+
+# -- scheduler config <-> schedule -----------------------------------------------------------
+
+
+def scheduler_config(schedule: NoiseSchedule, sampling: SamplingConfig) -> dict:
+    """A DDIMScheduler config (diffusers names) for our schedule and sampling conventions."""
+    beta = DIFFUSERS_BETA_SCHEDULE.get(schedule.beta_schedule, "scaled_linear")  # quadratic is that curve
+    return {
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_schedule": beta,
+        "beta_start": schedule.beta_start,
+        "beta_end": schedule.beta_end,
+        "prediction_type": DIFFUSERS_PREDICTION[sampling.prediction],
+        "timestep_spacing": sampling.timestep_spacing,
+        "steps_offset": sampling.steps_offset,
+        "clip_sample": sampling.clip_x0 is not None,
+        "clip_sample_range": sampling.clip_x0 or 1.0,
+        "set_alpha_to_one": True,
+    }
+
+
+def schedule_from_config(config: dict) -> tuple[NoiseSchedule, SamplingConfig]:
+    """Our schedule and sampling conventions from any diffusers scheduler config."""
+    from_diffusers_beta = {v: k for k, v in DIFFUSERS_BETA_SCHEDULE.items()}
+    from_diffusers_pred = {v: k for k, v in DIFFUSERS_PREDICTION.items()}
+    beta = config.get("beta_schedule", "linear")
+    if config.get("trained_betas") is not None:
+        raise ValueError("scheduler config gives trained_betas; only named beta schedules are supported")
+    if beta not in from_diffusers_beta:
+        raise ValueError(f"scheduler beta_schedule={beta!r} is not supported; allowed: {', '.join(from_diffusers_beta)}")
+    pred = config.get("prediction_type", "epsilon")
+    if pred not in from_diffusers_pred:
+        raise ValueError(f"scheduler prediction_type={pred!r} is not supported; allowed: {', '.join(from_diffusers_pred)}")
+    schedule = NoiseSchedule(
+        from_diffusers_beta[beta],
+        int(config.get("num_train_timesteps", 1000)),
+        float(config.get("beta_start", 1e-4)),
+        float(config.get("beta_end", 0.02)),
+    )
+    sampling = SamplingConfig(
+        prediction=from_diffusers_pred[pred],
+        timestep_spacing=config.get("timestep_spacing", "leading"),
+        steps_offset=int(config.get("steps_offset", 0)),
+        clip_x0=float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None,
+    )
+    return schedule, sampling
+
+
+# -- saving ------------------------------------------------------------------------------------
+
+
+def _library_entries(root: Path) -> dict:
+    """model_index.json's [library, class] for each part, read off what was written."""
+    vae_class = json.loads((root / "vae" / "config.json").read_text()).get("_class_name", "VQModel")
+    te_config = root / "text_encoder" / "config.json"
+    if te_config.is_file():
+        text = {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    else:
+        text = {"text_encoder": ["open_clip", "CLIP"], "tokenizer": ["open_clip", "SimpleTokenizer"]}
+    return {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", vae_class], **text,
+            "scheduler": ["diffusers", "DDIMScheduler"]}
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder ``tmp`` to ``final``; an existing ``final`` is replaced only then."""
+    final = Path(final)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule, sampling: SamplingConfig) -> Path:
+    """Write a bundle atomically: everything goes to a temporary folder beside ``path``, renamed at the end."""
+    from ldm import __version__
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        autoencoder.save_pretrained(tmp / "vae")
+        text_encoder.save_pretrained(tmp)  # writes text_encoder/ and tokenizer/
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config(schedule, sampling), indent=2))
+        index = {"_class_name": "Text2ImagePipeline", "_ldm_toolkit_version": __version__, **_library_entries(tmp)}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def load_schedule(root: PathLike) -> tuple[NoiseSchedule, SamplingConfig]:
+    config_path = Path(root) / "scheduler" / SCHEDULER_CONFIG
+    if not config_path.is_file():
+        raise BundleError(f"{config_path} is missing; expected a diffusers scheduler config")
+    return schedule_from_config(json.loads(config_path.read_text()))
+
+
+def load_unet(root: PathLike):
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(root) / "unet"
+    if not any(folder.glob("*.safetensors")):
+        raise BundleError(f"{folder} has no .safetensors weights; expected config.json + diffusion_pytorch_model.safetensors")
+    return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def resolve_backend(backend: str, device=None, dtype=None) -> str:
+    """``auto`` is the fastest exact path: ONNX Runtime for fp32 on the CPU (see
+    bench/bench_pipeline.py), PyTorch everywhere else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    cpu_fp32 = torch.device(device or "cpu").type == "cpu" and (dtype or torch.float32) == torch.float32
+    return "onnx" if cpu_fp32 else "torch"
+
+
+def load_pipeline(path: PathLike, *, device=None, dtype=None, backend: str = "torch") -> Text2ImagePipeline:
+    """Text2ImagePipeline from a bundle folder (ours or Stable Diffusion's in diffusers layout).
+    ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies)."""
+    import conditioning
+    import vae
+
+    backend = resolve_backend(backend, device, dtype)
+    root = check_bundle(path)
+    schedule, sampling = load_schedule(root)
+    unet = load_unet(root)
+    autoencoder = vae.load_autoencoder(root / "vae").eval()
+    text_encoder = conditioning.load_text_encoder(root)
+    if hasattr(text_encoder, "eval"):
+        text_encoder.eval()
+    pipe = Text2ImagePipeline(
+        unet, autoencoder, text_encoder, schedule, sampling,
+        sample_size=int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]),
+        name_or_path=str(root),
+    )
+    pipe.to(device or "cpu", dtype or torch.float32)
+    if backend == "onnx":
+        from ldm.onnx_backend import use_onnx
+
+        use_onnx(pipe)
+    return pipe
+
+
+def bundle_hash(path: PathLike, length: int = 16) -> str:
+    """sha256 over the bundle's configs and weights (file names and contents), as a short hex string."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".gz") and "onnx" not in f.parts:
+            h.update(str(f.relative_to(root)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:length]

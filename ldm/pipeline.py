@@ -1,0 +1,268 @@
+"""Text-to-image: prompt -> contexts -> guided sampling in latent space -> decoded images.
+
+    pipe = Text2ImagePipeline.from_pretrained("path/to/bundle")
+    images = pipe("a koala", steps=50, method="ddim", guidance=7.5, seed=0, num_images=4)
+
+Image i of a call (counting prompts, then images per prompt) is made from seed + i alone: its
+starting noise and the noise of its stochastic sampler steps come from its own generator, so
+``pipe(p, seed=s + i, num_images=1)`` makes that image again, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from ldm.guidance import ClassifierFreeGuidance
+from ldm.samplers import METHODS, randn, sample
+from ldm.schedule import NoiseSchedule
+
+Prompts = Union[str, Sequence[str]]
+# progress(done_steps, total_steps) after every sampler step of every batch
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class SamplingConfig:
+    """How the model was trained to be sampled (the bundle's scheduler config)."""
+
+    prediction: str = "eps"  # eps | x0 | v
+    timestep_spacing: str = "leading"  # leading | trailing | linspace
+    steps_offset: int = 0  # Stable Diffusion uses 1 with leading spacing
+    clip_x0: Optional[float] = None  # clamp the predicted x0 to [-clip_x0, clip_x0]; None = off
+
+
+@dataclass
+class GenerationRequest:
+    """One call's images: prompt i of ``prompts`` goes with ``negatives[i]`` and ``seeds[i]``."""
+
+    prompts: list[str]
+    negatives: list[Optional[str]]
+    seeds: list[int]
+
+
+def _as_prompt_list(prompt: Prompts, name: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+    if not prompts:
+        raise ValueError(f"{name} is an empty list; give at least one prompt")
+    return prompts
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB PIL images (rounded as diffusers' ``numpy_to_pil`` does)."""
+    arr = ((images.float().clamp(-1, 1) / 2 + 0.5) * 255).round().to(torch.uint8)  # (B, 3, H, W)
+    return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+class Text2ImagePipeline:
+    """A U-Net, an autoencoder, a text encoder and a noise schedule, put together for sampling.
+
+    Args:
+        unet: a conditional denoiser; ``unet(x_t, t, encoder_hidden_states=context).sample``
+            (diffusers' ``UNet2DConditionModel``), or any callable ``unet(x_t, t, context)`` with
+            ``call_style="plain"`` (the ONNX backend uses this).
+        autoencoder: ``decode(latents) -> images`` in [-1, 1], ``downsample_factor``, ``latent_channels``
+            (``vae.Autoencoder``).
+        text_encoder: ``text_encoder(prompts) -> (context, pooled)`` and ``empty_context(batch)``
+            (``conditioning.TextEncoder``).
+        schedule: the training noise schedule.
+        sampling: prediction type and timestep conventions of the model.
+        sample_size: the latent size the U-Net was trained at (default height = width = sample_size * f).
+    """
+
+    def __init__(
+        self,
+        unet,
+        autoencoder,
+        text_encoder,
+        schedule: NoiseSchedule,
+        sampling: SamplingConfig = SamplingConfig(),
+        *,
+        sample_size: int = 8,
+        call_style: str = "diffusers",
+        name_or_path: Optional[str] = None,
+    ):
+        if call_style not in ("diffusers", "plain"):
+            raise ValueError(f"call_style={call_style!r}; allowed: diffusers, plain")
+        self.unet = unet
+        self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
+        self.schedule = schedule
+        self.sampling = sampling
+        self.sample_size = sample_size
+        self.call_style = call_style
+        self.name_or_path = name_or_path
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch") -> "Text2ImagePipeline":
+        """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``)."""
+        from ldm.bundle import load_pipeline
+
+        return load_pipeline(path, device=device, dtype=dtype, backend=backend)
+
+    def to(self, device=None, dtype=None) -> "Text2ImagePipeline":
+        """Move every part to ``device``; ``dtype`` applies to the U-Net (the sampler stays float32)."""
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for part in (self.unet, self.autoencoder, self.text_encoder):
+            if isinstance(part, torch.nn.Module):
+                part.to(device=self.device)
+        if isinstance(self.unet, torch.nn.Module) and next(self.unet.parameters()).dtype != self.dtype:
+            self.unet.to(dtype=self.dtype)
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.autoencoder.downsample_factor
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The conditional denoiser the sampler drives: (B, C, h, w), (B,), (B, L, D) -> (B, C, h, w) float32."""
+        x_in, ctx = x_t.to(self.dtype), context.to(self.dtype)
+        if self.call_style == "plain":
+            return self.unet(x_in, t, ctx).float()
+        return self.unet(x_in, t, encoder_hidden_states=ctx).sample.float()
+
+    def request(self, prompt: Prompts, negative_prompt: Optional[Prompts], seed: int, num_images: int) -> GenerationRequest:
+        """Expand prompts x images into one row per image with its negative prompt and seed."""
+        prompts = _as_prompt_list(prompt, "prompt")
+        if negative_prompt is None:
+            negatives: list[Optional[str]] = [None] * len(prompts)
+        else:
+            negatives = _as_prompt_list(negative_prompt, "negative_prompt")
+            if len(negatives) == 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give 1 or {len(prompts)}")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images={num_images!r} must be an integer >= 1")
+        if not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} must be an integer")
+        rows = [(p, n) for p, n in zip(prompts, negatives) for _ in range(num_images)]
+        return GenerationRequest([p for p, _ in rows], [n for _, n in rows], [seed + i for i in range(len(rows))])
+
+    def _contexts(self, prompts: list[str], negatives: list[Optional[str]], guidance: float):
+        """(cond, uncond) contexts (B, L, D); with guidance 1 the unconditional one is never used."""
+        cond = self.text_encoder(prompts)[0]  # (B, L, D)
+        if guidance == 1:
+            uncond = cond
+        elif all(n is None for n in negatives):
+            uncond = self.text_encoder.empty_context(len(prompts))  # the one empty prompt of conditioning
+        else:
+            uncond = self.text_encoder([n if n is not None else "" for n in negatives])[0]
+        return cond.to(self.device), uncond.to(self.device)
+
+    def latent_shape(self, height: Optional[int], width: Optional[int]) -> tuple[int, int, int]:
+        f = self.downsample_factor
+        height = height or self.sample_size * f
+        width = width or self.sample_size * f
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v < f or v % f:
+                raise ValueError(f"{name}={v!r} must be a positive multiple of the autoencoder's factor {f}")
+        return self.autoencoder.latent_channels, height // f, width // f
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        req: GenerationRequest,
+        *,
+        steps: int = 50,
+        method: str = "ddim",
+        eta: float = 0.0,
+        guidance: float = 7.5,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        batch_size: int = 8,
+        variance: str = "fixed_small",
+        progress: Optional[Progress] = None,
+    ) -> torch.Tensor:
+        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(METHODS)}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+        shape = self.latent_shape(height, width)
+        n = len(req.prompts)
+        done, total = 0, steps * -(-n // batch_size)
+        out = []
+        for start in range(0, n, batch_size):
+            rows = slice(start, start + batch_size)
+            cond, uncond = self._contexts(req.prompts[rows], req.negatives[rows], guidance)
+            generators = [torch.Generator().manual_seed(s) for s in req.seeds[rows]]
+            x_T = randn((len(generators), *shape), generators, torch.float32, self.device)  # (B, C, h, w)
+            denoise = ClassifierFreeGuidance(self.model, cond, uncond, guidance)
+
+            def step_done(i, t, x, x0, _base=done):
+                if progress is not None:
+                    progress(_base + i + 1, total)
+
+            out.append(
+                sample(
+                    denoise, x_T, self.schedule, method=method, steps=steps, eta=eta,
+                    prediction=self.sampling.prediction, timestep_spacing=self.sampling.timestep_spacing,
+                    steps_offset=self.sampling.steps_offset, clip_x0=self.sampling.clip_x0,
+                    variance=variance, generator=generators, callback=step_done,
+                )
+            )
+            done += steps
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32."""
+        return self.autoencoder.decode(latents).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Prompts,
+        negative_prompt: Optional[Prompts] = None,
+        *,
+        steps: int = 50,
+        method: str = "ddim",
+        eta: float = 0.0,
+        guidance: float = 7.5,
+        seed: int = 0,
+        num_images: int = 1,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        batch_size: int = 8,
+        variance: str = "fixed_small",
+        progress: Optional[Progress] = None,
+        output: str = "pil",
+    ):
+        """Images for each prompt (``num_images`` each), as PIL images (``output="pil"``) or a
+        tensor (B, 3, H, W) in [-1, 1] (``output="tensor"``). Arguments as in ``ldm.samplers.sample``;
+        ``guidance`` is the classifier-free guidance weight w (1 = off, 0 = unconditional)."""
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output={output!r}; allowed: pil, tensor")
+        req = self.request(prompt, negative_prompt, seed, num_images)
+        latents = self.generate_latents(
+            req, steps=steps, method=method, eta=eta, guidance=guidance, height=height, width=width,
+            batch_size=batch_size, variance=variance, progress=progress,
+        )
+        images = torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
+        return to_pil(images) if output == "pil" else images
+
+
+def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
+    """Tile equally sized images row-major into one image."""
+    if len(images) != rows * cols:
+        raise ValueError(f"{len(images)} images do not fill a {rows}x{cols} grid")
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,101 @@
+"""Text2ImagePipeline's own logic: batching, seeds, guidance calls, sizes, bad input."""
+
+import pytest
+import torch
+
+from ldm.pipeline import SamplingConfig, Text2ImagePipeline
+from ldm.schedule import NoiseSchedule
+from pipeline_fakes import FakeAutoencoder, FakeTextEncoder, tiny_unet
+
+
+class CountingUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.inner, self.batches = unet, []
+        self.config = unet.config
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.batches.append(x.shape[0])
+        return self.inner(x, t, encoder_hidden_states=encoder_hidden_states)
+
+
+def make_pipe():
+    unet = CountingUNet(tiny_unet())
+    return Text2ImagePipeline(unet, FakeAutoencoder(), FakeTextEncoder(), NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012),
+                              SamplingConfig(), sample_size=8)
+
+
+def test_images_and_one_batched_unet_call_per_step():
+    pipe = make_pipe()
+    images = pipe(["a koala", "a cat"], steps=4, guidance=5.0, num_images=3, batch_size=4)
+    assert len(images) == 6 and images[0].size == (32, 32) and images[0].mode == "RGB"
+    assert pipe.unet.batches == [8] * 4 + [4] * 4  # [uncond, cond] of 4 rows, then of 2
+
+
+def test_guidance_one_skips_the_unconditional_half():
+    pipe = make_pipe()
+    pipe("a koala", steps=3, guidance=1.0, num_images=2)
+    assert pipe.unet.batches == [2, 2, 2]
+    assert pipe.text_encoder.calls == [["a koala", "a koala"]]  # nor is the empty prompt encoded
+
+
+def test_each_image_is_reproducible_alone_from_its_seed():
+    pipe = make_pipe()
+    for method, eta in [("ddim", 0.0), ("ddpm", 0.0), ("ddim", 1.0)]:
+        batch = pipe(["a koala", "a cat"], steps=5, method=method, eta=eta, seed=10, num_images=2, output="tensor")
+        alone = pipe("a cat", steps=5, method=method, eta=eta, seed=13, num_images=1, output="tensor")  # image 3
+        torch.testing.assert_close(batch[3:], alone, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(batch[2], batch[3], atol=1e-3)  # different seeds differ
+
+
+def test_prompt_and_negative_prompt_change_the_image():
+    pipe = make_pipe()
+    base = pipe("a koala", steps=4, seed=0, output="tensor")
+    assert not torch.allclose(base, pipe("a cat", steps=4, seed=0, output="tensor"), atol=1e-3)
+    neg = pipe("a koala", negative_prompt="blurry", steps=4, seed=0, output="tensor")
+    assert not torch.allclose(base, neg, atol=1e-3)
+    same = pipe("a koala", negative_prompt="", steps=4, seed=0, output="tensor")  # "" is the empty prompt
+    torch.testing.assert_close(base, same)
+
+
+def test_size_follows_height_and_width():
+    pipe = make_pipe()
+    img = pipe("a koala", steps=2, height=48, width=24)[0]
+    assert img.size == (24, 48)
+
+
+def test_progress_reports_every_step():
+    pipe, seen = make_pipe(), []
+    pipe(["a", "b", "c"], steps=3, batch_size=2, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, 6) for i in range(1, 7)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=[]), "empty list"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(prompt="a", guidance=-1.0), "guidance"),
+        (dict(prompt="a", steps=0), "steps=0"),
+        (dict(prompt="a", height=30), "height=30 must be a positive multiple of the autoencoder's factor 4"),
+        (dict(prompt="a", method="euler"), "method='euler'"),
+        (dict(prompt="a", num_images=0), "num_images=0"),
+        (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "3 negative prompts for 2 prompts"),
+    ],
+)
+def test_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_pipe()(**{"steps": 2, **kwargs})
+
+
+def test_onnx_backend_gives_the_same_images(tmp_path, monkeypatch):
+    from ldm.onnx_backend import use_onnx
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch_pipe, onnx_pipe = make_pipe(), make_pipe()
+    onnx_pipe.unet = onnx_pipe.unet.inner
+    use_onnx(onnx_pipe)
+    kwargs = dict(prompt=["a koala", "a cat", "a dog"], steps=4, guidance=3.0, seed=0, height=32, width=24, output="tensor")
+    ref, got = torch_pipe(**kwargs), onnx_pipe(**kwargs)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "ldm-toolkit" / "onnx" / "unsaved").glob("*.onnx")) == ["decoder-8x6.onnx", "unet-8x6.onnx"]
