@@ -17,6 +17,7 @@ from conditioning.clip_model import build_open_clip_model
 from ldm.cli import main
 from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from train.clip_config import load_train_config
+from train.clip_data import load_pair_sets
 from train.clip_eval import retrieval_metrics
 from train.clip_trainer import encode_text_trimmed
 
@@ -102,7 +103,7 @@ def test_cli_errors_are_one_line(shapes, tmp_path, capsys):
     code, err = run(f"data.folder={shapes}", "optim.momentum=0.9")
     assert code == 2 and "optim.momentum is not a key" in err
     code, err = run(f"data.folder={tmp_path}")
-    assert code == 2 and "metadata.jsonl does not exist" in err
+    assert code == 2 and "holds no images" in err
     code, err = run(f"data.folder={shapes}", f"run.output_dir={tmp_path}", "--resume", "latest")
     assert code == 2 and "no checkpoint in" in err
     (tmp_path / "checkpoints/step-00000001").mkdir(parents=True)
@@ -158,3 +159,26 @@ def test_retrieval_metrics_on_analytic_cases():
     assert m["chance_text_to_image_top1"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
     assert m["chance_text_to_image_top2"] == pytest.approx(((1 - 1 / 6) + 0.5 + 0.5) / 3)  # 1 - C(N-m,k)/C(N,k)
     assert m["chance_image_to_text_top1"] == pytest.approx(1 / 3)
+
+
+def test_pairs_come_through_train_data_with_a_caption_drawn_per_epoch(tmp_path):
+    rows = []
+    for k in range(40):
+        Image.new("RGB", (40, 48), (6 * k, 0, 0)).save(tmp_path / f"{k}.png")
+        rows.append({"file_name": f"{k}.png", "text": [f"image {k}", f"picture {k}"]})
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # skipped and counted by train.data
+    cfg = load_train_config(CONFIG, [f"data.folder={tmp_path}", "optim.batch_size=8", "data.test_fraction=0.25"])
+    lines = []
+    train, test = load_pair_sets(cfg, open_clip.tokenize, progress=False, log=lines.append)
+    assert "kept: 40" in lines[0]
+    assert len(train) + len(test) == 40 and 4 <= len(test) <= 16  # a fixed fraction held out: no split in the data
+    assert train.images.shape == (len(train), 3, 32, 32) and train.images.dtype == torch.uint8  # resized, centre-cropped
+    held = {c for c in test.first_captions()}
+    assert not held & {c for c in train.first_captions()}
+    index = torch.arange(len(train))
+    drawn = {tuple(train.tokens(index, epoch)[0].tolist()) for epoch in range(8)}
+    assert drawn == {tuple(open_clip.tokenize([c])[0].tolist()) for c in train.captions[0]}  # both captions get drawn
+    assert torch.equal(train.tokens(index), open_clip.tokenize(train.first_captions()))  # evaluation: the first caption
+    again, _ = load_pair_sets(cfg, open_clip.tokenize, progress=False, log=lines.append)
+    assert again.first_captions() == train.first_captions()  # the same split on every run

@@ -18,9 +18,10 @@ from train.config import load_config
 class ClipDataConfig:
     """The captioned image set."""
 
-    # Folder of images with metadata.jsonl rows {"file_name", "text", optional "split": "train"|"test"}.
+    # A captioned image set in any layout train.data reads (e.g. an image folder with metadata.jsonl
+    # rows {"file_name", "text", "split"}). Its "test" split is held out for retrieval.
     folder: str = ""
-    # Held-out fraction when metadata.jsonl has no "split" (chosen by a hash of file_name).
+    # Held-out fraction when the data has no train/test split (rows chosen by a hash of their index).
     test_fraction: float = 0.05
     # Random horizontal flips in training (off by default: flips break "left"/"right" captions).
     hflip: bool = False

@@ -1,97 +1,79 @@
-"""Captioned image pairs for CLIP training, held in memory: a minimal reader, order and augmentation.
+"""Captioned image pairs for CLIP training, held in memory: loading through ``train.data``, order, augmentation.
 
-TO BE REPLACED at integration by ``train.data`` (issue 3), which reads every
-supported layout, skips bad files and reports them: ``_load_pairs`` is the one
-function to swap. This minimal reader knows one layout, an image folder with
-``metadata.jsonl`` rows ``{"file_name", "text", "split"?}``.
+Images come from ``train.data.load_captioned_images`` (every supported layout;
+bad rows skipped and counted, summary printed), resized and centre-cropped once
+to the tower's input size and kept as uint8. The held-out set is the ``test``
+split when the data has one; otherwise a fixed ``data.test_fraction`` of the
+rows, chosen by a hash of the row index. Where an image has several captions,
+training draws one per epoch (``train.data``'s draw); evaluation uses the first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import math
-from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from train.clip_config import ClipDataConfig, ClipTrainConfig
+from train.data import CaptionedImages, load_captioned_images
 
 
-def _load_pairs(folder: str | Path) -> list[tuple[Path, str, Optional[str]]]:
-    """(image path, caption, split or None) for each row of ``folder/metadata.jsonl``."""
-    folder = Path(folder)
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise FileNotFoundError(f"{meta} does not exist; data.folder must be an image folder with metadata.jsonl")
-    pairs = []
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{meta}:{n}: each row needs string fields file_name and text")
-        pairs.append((folder / row["file_name"], row["text"], row.get("split")))
-    if not pairs:
-        raise ValueError(f"{meta} has no rows")
-    return pairs
-
-
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 RGB; transparency composited on white; resized (bicubic) when needed."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im)
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8)
-
-
-def _split(pairs, test_fraction: float) -> tuple[list, list]:
-    if any(split is not None for _, _, split in pairs):
-        return [p for p in pairs if p[2] != "test"], [p for p in pairs if p[2] == "test"]
-
-    def held_out(path: Path) -> bool:
-        return int(hashlib.sha256(path.name.encode()).hexdigest()[:8], 16) / 16**8 < test_fraction
-
-    return [p for p in pairs if not held_out(p[0])], [p for p in pairs if held_out(p[0])]
-
-
-@dataclasses.dataclass
 class PairSet:
-    images: torch.Tensor  # (N, 3, S, S) uint8
-    tokens: torch.Tensor  # (N, L) long
-    captions: list[str]
+    """Images (N, 3, S, S) uint8 in memory, their captions, and the token ids of every caption."""
+
+    def __init__(self, data: Optional[CaptionedImages], rows: Sequence[int], size: int,
+                 tokenize: Callable[[list[str]], torch.Tensor]):
+        self.data, self.rows = data, list(rows)
+        self.captions = [data.captions(i) for i in self.rows] if data is not None else []  # per image, all captions
+        pixels = [np.asarray(data.transform.resize_crop(data.image(i)), dtype=np.uint8) for i in self.rows]
+        self.images = (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous() if pixels
+                       else torch.zeros(0, 3, size, size, dtype=torch.uint8))  # (N, 3, S, S)
+        distinct = sorted({c for options in self.captions for c in options})
+        self._token_row = {c: i for i, c in enumerate(distinct)}
+        self._tokens = tokenize(distinct) if distinct else torch.zeros(0, 77, dtype=torch.long)  # (U, L)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def first_captions(self) -> list[str]:
+        return [options[0] for options in self.captions]
+
+    def tokens(self, index: torch.Tensor, epoch: Optional[int] = None) -> torch.Tensor:
+        """Token ids (B, L) of images ``index``: each one's caption for ``epoch``, or its first one."""
+        captions = [self.captions[i][0] if epoch is None else self.data.caption(self.rows[i], epoch) for i in index.tolist()]
+        return self._tokens[[self._token_row[c] for c in captions]]
 
 
-def load_pair_sets(config: ClipTrainConfig, tokenize) -> tuple[PairSet, PairSet]:
-    """(train, test) images and token ids, held in memory."""
-    train_pairs, test_pairs = _split(_load_pairs(config.data.folder), config.data.test_fraction)
+def _held_out(index: int, fraction: float) -> bool:
+    return int(hashlib.sha256(str(index).encode()).hexdigest()[:8], 16) / 16**8 < fraction
+
+
+def load_pair_sets(config: ClipTrainConfig, tokenize: Callable[[list[str]], torch.Tensor],
+                   progress: bool = True, log: Callable[[str], None] = print) -> tuple[PairSet, PairSet]:
+    """(train, held-out) pairs of ``config.data.folder`` at the image tower's size."""
+    folder, size = config.data.folder, config.model.vision.image_size
+
+    def load(split: Optional[str]) -> CaptionedImages:
+        return load_captioned_images(folder, split=split, size=size, crop="center", seed=config.run.seed, progress=progress)
+
+    train, test = load("train"), load("test")
+    if len(train) or len(test):
+        train_rows, test_rows = list(range(len(train))), list(range(len(test)))
+        log(str(train.summary()))
+    else:  # no split in the data: hold out a fixed fraction
+        train = test = load(None)
+        log(str(train.summary()))
+        test_rows = [i for i in range(len(train)) if _held_out(i, config.data.test_fraction)]
+        train_rows = [i for i in range(len(train)) if not _held_out(i, config.data.test_fraction)]
     if config.data.max_train:
-        train_pairs = train_pairs[: config.data.max_train]
-    if len(train_pairs) < config.optim.batch_size:
-        raise ValueError(f"{len(train_pairs)} training pairs in {config.data.folder}, fewer than "
-                         f"optim.batch_size={config.optim.batch_size}")
-    size = config.model.vision.image_size
-
-    def build(pairs) -> PairSet:
-        if not pairs:
-            return PairSet(torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, 77, dtype=torch.long), [])
-        images = np.stack([_read_image(path, size) for path, _, _ in pairs])  # (N, S, S, 3)
-        captions = [text for _, text, _ in pairs]
-        return PairSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), tokenize(captions), captions)
-
-    return build(train_pairs), build(test_pairs)
+        train_rows = train_rows[: config.data.max_train]
+    if len(train_rows) < config.optim.batch_size:
+        raise ValueError(f"{len(train_rows)} training pairs in {folder}, fewer than optim.batch_size={config.optim.batch_size}")
+    return PairSet(train, train_rows, size, tokenize), PairSet(test, test_rows, size, tokenize)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

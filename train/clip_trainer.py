@@ -110,21 +110,22 @@ def lr_at(step: int, config: ClipOptimConfig) -> float:
 @torch.no_grad()
 def evaluate(module: ContrastivePair, pairs: PairSet, batch_size: int, autocast) -> dict[str, float]:
     """Held-out retrieval metrics (``train.clip_eval``) of the module's CLIP on ``pairs``."""
-    if not pairs.captions:
+    if not len(pairs):
         return {}
     was_training = module.training
     module.eval()
     device = next(module.parameters()).device
     texts, images = [], []
-    for start in range(0, len(pairs.captions), batch_size):
-        x = pairs.images[start : start + batch_size].to(device).float() / 255  # (b, 3, S, S)
-        t = pairs.tokens[start : start + batch_size].to(device)  # (b, L)
+    for start in range(0, len(pairs), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(pairs)))
+        x = pairs.images[index].to(device).float() / 255  # (b, 3, S, S)
+        t = pairs.tokens(index).to(device)  # (b, L), each image's first caption
         with autocast():
             image_features, text_features, _ = module(x, t)
         images.append(image_features.float().cpu())
         texts.append(text_features.float().cpu())
     module.train(was_training)
-    return retrieval_metrics(torch.cat(texts), torch.cat(images), pairs.captions)
+    return retrieval_metrics(torch.cat(texts), torch.cat(images), pairs.first_captions())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,20 +174,21 @@ def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, fl
     unwrapped = accelerator.unwrap_model(module)
 
     tokenizer = OpenCLIPTextEncoder(clip, model_cfg)  # tokenizes exactly as the saved encoder will
-    train_set, test_set = load_pair_sets(config, tokenizer.tokenize)
+    train_set, test_set = load_pair_sets(config, tokenizer.tokenize, progress=config.run.progress and accelerator.is_main_process,
+                                         log=accelerator.print)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         n_params = sum(p.numel() for p in clip.parameters())
-        accelerator.print(f"train-clip: {len(train_set.captions)} training pairs, {len(test_set.captions)} held out; "
+        accelerator.print(f"train-clip: {len(train_set)} training pairs, {len(test_set)} held out; "
                           f"{n_params / 1e6:.2f}M parameters; step {step} of {opt.max_steps}")
     log = _CsvLog(out / "train_log.csv", ["step", "loss", "lr", "logit_scale", "pairs_per_s", "elapsed_s"])
     loss_fn = ClipLoss()
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = len(train_set.captions) // opt.batch_size // world  # micro-batches per epoch on each process
+    per_process = len(train_set) // opt.batch_size // world  # micro-batches per epoch on each process
     if per_process < 1:
-        raise ValueError(f"{len(train_set.captions)} training pairs cannot fill one batch of {opt.batch_size} "
+        raise ValueError(f"{len(train_set)} training pairs cannot fill one batch of {opt.batch_size} "
                          f"on each of {world} processes")
     stop = min(opt.max_steps, config.run.stop_at or opt.max_steps)
     bar = tqdm(total=opt.max_steps, initial=step, desc="train-clip", unit="step",
@@ -214,10 +216,10 @@ def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, fl
     while step < stop:
         epoch, index = divmod(micro, per_process)
         batch = index * world + rank  # this process's batch within the epoch's permutation
-        rows = epoch_order(len(train_set.captions), config.run.seed, epoch)[batch * opt.batch_size : (batch + 1) * opt.batch_size]
+        rows = epoch_order(len(train_set), config.run.seed, epoch)[batch * opt.batch_size : (batch + 1) * opt.batch_size]
         generator = torch.Generator().manual_seed(config.run.seed * 1_000_003 + micro * world + rank)
         images = augment(train_set.images[rows].float() / 255, config.data, generator).to(accelerator.device)  # (B, 3, S, S)
-        tokens = train_set.tokens[rows].to(accelerator.device)  # (B, L)
+        tokens = train_set.tokens(rows, epoch).to(accelerator.device)  # (B, L)
         with accelerator.accumulate(module):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, opt)
