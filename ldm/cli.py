@@ -21,6 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
+from train import finetune_cli, ldm_cli as train_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -35,7 +36,7 @@ SUBCOMMANDS = {
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {"generate": generate_cli, "sweep": sweep_cli}
+_IMPLEMENTED: dict[str, ModuleType] = {"generate": generate_cli, "sweep": sweep_cli, "train": train_cli, "finetune": finetune_cli}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
@@ -70,7 +71,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in _IMPLEMENTED:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra  # key=value overrides given after an option (argparse leaves them over)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
     except (UsageError, ValueError, FileNotFoundError) as exc:
