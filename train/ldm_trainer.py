@@ -18,13 +18,15 @@ stopped one was.
 
 A non-finite loss (any process) or gradient norm skips the optimizer step on every process and
 is counted; ``max_consecutive_nonfinite`` of them in a row raise ``TrainingDiverged``. Skipped
-steps leave the weights untouched, so every checkpoint holds finite weights.
+steps leave the weights untouched, and no checkpoint is written during a run of them (one that
+falls due waits for the next good step), so the latest checkpoint is from before the trouble.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -121,7 +123,10 @@ class LDMTrainer:
         from accelerate import Accelerator
 
         run = self.config.train
-        return Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps)
+        # several processes and no GPU (torchrun, or accelerate launch --multi_gpu on a CPU machine): gloo on CPU
+        cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        return Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
+                           cpu=cpu)
 
     def _setup(self):
         cfg = self.config
@@ -269,18 +274,25 @@ class LDMTrainer:
         from ldm.bundle import save_bundle
 
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.ema is not None:
-            self.ema.copy_to(self.params)  # the bundle gets the EMA weights
-        unwrapped.to(memory_format=torch.contiguous_format)
+        if self.ema is not None:  # the bundle gets the EMA weights; the trained ones come back afterwards
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
         unwrapped.eval()
-        if self.lora:
-            path = save_bundle(self.output_dir / "bundle", unet=self.base_unet, unet_lora=unwrapped,
-                               autoencoder=self.autoencoder, text_encoder=self.text_encoder,
-                               schedule=self.schedule, sampling=self.sampling)
-        else:
-            path = save_bundle(self.output_dir / "bundle", unet=unwrapped, autoencoder=self.autoencoder,
-                               text_encoder=self.text_encoder, schedule=self.schedule, sampling=self.sampling)
-        (path / "training_config.json").write_text(json.dumps(asdict(self.saved_config), indent=2))
+        unwrapped.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+        try:
+            parts = dict(autoencoder=self.autoencoder, text_encoder=self.text_encoder, schedule=self.schedule,
+                         sampling=self.sampling)
+            if self.lora:
+                path = save_bundle(self.output_dir / "bundle", unet=self.base_unet, unet_lora=unwrapped, **parts)
+            else:
+                path = save_bundle(self.output_dir / "bundle", unet=unwrapped, **parts)
+            (path / "training_config.json").write_text(json.dumps(asdict(self.saved_config), indent=2))
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
+            if self.config.train.channels_last:
+                unwrapped.to(memory_format=torch.channels_last)
+            unwrapped.train()
         return path
 
     # -- the loop --------------------------------------------------------------------------------
@@ -317,7 +329,7 @@ class LDMTrainer:
 
             bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train", unit="step")
         sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "images": 0}
-        window_bad = False
+        window_bad = ckpt_due = False
         diverged = None
         try:
             while pos["step"] < run.max_steps:
@@ -390,8 +402,11 @@ class LDMTrainer:
                 if step % run.log_every == 0 or step == run.max_steps:
                     self._log_train(step, pos, sums, log, bar)
                 busy = time.perf_counter()  # checkpoints and validation do not count towards images/s
-                if step % cfg.checkpoint.every == 0 or step == run.max_steps:
+                # a checkpoint due during a run of non-finite steps waits for the next good step
+                ckpt_due = ckpt_due or step % cfg.checkpoint.every == 0 or step == run.max_steps
+                if ckpt_due and pos["nonfinite_streak"] == 0:
                     last_ckpt = self._save_checkpoint(pos) or last_ckpt
+                    ckpt_due = False
                 every = cfg.validation.every
                 if (every and step % every == 0) or step == run.max_steps:
                     if acc.is_main_process:
