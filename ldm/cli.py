@@ -21,7 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
-from train import finetune_cli, ldm_cli as train_cli  # noqa: E402
+from train import data_cli, finetune_cli, ldm_cli as train_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -36,7 +36,9 @@ SUBCOMMANDS = {
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {"generate": generate_cli, "sweep": sweep_cli, "train": train_cli, "finetune": finetune_cli}
+_IMPLEMENTED: dict[str, ModuleType] = {
+    "generate": generate_cli, "sweep": sweep_cli, "data": data_cli, "train": train_cli, "finetune": finetune_cli,
+}
 
 
 def _not_available(name: str) -> Callable[[argparse.Namespace], int]:

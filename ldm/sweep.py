@@ -7,7 +7,7 @@ Metrics per weight:
 * ``diversity``: mean pairwise cosine distance (1 - cos) between the CLIP image embeddings of
   one prompt's images across seeds, averaged over prompts (needs two or more seeds);
 * for prompts in the shapes set's caption language, ``shape_acc``, ``colour_acc``, ``size_acc``,
-  ``position_acc`` and ``all_acc`` read back by ``ldm.shapes``' exact checker.
+  ``position_acc`` and ``all_acc`` (every attribute right) read back by ``ldm.shapes``' exact checker.
 A model that has learned anything shows alignment rising with w and diversity falling.
 """
 
@@ -103,11 +103,10 @@ def shapes_metrics(result: SweepResult) -> bool:
         return False
     for w, imgs in result.images.items():
         captions = [p for p in result.prompts for _ in result.seeds]
-        scores = [shapes.score_attributes(im, c) for im, c in zip(imgs, captions)]
+        scores = [shapes.score_attributes(im, c) for im, c in zip(imgs, captions)]  # every attribute named
         m = result.metrics.setdefault(w, {})
-        for attr in scores[0]:
-            m[f"{attr}_acc"] = float(sum(s[attr] for s in scores) / len(scores))
-        m["all_acc"] = float(sum(all(s.values()) for s in scores) / len(scores))
+        for attr in scores[0]:  # colour, shape, size, position, all
+            m[f"{attr}_acc"] = float(sum(bool(s[attr]) for s in scores) / len(scores))
     return True
 
 

@@ -53,3 +53,18 @@ def test_grid_places_weight_rows_and_seed_columns():
     grid = labelled_grid(result)
     crop = grid.crop((70 + 32, 28 + 32, 70 + 64, 28 + 64))  # row w=2, column seed 1
     assert np.array_equal(np.asarray(crop), np.asarray(result.images[2.0][1]))
+
+
+def test_shapes_prompts_get_exact_attribute_accuracy():
+    from ldm import shapes
+    from ldm.sweep import SweepResult, shapes_metrics
+
+    prompts = ["a small red circle at the top left", "a large blue square at the centre"]
+    truth = [shapes.render(shapes.parse_caption(p)) for p in prompts]
+    wrong = shapes.render(shapes.parse_caption("a large green triangle at the bottom right"))
+    # w=1: one of the two seeds per prompt is right; w=2: all right
+    result = SweepResult([1.0, 2.0], prompts, [0, 1], {1.0: [truth[0], wrong, truth[1], wrong], 2.0: [truth[0], truth[0], truth[1], truth[1]]})
+    assert shapes_metrics(result)
+    assert result.metrics[1.0]["all_acc"] == 0.5 and result.metrics[2.0]["all_acc"] == 1.0
+    assert result.metrics[1.0]["colour_acc"] == 0.5 and result.metrics[2.0]["position_acc"] == 1.0
+    assert not shapes_metrics(SweepResult([1.0], ["koala, twemoji style"], [0], {1.0: [truth[0]]}))

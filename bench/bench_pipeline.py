@@ -1,0 +1,162 @@
+"""Our pipeline against diffusers' StableDiffusionPipeline on the same tiny Stable Diffusion model.
+
+One run, side by side, on this machine: a Stable Diffusion-layout folder (UNet2DConditionModel of
+~18M parameters at 16x16x4 latents, AutoencoderKL f=4, CLIPTextModel, CLIP's real BPE tokenizer)
+is built from configs with random weights and loaded by both pipelines. DDIM, the same steps and
+guidance, the same per-image seeds. Prints images/s at batch 1 and 8 for diffusers, ours with the
+torch backend and ours with the ONNX Runtime backend, the pixel differences against diffusers, and
+the share of our time spent inside U-Net and decoder calls.
+
+    python bench/bench_pipeline.py [--steps 25] [--repeats 3] [--folder /tmp/tiny-sd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPT = "a koala wearing a red hat, twemoji style"
+
+
+def build_tiny_sd(folder: Path) -> Path:
+    """A Stable Diffusion 1.x-layout folder with random weights; diffusers and we both load it."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from conditioning.bpe import write_clip_tokenizer_files
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=256, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32, sample_size=64, scaling_factor=0.5,
+    )
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                        num_attention_heads=4, max_position_embeddings=77, vocab_size=49408))
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text.save_pretrained(folder / "text_encoder")
+    write_clip_tokenizer_files(folder / "tokenizer")
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
+                  steps_offset=1, clip_sample=False).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }, indent=2))
+    n = sum(p.numel() for p in unet.parameters())
+    print(f"built {folder}: U-Net {n / 1e6:.1f}M parameters")
+    return folder
+
+
+class Timed:
+    """Wraps a callable and adds up the seconds spent in it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.fn(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+class TimedDecoder:
+    """The autoencoder, with its decode calls timed."""
+
+    def __init__(self, autoencoder):
+        self._autoencoder, self.decode = autoencoder, Timed(autoencoder.decode)
+
+    def __getattr__(self, name):
+        return getattr(self._autoencoder, name)
+
+
+def best_time(fn, repeats):
+    """(fastest run's seconds, total seconds, last output)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), sum(times), out
+
+
+def timed_ours(pipe, batch, steps, guidance, repeats):
+    """(fastest seconds, images, share of the time inside U-Net and decoder calls)."""
+    unet, autoencoder = pipe.unet, pipe.autoencoder
+    pipe.unet, pipe.autoencoder = Timed(unet), TimedDecoder(autoencoder)
+    try:
+        t, total, imgs = best_time(lambda: run_ours(pipe, batch, steps, guidance), repeats)
+        share = (pipe.unet.seconds + pipe.autoencoder.decode.seconds) / total
+    finally:
+        pipe.unet, pipe.autoencoder = unet, autoencoder
+    return t, imgs, share
+
+
+def run_diffusers(pipe, batch, steps, guidance):
+    gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+    out = pipe([PROMPT] * batch, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+               output_type="np", height=64, width=64)
+    return torch.from_numpy(out.images).permute(0, 3, 1, 2)  # (B, 3, H, W) in [0, 1]
+
+
+def run_ours(pipe, batch, steps, guidance):
+    images = pipe(PROMPT, steps=steps, guidance=guidance, seed=0, num_images=batch, batch_size=batch, output="tensor")
+    return images / 2 + 0.5  # (B, 3, H, W) in [0, 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder", type=Path, default=None)
+    args = parser.parse_args()
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    from ldm.pipeline import Text2ImagePipeline
+
+    dlogging.disable_progress_bar()
+    folder = build_tiny_sd(args.folder or Path(tempfile.mkdtemp()) / "tiny-sd")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DDIM {args.steps} steps, guidance {args.guidance}, 64x64 images")
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    ours = Text2ImagePipeline.from_pretrained(folder, backend="torch")
+    onnx = Text2ImagePipeline.from_pretrained(folder, backend="onnx")
+    run_ours(onnx, 1, 2, args.guidance)  # export the graphs outside the timed runs
+
+    rows = []
+    for batch in (1, 8):
+        t_ref, _, ref = best_time(lambda: run_diffusers(theirs, batch, args.steps, args.guidance), args.repeats)
+        rows.append((batch, "diffusers (torch eager)", batch / t_ref, 1.0, 0.0, None))
+        for name, pipe in (("ours, torch", ours), ("ours, onnx", onnx)):
+            t, imgs, share = timed_ours(pipe, batch, args.steps, args.guidance, args.repeats)
+            rows.append((batch, name, batch / t, t_ref / t, (imgs - ref).abs().max().item() * 255, share))
+
+    print(f"\n{'batch':>5}  {'pipeline':<24} {'images/s':>9} {'x diffusers':>12} {'max |diff| (of 255)':>20} {'in U-Net+decoder':>17}")
+    for batch, name, ips, speedup, diff, share in rows:
+        share_s = f"{100 * share:.0f}%" if share is not None else "-"
+        print(f"{batch:>5}  {name:<24} {ips:>9.2f} {speedup:>11.2f}x {diff:>20.4f} {share_s:>17}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Captioned images for training: one loader for every format, bad data skipped and counted.
+
+    from train.data import load_captioned_images
+    data = load_captioned_images("/work/data/emoji", split="train", size=64)
+    print(data.summary())            # kept, skipped by reason, captions over 77 tokens
+    image, caption = data[0]         # (3, 64, 64) float tensor in [-1, 1], str
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, num_workers=2)
+    for epoch in range(n):
+        data.set_epoch(epoch)        # images with several captions get another one each epoch
+        for images, captions in loader: ...
+    for pil_image, caption in data.pairs(): ...   # the raw stream: RGB PIL images, no transform
+
+Formats (see ``train.data_sources``): imagefolder with metadata.jsonl/csv, kohya-style .txt or
+.caption sidecars, a CSV or JSONL file of (path, caption), a ``save_to_disk`` folder, parquet.
+
+Loading scans every row once: a row is skipped, and counted under its reason, when its caption
+is missing or empty, its image is missing, empty, not an image, truncated or corrupt, or smaller
+than ``min_size`` on its shorter side. Every kept image has decoded fully, so a training step
+never meets a bad file. Images of any mode become RGB (``train.images.to_rgb``).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from train.data_sources import MISSING_CAPTION, Source, caption_list, open_source
+from train.images import ImageError, ImageTransform, decode_image
+
+__all__ = ["CaptionedImages", "DataSummary", "ImageTransform", "clip_token_count", "load_captioned_images"]
+
+MAX_TOKENS = 77  # CLIP's context length, start and end tokens included
+EMPTY_CAPTION = "empty caption"
+TOO_SMALL = "too small"
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer  # offline: its BPE vocabulary ships in the package
+
+    return SimpleTokenizer()
+
+
+def clip_token_count(text: str) -> int:
+    """Tokens CLIP's text encoder sees for ``text``: its BPE tokens plus the start and end tokens."""
+    return len(_clip_tokenizer().encode(text)) + 2
+
+
+@dataclass
+class DataSummary:
+    """What loading a data set kept and skipped; ``str()`` is the report printed before training."""
+
+    path: str
+    format: str
+    split: Optional[str]
+    kept: int  # usable (image, caption) rows
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    captions: int = 0  # caption strings of the kept rows (a row may have several)
+    long_captions: int = 0  # of those, how many exceed max_tokens
+    longest: int = 0  # tokens in the longest caption
+    max_tokens: int = MAX_TOKENS
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def __str__(self) -> str:
+        where = f"{self.path} ({self.format}" + (f", split {self.split})" if self.split else ")")
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items(), key=lambda kv: -kv[1]))
+        lines = [
+            f"data: {where}",
+            f"kept: {self.kept} image-caption pairs ({self.captions} captions)",
+            f"skipped: {self.total_skipped}" + (f" ({reasons})" if reasons else ""),
+            f"captions over {self.max_tokens} tokens: {self.long_captions} of {self.captions}"
+            + (f" (longest {self.longest}; the text encoder truncates beyond {self.max_tokens})" if self.captions else ""),
+        ]
+        return "\n".join(lines)
+
+
+class CaptionedImages:
+    """A map-style dataset of the usable rows: ``data[i] -> (image (3, H, W) in [-1, 1], caption)``.
+
+    Made by ``load_captioned_images``. Works with ``torch.utils.data.DataLoader`` (default collate
+    stacks images when they share a size, i.e. when ``size`` was given).
+    """
+
+    def __init__(self, source: Source, refs: list, captions: list[list[str]], rows: list[int],
+                 summary: DataSummary, transform: ImageTransform, seed: int):
+        self.source = source
+        self._refs = refs  # per kept row: an image path, or None to read its bytes from the table
+        self._captions = captions  # per kept row: its non-empty captions
+        self._rows = rows  # per kept row: its index in source.table
+        self._summary = summary
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self._warned = False
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose caption draw ``caption``/``__getitem__`` use (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def captions(self, index: int) -> list[str]:
+        """All captions of kept row ``index``."""
+        return list(self._captions[index])
+
+    def caption(self, index: int, epoch: Optional[int] = None) -> str:
+        """The caption of row ``index`` for ``epoch`` (default: the current one): with several, one
+        drawn by a generator seeded with (seed, epoch, index), so every worker agrees."""
+        options = self._captions[index]
+        if len(options) == 1:
+            return options[0]
+        epoch = self.epoch if epoch is None else epoch
+        return options[int(np.random.default_rng((self.seed, epoch, index)).integers(len(options)))]
+
+    def image(self, index: int) -> Image.Image:
+        """The RGB PIL image of kept row ``index``."""
+        ref = self._refs[index]
+        return decode_image(ref if ref is not None else self.source.image_ref(self._rows[index]))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        if index < 0:
+            index += len(self)
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                return self.transform(self.image(i)), self.caption(i)
+            except ImageError as exc:  # changed on disk since the scan: use the next row
+                if not self._warned:
+                    warnings.warn(f"data: an image that loaded at the scan no longer does ({exc}); using the next row")
+                    self._warned = True
+        raise RuntimeError("data: no image can be read any more")
+
+    def pairs(self, epoch: Optional[int] = None) -> Iterator[tuple[Image.Image, str]]:
+        """The raw stream: (RGB PIL image, caption) for every kept row, in order."""
+        for i in range(len(self)):
+            yield self.image(i), self.caption(i, epoch)
+
+    def summary(self) -> DataSummary:
+        return self._summary
+
+
+def load_captioned_images(
+    path: Union[str, Path],
+    *,
+    caption_column: str = "text",
+    image_column: Optional[str] = None,
+    format: Optional[str] = None,
+    split: Optional[str] = None,
+    size: Union[int, tuple[int, int], None] = None,
+    crop: str = "center",
+    hflip: bool = False,
+    min_size: int = 32,
+    count_tokens: Optional[Callable[[str], int]] = None,
+    max_tokens: int = MAX_TOKENS,
+    seed: int = 0,
+    progress: bool = True,
+) -> CaptionedImages:
+    """Load a captioned image data set from ``path``, checking every row once.
+
+    Args:
+        path: a folder or file in one of ``train.data_sources.FORMATS``.
+        caption_column: the column holding captions (a string or a list of strings per row);
+            sidecar folders ignore it.
+        image_column: the column holding images or paths (default: the first ``datasets.Image``
+            column, else one of image, file_name, path, image_path, file, filename, img).
+        format: force a format instead of detecting it.
+        split: keep only rows of this split ("train", "test"); None keeps all.
+        size, crop, hflip: the ``ImageTransform`` applied by ``__getitem__`` (size None keeps sizes).
+        min_size: images whose shorter side is below this are skipped.
+        count_tokens: caption -> token count for the summary (default ``clip_token_count``, the
+            open_clip tokenizer, start/end tokens included); give the trainer's own tokenizer here.
+        max_tokens: captions with more tokens than this are counted as too long (not dropped).
+        seed: seeds the per-epoch caption draw.
+        progress: show a progress bar while scanning.
+    """
+    transform = ImageTransform(size, crop=crop, hflip=hflip)
+    if min_size < 1:
+        raise ValueError(f"min_size={min_size}; give a side length of at least 1 pixel")
+    source = open_source(path, format=format, caption_column=caption_column, image_column=image_column, split=split)
+    count_tokens = count_tokens or clip_token_count
+    skipped = collections.Counter(source.skipped)
+    refs, captions, rows = [], [], []
+    n_captions = n_long = longest = 0
+    for row, (ref, cell) in enumerate(tqdm(source.rows(), total=len(source.table), desc=f"checking {Path(path).name}",
+                                          unit="img", disable=not progress)):
+        options = caption_list(cell)
+        if options is None:
+            skipped[MISSING_CAPTION] += 1
+            continue
+        options = [c for c in options if c]
+        if not options:
+            skipped[EMPTY_CAPTION] += 1
+            continue
+        try:
+            image = decode_image(ref)
+        except ImageError as exc:
+            skipped[exc.reason] += 1
+            continue
+        if min(image.size) < min_size:
+            skipped[TOO_SMALL] += 1
+            continue
+        refs.append(ref if isinstance(ref, Path) else None)
+        captions.append(options)
+        rows.append(row)
+        for caption in options:
+            tokens = count_tokens(caption)
+            n_captions += 1
+            n_long += tokens > max_tokens
+            longest = max(longest, tokens)
+    summary = DataSummary(str(path), source.format, split, len(rows), dict(skipped), n_captions, n_long, longest, max_tokens)
+    return CaptionedImages(source, refs, captions, rows, summary, transform, seed)

@@ -1,0 +1,76 @@
+"""Build or check a captioned image data set.
+
+  ldm data emoji --out DIR          Twemoji + Noto emoji (npm packages, 64x64, captions from emoji.json)
+  ldm data shapes --out DIR [--size 32|64] [--n N] [--seed S]
+                                    procedural shapes with exact captions ("a small red circle at the top left")
+  ldm data check PATH               load PATH as training would and print the summary: kept, skipped and
+                                    why, captions over 77 tokens; exit 0 when at least one pair is usable
+
+Formats `check` (and training) read: a folder with metadata.jsonl or metadata.csv (imagefolder),
+a folder of images with .txt/.caption sidecars, a .csv/.jsonl file of (path, caption), a
+save_to_disk folder, parquet files.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="{emoji,shapes,check}", required=True)
+
+    emoji = sub.add_parser("emoji", help="build the emoji set from the npm packages (needs npm or cached tarballs)")
+    emoji.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    emoji.add_argument("--cache", default=None, help="where the npm tarballs are kept (default $LDM_CACHE/npm or ~/.cache/ldm-toolkit/npm)")
+    emoji.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    shapes = sub.add_parser("shapes", help="generate the procedural shapes set")
+    shapes.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels: 32 or 64 (default 64)")
+    shapes.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
+    shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    shapes.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    check = sub.add_parser("check", help="print the data summary of a data set")
+    check.add_argument("path", help="data folder or file")
+    check.add_argument("--caption-column", default="text", help="column holding the captions (default text)")
+    check.add_argument("--image-column", default=None, help="column holding images or paths (default: detected)")
+    check.add_argument("--format", default=None, help="force a format: imagefolder, sidecar, csv, jsonl, disk, parquet")
+    check.add_argument("--split", default=None, help="only rows of this split (e.g. train, test)")
+    check.add_argument("--min-size", type=int, default=32, help="skip images whose shorter side is smaller (default 32)")
+
+
+def _emoji(args: argparse.Namespace) -> int:
+    from train.emoji import build_emoji_dataset
+
+    counts = build_emoji_dataset(args.out, cache_dir=args.cache, overwrite=args.overwrite)
+    print(f"wrote {counts['total']} images to {args.out}: {counts['twemoji']} twemoji, {counts['noto']} noto; "
+          f"{counts['test']} held out (split test)")
+    return 0
+
+
+def _shapes(args: argparse.Namespace) -> int:
+    from train.shapes_data import build_shapes_dataset
+
+    n = build_shapes_dataset(args.out, side=args.size, n=args.n, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {n} shapes images ({args.size} px, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from train.data import load_captioned_images
+
+    data = load_captioned_images(args.path, caption_column=args.caption_column, image_column=args.image_column,
+                                 format=args.format, split=args.split, min_size=args.min_size)
+    print(data.summary())
+    if len(data) == 0:
+        raise ValueError(f"{args.path} has no usable image-caption pair (see the reasons above)")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    commands = {"emoji": _emoji, "shapes": _shapes, "check": _check}
+    try:
+        return commands[args.data_command](args)
+    except FileExistsError as exc:  # a non-empty --out: the user's to fix
+        raise ValueError(str(exc)) from None
