@@ -7,13 +7,18 @@ frozen autoencoder and text encoder, stored on disk as memory-mapped ``.npy`` ar
     cache.empty                      # (1, L, D) the empty prompt's context (caption dropout)
 
 A cache lives in ``<cache.dir>/ldm-<key>/``. The key hashes the autoencoder's weights and scaling,
-the text encoder's ``weights_hash()``, the bytes of every file of the data set, the resolution and
-the caption column, so a changed encoder or data set gets a fresh cache and an unchanged one is
-reused by every run. The folder is written under a temporary name and renamed when complete.
+the text encoder's ``weights_hash()``, the bytes of every file of the data set (the folder given as
+``data.path``, or the folder holding that file), the resolution and the caption column, so a changed
+encoder or data set gets a fresh cache and an unchanged one is reused by every run. The folder is
+written under a temporary name and renamed when complete. The data is read by ``train.data``
+(every format it knows, bad rows skipped and counted), resized and centre-cropped once: a cached
+run has no random crops or flips.
 
 Files: ``latents.npy`` (N, C, h, w) float32; ``contexts.npy`` (U, L, D) over the U distinct
-captions (float32, float16, or bfloat16 stored as uint16); ``context_rows.npy`` (N,) the row of
-each image's caption; ``empty.npy`` (1, L, D); ``heldout.npy`` (N,) bool; ``meta.json``.
+captions (float32, float16, or bfloat16 stored as int16); ``caption_offsets.npy`` (N + 1,) and
+``caption_rows.npy``: image i's caption options are contexts rows
+``caption_rows[caption_offsets[i]:caption_offsets[i + 1]]``; ``empty.npy`` (1, L, D);
+``heldout.npy`` (N,) bool; ``meta.json`` (key, captions, the loader's summary).
 For a VQ autoencoder the latents are the continuous pre-quantisation ones its ``encode`` returns.
 """
 
@@ -23,18 +28,21 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
 
 from train.ldm_config import CacheConfig, DataConfig
 
-FORMAT_VERSION = 1
-HELDOUT_SPLITS = ("test", "validation", "val", "heldout")
+if TYPE_CHECKING:
+    from train.data import CaptionedImages
+
+FORMAT_VERSION = 2
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -72,11 +80,13 @@ def folder_hash(folder: Path) -> str:
 
 def cache_key(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder) -> dict:
     """The parts of the cache key, as a JSON-able dict (its hash names the folder)."""
+    if not data.path or not Path(data.path).exists():
+        raise FileNotFoundError(f"data.path={data.path!r} does not exist; give a captioned image folder (e.g. made by `ldm data`)")
     return {
         "format": FORMAT_VERSION,
         "autoencoder": autoencoder_hash(autoencoder),
         "text_encoder": text_encoder.weights_hash(),
-        "data": folder_hash(Path(data.path)),
+        "data": folder_hash(Path(data.path) if Path(data.path).is_dir() else Path(data.path).parent),
         "data_config": asdict(data) | {"path": None},
         "context_dtype": cache.context_dtype,
     }
@@ -85,53 +95,43 @@ def cache_key(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder) -
 # -- reading the data set ------------------------------------------------------------------------
 
 
-class CaptionedImages:
-    """(image (3, H, W) in [-1, 1], caption) pairs of an imagefolder, and which are held out."""
+@dataclass
+class DataParts:
+    """The data set as loaded by ``train.data``: the training rows, then the held-out rows."""
 
-    def __init__(self, root: Path, rows: list[dict], data: DataConfig):
-        self.root, self.rows, self.data = root, rows, data
-        self.captions = [r[data.caption_column] for r in rows]
-        self.heldout = _heldout_flags(rows, data.holdout_fraction)
+    train: "CaptionedImages"
+    heldout: Optional["CaptionedImages"]  # None: held-out rows are picked from ``train`` by ``heldout_flags``
+    heldout_flags: Optional[list[bool]] = None
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        from PIL import Image
-
-        with Image.open(self.root / self.rows[i]["file_name"]) as im:
-            im = im.convert("RGBA")
-            white = Image.new("RGBA", im.size, "white")
-            im = Image.alpha_composite(white, im).convert("RGB")
-        s = self.data.resolution
-        scale = s / min(im.size)
-        im = im.resize((max(s, round(im.width * scale)), max(s, round(im.height * scale))), Image.Resampling.BICUBIC)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W) in [0, 255]
-        return x / 127.5 - 1, self.captions[i]
+    def rows(self):
+        """(dataset, index, held out) for every row of the cache, in cache order."""
+        for i in range(len(self.train)):
+            yield self.train, i, bool(self.heldout_flags[i]) if self.heldout_flags else False
+        if self.heldout is not None:
+            for i in range(len(self.heldout)):
+                yield self.heldout, i, True
 
 
-def _heldout_flags(rows: list[dict], fraction: float) -> list[bool]:
-    """Rows whose ``split`` is test/validation; without a split column, a fixed hash-chosen fraction."""
-    if any("split" in r for r in rows):
-        return [r.get("split") in HELDOUT_SPLITS for r in rows]
-    flag = lambda name: int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < fraction  # noqa: E731
-    return [flag(r["file_name"]) for r in rows]
+def open_data(data: DataConfig, progress: bool = True) -> DataParts:
+    """The data set at ``data.path`` (any format ``train.data`` reads), resized and centre-cropped to
+    ``data.resolution``. Held out: the "test" split when the data has one, else a fixed
+    ``holdout_fraction`` of the rows chosen by a hash of their index."""
+    from train.data import load_captioned_images
 
-
-# TODO(integration): replace with train.data's loader (imagefolder, sidecar captions, CSV, parquet, ...).
-def open_captioned_images(data: DataConfig) -> CaptionedImages:
-    """The data set at ``data.path``: an imagefolder with metadata.jsonl (file_name, caption column)."""
-    root = Path(data.path)
-    meta = root / "metadata.jsonl"
-    if not meta.is_file():
-        raise FileNotFoundError(f"data.path={root} has no metadata.jsonl; expected an imagefolder (file_name, {data.caption_column})")
-    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if isinstance(r.get(data.caption_column), str) and r[data.caption_column].strip()]
-    if not rows:
-        raise ValueError(f"data.path={root}: no image has a non-empty {data.caption_column!r} caption")
-    return CaptionedImages(root, rows, data)
+    kw = dict(caption_column=data.caption_column, size=data.resolution, crop="center",
+              min_size=min(32, data.resolution), progress=progress)
+    train = load_captioned_images(data.path, split="train", **kw)
+    if len(train):
+        test = load_captioned_images(data.path, split="test", **kw)
+        if len(test):
+            return DataParts(train, test)
+    else:
+        train = load_captioned_images(data.path, split=None, **kw)
+    if not len(train):
+        raise ValueError(f"data.path={data.path}: no usable (image, caption) pair; see `ldm data check {data.path}`")
+    flags = [int(hashlib.sha256(f"row {i}".encode()).hexdigest()[:8], 16) / 16**8 < data.holdout_fraction
+             for i in range(len(train))]
+    return DataParts(train, None, flags)
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -145,15 +145,16 @@ class LatentCache:
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self._latents = np.load(self.folder / "latents.npy", mmap_mode="r")  # (N, C, h, w)
         self._contexts = np.load(self.folder / "contexts.npy", mmap_mode="r")  # (U, L, D)
-        self._rows = np.load(self.folder / "context_rows.npy")  # (N,)
+        self._offsets = np.load(self.folder / "caption_offsets.npy")  # (N + 1,) image i: options offsets[i]:offsets[i+1]
+        self._options = np.load(self.folder / "caption_rows.npy")  # (sum of options,) rows of contexts.npy
         self.empty = self._as_tensor(np.load(self.folder / "empty.npy"))  # (1, L, D)
         heldout = np.load(self.folder / "heldout.npy")  # (N,)
         self.train_indices = np.flatnonzero(~heldout)
         self.heldout_indices = np.flatnonzero(heldout)
-        self.captions: list[str] = self.meta["captions"]
+        self.captions: list[list[str]] = self.meta["captions"]  # per image, its caption options
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._offsets) - 1
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -173,9 +174,13 @@ class LatentCache:
         """(B, C, h, w) float32 latents of images ``indices``."""
         return torch.from_numpy(np.ascontiguousarray(self._latents[np.asarray(indices)]))
 
-    def contexts(self, indices: Sequence[int]) -> torch.Tensor:
-        """(B, L, D) float32 contexts of the captions of images ``indices``."""
-        return self._as_tensor(self._contexts[self._rows[np.asarray(indices)]])
+    def contexts(self, indices: Sequence[int], epoch: int = 0, seed: int = 0) -> torch.Tensor:
+        """(B, L, D) float32 contexts of images ``indices``; an image with several captions gets the one
+        drawn for (seed, epoch, image) as ``train.data.CaptionedImages.caption`` draws it."""
+        indices = np.asarray(indices)
+        starts, counts = self._offsets[indices], np.diff(self._offsets)[indices]  # (B,), (B,)
+        pick = [0 if n == 1 else int(np.random.default_rng((seed, epoch, int(i))).integers(n)) for i, n in zip(indices, counts)]
+        return self._as_tensor(self._contexts[self._options[starts + np.array(pick, dtype=np.int64)]])
 
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -194,19 +199,20 @@ def cache_folder(cache: CacheConfig, key: dict) -> Path:
 
 
 @torch.no_grad()
-def write_cache(folder: Path, key: dict, dataset: CaptionedImages, autoencoder, text_encoder, *,
+def write_cache(folder: Path, key: dict, data: DataParts, autoencoder, text_encoder, *,
                 batch_size: int, context_dtype: str, device, progress: bool = True) -> Path:
     """Encode every image and distinct caption and write the cache folder atomically."""
     from tqdm import tqdm
 
+    rows = list(data.rows())  # (dataset, index, held out)
+    n = len(rows)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        n = len(dataset)
         latents = None
         bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
         for start in range(0, n, batch_size):
-            images = torch.stack([dataset[i][0] for i in range(start, min(n, start + batch_size))])  # (B, 3, H, W)
+            images = torch.stack([ds[i][0] for ds, i, _ in rows[start : start + batch_size]])  # (B, 3, H, W)
             z = autoencoder.encode(images.to(device)).float().cpu()  # (B, C, h, w)
             if latents is None:
                 latents = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(n, *z.shape[1:]))
@@ -216,7 +222,8 @@ def write_cache(folder: Path, key: dict, dataset: CaptionedImages, autoencoder, 
         latents.flush()
         del latents
 
-        distinct = sorted(set(dataset.captions))
+        captions = [ds.captions(i) for ds, i, _ in rows]  # per image, its options
+        distinct = sorted({c for options in captions for c in options})
         row = {c: i for i, c in enumerate(distinct)}
         contexts = None
         for start in tqdm(range(0, len(distinct), batch_size), desc="caching contexts", unit="batch", disable=not progress):
@@ -228,11 +235,12 @@ def write_cache(folder: Path, key: dict, dataset: CaptionedImages, autoencoder, 
             contexts[start : start + len(ctx)] = _to_numpy(ctx, context_dtype)
         contexts.flush()
         del contexts
-        np.save(tmp / "context_rows.npy", np.array([row[c] for c in dataset.captions], dtype=np.int64))
+        np.save(tmp / "caption_offsets.npy", np.cumsum([0] + [len(o) for o in captions]).astype(np.int64))
+        np.save(tmp / "caption_rows.npy", np.array([row[c] for o in captions for c in o], dtype=np.int64))
         np.save(tmp / "empty.npy", _to_numpy(text_encoder.empty_context(1), context_dtype))
-        np.save(tmp / "heldout.npy", np.array(dataset.heldout, dtype=bool))
-        meta = {"key": key, "captions": dataset.captions, "files": [r["file_name"] for r in dataset.rows],
-                "context_dtype": context_dtype}
+        np.save(tmp / "heldout.npy", np.array([h for _, _, h in rows], dtype=bool))
+        meta = {"key": key, "captions": captions, "context_dtype": context_dtype,
+                "summary": [str(data.train.summary())] + ([str(data.heldout.summary())] if data.heldout is not None else [])}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -254,7 +262,9 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
     folder = cache_folder(cache, key)
     if (folder / "meta.json").is_file():
         return folder, False
-    dataset = open_captioned_images(data)
-    write_cache(folder, key, dataset, autoencoder, text_encoder, batch_size=cache.batch_size,
+    parts = open_data(data, progress=progress)
+    if progress:
+        print(parts.train.summary(), file=sys.stderr)
+    write_cache(folder, key, parts, autoencoder, text_encoder, batch_size=cache.batch_size,
                 context_dtype=cache.context_dtype, device=device, progress=progress)
     return folder, True

@@ -341,7 +341,7 @@ class LDMTrainer:
                 if record_rows:
                     seen.extend(int(r) for r in rows)
                 z0 = self.cache.latents(rows).to(self.device)  # (B, C, h, w)
-                ctx = self.cache.contexts(rows).to(self.device)  # (B, L, D)
+                ctx = self.cache.contexts(rows, pos["epoch"], run.seed).to(self.device)  # (B, L, D)
                 if run.channels_last:
                     z0 = z0.contiguous(memory_format=torch.channels_last)
                 ctx = conditioning.apply_caption_dropout(ctx, self.empty, cfg.objective.p_uncond, self.generator)  # (B, L, D)
