@@ -106,7 +106,8 @@ class RunConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_steps: int = 10000  # optimizer steps
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; fp16 needs a GPU (loss scaling)
+    # autocast: fp32 (none), bf16, fp16 (GPU only, with loss scaling); not "no", which YAML reads as false
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     channels_last: bool = False  # NHWC memory layout for the U-Net and latents
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
@@ -201,6 +202,8 @@ class LDMTrainConfig(TrainingSections):
 class FinetuneConfig(TrainingSections):
     """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
 
+    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=0))  # 0: the model's own size
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(prediction=None))  # the model's
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 

@@ -125,14 +125,20 @@ class LDMTrainer:
         run = self.config.train
         # several processes and no GPU (torchrun, or accelerate launch --multi_gpu on a CPU machine): gloo on CPU
         cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        return Accelerator(mixed_precision=run.mixed_precision, gradient_accumulation_steps=run.gradient_accumulation_steps,
-                           cpu=cpu)
+        precision = {"fp32": "no"}.get(run.mixed_precision, run.mixed_precision)  # accelerate's names
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.gradient_accumulation_steps, cpu=cpu)
 
     def _setup(self):
         cfg = self.config
         acc = self.accelerator = self._accelerator()
+        kind = acc.distributed_type.value
+        if kind != "NO" and not kind.startswith("MULTI_"):  # DEEPSPEED, FSDP, XLA, MEGATRON_LM
+            raise ValueError(
+                f"accelerate's {kind} is not supported: the checkpoints hold full, unsharded "
+                "optimizer states; launch plain data parallel instead (accelerate launch --multi_gpu)"
+            )
         if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
-            raise ValueError("train.mixed_precision=fp16 needs a GPU (loss scaling); on CPU use bf16 or no")
+            raise ValueError("train.mixed_precision=fp16 needs a GPU (loss scaling); on CPU use bf16 or fp32")
         if acc.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
@@ -394,7 +400,7 @@ class LDMTrainer:
                         f"training stopped at step {step}: {pos['nonfinite_streak']} non-finite losses in a row "
                         f"(train.max_consecutive_nonfinite={run.max_consecutive_nonfinite}). The last good checkpoint is "
                         f"{good if good else '(none written yet)'}; lower optim.lr, set optim.max_grad_norm, or try "
-                        "train.mixed_precision=no, then resume from it."
+                        "train.mixed_precision=fp32, then resume from it."
                     )
                     break
                 if bar is not None:
