@@ -13,56 +13,13 @@ the share of our time spent inside U-Net and decoder calls.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 PROMPT = "a koala wearing a red hat, twemoji style"
-
-
-def build_tiny_sd(folder: Path) -> Path:
-    """A Stable Diffusion 1.x-layout folder with random weights; diffusers and we both load it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from conditioning.bpe import write_clip_tokenizer_files
-
-    if (folder / "model_index.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=256, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=32, sample_size=64, scaling_factor=0.5,
-    )
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                        num_attention_heads=4, max_position_embeddings=77, vocab_size=49408))
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    text.save_pretrained(folder / "text_encoder")
-    write_clip_tokenizer_files(folder / "tokenizer")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
-                  steps_offset=1, clip_sample=False).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "requires_safety_checker": False,
-    }, indent=2))
-    n = sum(p.numel() for p in unet.parameters())
-    print(f"built {folder}: U-Net {n / 1e6:.1f}M parameters")
-    return folder
 
 
 class Timed:
@@ -134,9 +91,12 @@ def main() -> None:
     from diffusers.utils import logging as dlogging
 
     from ldm.pipeline import Text2ImagePipeline
+    from ldm.testing import build_sd_folder
 
     dlogging.disable_progress_bar()
-    folder = build_tiny_sd(args.folder or Path(tempfile.mkdtemp()) / "tiny-sd")
+    folder = args.folder or Path(tempfile.mkdtemp()) / "tiny-sd"
+    if not (folder / "model_index.json").is_file():
+        build_sd_folder(folder, "bench")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; DDIM {args.steps} steps, guidance {args.guidance}, 64x64 images")
     theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)

@@ -17,10 +17,9 @@ the cores are shared. Also printed: achieved GFLOP/s (training FLOPs counted by
 torch.utils.flop_counter on one step) against this machine's matmul peak, measured in the same
 run (2048^3 fp32 and bf16 matmuls).
 
-The frozen encoders are the project's when ``vae.build_autoencoder`` and
-``conditioning.build_text_encoder`` exist, built untrained from configs/vae/vq-f4-64.yaml and
-configs/clip/emoji.yaml; otherwise stand-ins of the same architecture and size (a diffusers VQModel
-and an open_clip text tower). Untrained weights cost the same as trained ones.
+The frozen encoders are the project's, built untrained from configs/vae/vq-f4-64.yaml and
+configs/clip/emoji.yaml (untrained weights cost the same as trained ones); if they cannot be built,
+stand-ins of the same architecture and size (a diffusers VQModel and an open_clip text tower).
 """
 
 from __future__ import annotations
@@ -39,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from train.cache import build_cache, module_hash  # noqa: E402
-from train.ldm_config import LDMTrainConfig, load_config  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.ldm_config import LDMTrainConfig  # noqa: E402
 
 CONFIG = ROOT / "configs" / "ldm" / "small-64.yaml"
 
@@ -104,21 +104,21 @@ class StandInTextEncoder(torch.nn.Module):
 
 
 def frozen_encoders():
-    """(autoencoder, text encoder, description): the project's builders if present, else stand-ins."""
+    """(autoencoder, text encoder, description): the project's VQ-VAE and CLIP text encoder as configured
+    for the emoji set, untrained (the cost is the same); stand-ins of the same size if they cannot be built."""
     torch.manual_seed(0)
     try:
-        import conditioning
-        import vae
+        from conditioning import build_text_encoder
+        from train.clip_config import load_train_config
         from train.config import load_config as load_any
+        from train.vae_train_config import VAETrainingConfig
+        from vae import build_autoencoder
 
-        ae_config = load_any(vae.AutoencoderConfig, ROOT / "configs" / "vae" / "vq-f4-64.yaml", section="model")
-        te_config = load_any(conditioning.TextEncoderConfig, ROOT / "configs" / "clip" / "emoji.yaml", section="model")
-        ae, te = vae.build_autoencoder(ae_config), conditioning.build_text_encoder(te_config)
-        return ae, te, "the project's VQ-VAE and CLIP text encoder, untrained, from their configs"
+        ae = build_autoencoder(load_any(VAETrainingConfig, ROOT / "configs" / "vae" / "vq-f4-64.yaml").model)
+        clip = load_train_config(str(ROOT / "configs" / "clip" / "emoji.yaml")).model
+        te = build_text_encoder({"backend": "open_clip", "model_cfg": clip.to_open_clip()})
+        return ae, te, "the project's VQ-VAE (configs/vae/vq-f4-64.yaml) and open_clip text encoder (configs/clip/emoji.yaml), untrained"
     except (ImportError, AttributeError, TypeError, FileNotFoundError, ValueError) as exc:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import train_fakes  # noqa: F401  TODO(integration): drop once conditioning.apply_caption_dropout is merged
-
         return StandInAutoencoder(), StandInTextEncoder(), f"stand-ins of the same size ({type(exc).__name__}: {exc})"
 
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -181,13 +181,27 @@ def load_unet(root: PathLike):
     return unet
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def resolve_backend(backend: str, device=None, dtype=None) -> str:
+    """``auto`` is the fastest exact path: ONNX Runtime for fp32 on the CPU (see
+    bench/bench_pipeline.py), PyTorch everywhere else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    cpu_fp32 = torch.device(device or "cpu").type == "cpu" and (dtype or torch.float32) == torch.float32
+    return "onnx" if cpu_fp32 else "torch"
+
+
 def load_pipeline(path: PathLike, *, device=None, dtype=None, backend: str = "torch") -> Text2ImagePipeline:
-    """Text2ImagePipeline from a bundle folder (ours or Stable Diffusion's in diffusers layout)."""
+    """Text2ImagePipeline from a bundle folder (ours or Stable Diffusion's in diffusers layout).
+    ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies)."""
     import conditioning
     import vae
 
-    if backend not in ("torch", "onnx"):
-        raise ValueError(f"backend={backend!r}; allowed: torch, onnx")
+    backend = resolve_backend(backend, device, dtype)
     root = check_bundle(path)
     schedule, sampling = load_schedule(root)
     unet = load_unet(root)

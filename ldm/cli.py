@@ -21,7 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
-from train import data_cli, finetune_cli, ldm_cli as train_cli  # noqa: E402
+from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, vae_cli, vae_eval_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "sweep": "sweep the guidance weight over prompts and seeds; grid, metrics and plot",
     "data": "build (emoji, shapes) or check a captioned image data set",
     "train-vae": "train the autoencoder (VQ-VAE) from a YAML config",
+    "eval-vae": "evaluate an autoencoder on held-out images: PSNR, SSIM, codebook use; PNG of reconstructions",
     "train-clip": "train a small CLIP text/image encoder from a YAML config",
     "train": "train the latent diffusion U-Net from a YAML config",
     "finetune": "fine-tune a model bundle on your own captioned images",
@@ -37,7 +38,14 @@ SUBCOMMANDS = {
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
 _IMPLEMENTED: dict[str, ModuleType] = {
-    "generate": generate_cli, "sweep": sweep_cli, "data": data_cli, "train": train_cli, "finetune": finetune_cli,
+    "generate": generate_cli,
+    "sweep": sweep_cli,
+    "data": data_cli,
+    "train-vae": vae_cli,
+    "eval-vae": vae_eval_cli,
+    "train-clip": clip_cli,
+    "train": train_cli,
+    "finetune": finetune_cli,
 }
 
 

@@ -34,7 +34,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the autoencoder's factor")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the autoencoder's factor")
     p.add_argument("--batch-size", type=int, default=8, help="images per batched U-Net call (default 8)")
-    p.add_argument("--backend", default="torch", help="torch or onnx (default torch)")
+    p.add_argument("--backend", default="auto",
+                   help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model) "
+                        "or auto: onnx on the CPU, torch elsewhere (default auto)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -148,7 +150,7 @@ def load(args: argparse.Namespace, model: Path):
 
 def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_images: int, model: Optional[Path] = None):
     """Images and their metadata records for prompts x num_images, seeds from ``seed``."""
-    from ldm.bundle import bundle_hash
+    from ldm.bundle import bundle_hash, resolve_backend
 
     model = model_path(model or args.model)
     pipe = load(args, model)
@@ -163,7 +165,8 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     common = {
         "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "eta": args.eta,
         "guidance": args.guidance, "width": images[0].size[0], "height": images[0].size[1],
-        "model": str(model), "model_hash": bundle_hash(model), "backend": args.backend, "device": args.device,
+        "model": str(model), "model_hash": bundle_hash(model), "device": args.device,
+        "backend": resolve_backend(args.backend, args.device),
         "batch_size": args.batch_size, "versions": versions(),
     }
     records = []

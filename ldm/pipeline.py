@@ -118,7 +118,7 @@ class Text2ImagePipeline:
         for part in (self.unet, self.autoencoder, self.text_encoder):
             if isinstance(part, torch.nn.Module):
                 part.to(device=self.device)
-        if isinstance(self.unet, torch.nn.Module):
+        if isinstance(self.unet, torch.nn.Module) and next(self.unet.parameters()).dtype != self.dtype:
             self.unet.to(dtype=self.dtype)
         return self
 

@@ -4,20 +4,15 @@ pipeline's own logic (batching, seeds, guidance, shapes), with a real tiny diffu
 import hashlib
 
 import torch
-from diffusers import UNet2DConditionModel
+
+from ldm import testing
 
 CONTEXT_DIM = 16
 LENGTH = 5
 
 
 def tiny_unet(sample_size=8, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CONTEXT_DIM,
-        attention_head_dim=4, norm_num_groups=4,
-    ).eval()
+    return testing.unet((8, 16), 1, CONTEXT_DIM, sample_size, seed)
 
 
 class FakeTextEncoder(torch.nn.Module):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ldm.unet import UNetConfig, build_unet
-from train.ldm_config import FinetuneConfig, LDMTrainConfig, load_config
+from train.config import load_config
+from train.ldm_config import FinetuneConfig, LDMTrainConfig
 from train_fakes import ROOT, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 CONFIGS = ROOT / "configs" / "ldm"
@@ -50,8 +51,8 @@ def test_overrides_set_dotted_keys_with_their_types():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.learning_rate=1", "unknown key"),
-    ("train.max_steps=ten", "expected int"),
+    ("optim.learning_rate=1", "not a key; allowed keys in optim: lr"),
+    ("train.max_steps=ten", "expected an integer"),
     ("objective.prediction=x0", "allowed values"),
     ("train.mixed_precision=fp8", "allowed values"),
     ("objective.p_uncond=1.5", "p_uncond"),

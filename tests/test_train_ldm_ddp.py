@@ -56,7 +56,7 @@ def test_two_processes_see_different_shards_and_end_identical(tmp_path):
     w0, w1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD))
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
-    saved = load_file(tmp_path / "run" / "checkpoints" / "checkpoint-00000006" / "model.safetensors")
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors")
     assert all(torch.equal(saved[k], w0[k]) for k in saved)
     assert (tmp_path / "run" / "bundle" / "model_index.json").is_file()
 

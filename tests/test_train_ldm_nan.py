@@ -10,7 +10,7 @@ from train import checkpoint as ckpt
 from train import ldm_trainer
 from train.ldm_trainer import TrainingDiverged, train_from_config
 from train.run_log import read_csv
-from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, reset_accelerate, tiny_config, one_thread  # noqa: F401
+from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):
     nan_at(monkeypatch, {3})
     result = run(tiny_config(tmp_path, "validation.prompts=[]"))
     assert result.step == 6 and result.skipped_steps == 1 and result.bundle is not None
-    tensors, state = ckpt.load_checkpoint(result.checkpoint)
+    tensors, state = read_checkpoint(result.checkpoint)
     assert all(torch.isfinite(v).all() for group in tensors.values() for v in group.values())
     assert all(float(v) == 5 for k, v in tensors["optimizer"].items() if k.endswith(".step"))  # 5 updates, not 6
     assert state["ema"]["optimization_step"] == 5
@@ -55,10 +55,10 @@ def test_k_nan_steps_in_a_row_stop_training_and_keep_the_last_good_checkpoint(tm
     with pytest.raises(TrainingDiverged) as info:
         run(config)
     message = str(info.value)
-    good = tmp_path / "run" / "checkpoints" / "checkpoint-00000002"  # none is written during the NaN steps
+    good = tmp_path / "run" / "checkpoints" / "step-00000002"  # none is written during the NaN steps
     assert "step 5" in message and "3 non-finite losses in a row" in message and str(good) in message
-    assert ckpt.latest_checkpoint(tmp_path / "run" / "checkpoints") == good
-    tensors, state = ckpt.load_checkpoint(good)
+    assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints")[-1] == good
+    tensors, state = read_checkpoint(good)
     assert state["step"] == 2 and state["skipped_steps"] == 0
     assert all(torch.isfinite(v).all() for group in tensors.values() for v in group.values())
     assert not (tmp_path / "run" / "bundle").exists()
@@ -68,5 +68,5 @@ def test_nan_in_one_micro_batch_skips_the_whole_accumulated_step(tmp_path, monke
     nan_at(monkeypatch, {3})  # the first micro-batch of step 2
     result = run(tiny_config(tmp_path, "validation.prompts=[]", "train.gradient_accumulation_steps=2", "train.max_steps=3"))
     assert result.step == 3 and result.skipped_steps == 1
-    tensors, _ = ckpt.load_checkpoint(result.checkpoint)
+    tensors, _ = read_checkpoint(result.checkpoint)
     assert all(float(v) == 2 for k, v in tensors["optimizer"].items() if k.endswith(".step"))

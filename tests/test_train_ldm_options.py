@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from train import checkpoint as ckpt
 from train.ldm_trainer import build_trainer
-from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, reset_accelerate, tiny_config, one_thread  # noqa: F401
+from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 BASE = ["validation.prompts=[]", "train.max_steps=3", "checkpoint.every=3"]
 
@@ -22,7 +21,7 @@ def train(tmp_path, *overrides, **fit):
     trainer = build_trainer(tiny_config(tmp_path, *BASE, *overrides), autoencoder=TrainFakeAutoencoder(),
                             text_encoder=TrainFakeTextEncoder())
     result = trainer.fit(**fit)
-    return trainer, result, ckpt.load_checkpoint(result.checkpoint)[0]
+    return trainer, result, read_checkpoint(result.checkpoint)[0]
 
 
 @pytest.mark.parametrize("option", ["train.gradient_checkpointing=true", "train.channels_last=true",
@@ -46,7 +45,7 @@ def test_bf16_autocast_runs_the_unet_in_bf16(tmp_path):
                             autoencoder=TrainFakeAutoencoder(), text_encoder=TrainFakeTextEncoder())
     trainer.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.fit()
-    bf16 = ckpt.load_checkpoint(result.checkpoint)[0]
+    bf16 = read_checkpoint(result.checkpoint)[0]
     assert seen and set(seen) == {torch.bfloat16}
     assert all(v.dtype == torch.float32 for v in bf16["model"].values())  # master weights stay float32
     diff = max((bf16["model"][k] - v).abs().max().item() for k, v in fp32["model"].items())

@@ -7,13 +7,16 @@ import random
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from train import checkpoint as ckpt
 from train.ldm_trainer import train_from_config
 from train.run_log import read_csv
-from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, make_imagefolder, reset_accelerate, tiny_config, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from train_fakes import (TrainFakeAutoencoder, TrainFakeTextEncoder, make_imagefolder, read_checkpoint, reset_accelerate,
+                         tiny_config, one_thread)  # noqa: F401  (one_thread: autouse fixture)
 
 # accumulation over 2 micro-batches, 3 optimizer steps per epoch (24 training images, batch 4),
 # caption dropout, noise offset and min-SNR all on: every source of randomness and position is used.
@@ -34,8 +37,7 @@ def run(config, **kw):
 
 
 def final_state(result):
-    tensors, state = ckpt.load_checkpoint(result.checkpoint)
-    return tensors, state
+    return read_checkpoint(result.checkpoint)
 
 
 def test_stopped_and_resumed_twice_equals_uninterrupted(tmp_path):
@@ -79,41 +81,41 @@ def test_the_bundle_holds_the_ema_weights(tmp_path):
     for k, v in tensors["ema"].items():
         torch.testing.assert_close(unet[k], v, rtol=0, atol=0)
     assert any(not torch.equal(tensors["model"][k], tensors["ema"][k]) for k in tensors["ema"])
-    config = json.loads((result.bundle / "training_config.json").read_text())
+    config = yaml.safe_load((result.bundle / "training_config.yaml").read_text())
     assert config["train"]["max_steps"] == 6
 
 
 def test_only_the_newest_checkpoints_are_kept(tmp_path):
     result = run(tiny_config(tmp_path, "validation.prompts=[]", "checkpoint.every=1", "checkpoint.keep_last=2"))
     root = result.checkpoint.parent
-    assert [s for s, _ in ckpt.list_checkpoints(root)] == [5, 6]
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-00000005", "checkpoint-00000006"]
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000005", "step-00000006"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000005", "step-00000006"]
 
 
 def test_dying_while_writing_a_checkpoint_keeps_the_last_complete_one(tmp_path, monkeypatch):
     config = tiny_config(tmp_path, "validation.prompts=[]")
     run(config, stop_at_step=2)
     root = tmp_path / "run" / "checkpoints"
-    good = ckpt.latest_checkpoint(root)
+    good = ckpt.list_checkpoints(root)[-1]
     before = {f.name: f.read_bytes() for f in good.iterdir()}
 
     calls = []
-    real_save = ckpt.save_file
+    real_save = safetensors.torch.save_file
 
-    def dies_on_second_file(tensors, path):
+    def dies_on_second_file(tensors, path, **kw):
         calls.append(path)
         if len(calls) == 2:
             real_save(dict(list(tensors.items())[:1]), path)  # half a file, then the process is gone
             raise KeyboardInterrupt
-        real_save(tensors, path)
+        real_save(tensors, path, **kw)
 
-    monkeypatch.setattr(ckpt, "save_file", dies_on_second_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_on_second_file)
     with pytest.raises(KeyboardInterrupt):
         run(config, resume="latest", stop_at_step=4)
-    assert ckpt.latest_checkpoint(root) == good  # the half-written step-4 checkpoint is not a checkpoint
+    assert ckpt.list_checkpoints(root)[-1] == good  # the half-written step-4 checkpoint is not a checkpoint
     assert {f.name: f.read_bytes() for f in good.iterdir()} == before
-    os.makedirs(root / ".tmp-checkpoint-leftover")  # what a SIGKILL (no cleanup) would leave
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    os.makedirs(root / ".step-00000004.x1y2.tmp")  # what a SIGKILL (no cleanup) would leave
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     result = run(config, resume="latest")
     assert result.step == 6 and not any(p.name.startswith(".") for p in root.iterdir())
 
@@ -130,7 +132,7 @@ def test_rng_states_round_trip():
 
 def test_resume_needs_a_checkpoint_and_the_same_batch_settings(tmp_path):
     config = tiny_config(tmp_path, "validation.prompts=[]")
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         run(config, resume="latest")
     run(config, stop_at_step=2)
     with pytest.raises(ValueError, match="same settings"):

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import conditioning
 from pipeline_fakes import FakeAutoencoder, FakeTextEncoder
-from train.ldm_config import LDMTrainConfig, load_config
+from train.config import load_config
+from train.ldm_config import LDMTrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "ldm" / "tiny.yaml"
@@ -72,17 +72,6 @@ class TrainFakeTextEncoder(FakeTextEncoder):
         return Path(root)
 
 
-# TODO(integration): remove once conditioning.apply_caption_dropout is merged into main.
-if not hasattr(conditioning, "apply_caption_dropout"):
-
-    def _apply_caption_dropout(context, empty, p_uncond, generator=None):
-        device = generator.device if generator is not None else context.device
-        drop = torch.rand(context.shape[0], generator=generator, device=device).to(context.device) < p_uncond  # (B,)
-        return torch.where(drop.view(-1, 1, 1), empty.to(context.dtype), context)
-
-    conditioning.apply_caption_dropout = _apply_caption_dropout
-
-
 def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: int = 7) -> Path:
     """``n`` images of coloured shapes with captions ("a red circle"), every ``heldout_every``-th in split "test"."""
     from PIL import ImageDraw
@@ -114,6 +103,14 @@ def tiny_config(tmp_path: Path, *overrides: str, data: Path | None = None) -> LD
     data = data if data is not None else make_imagefolder(tmp_path / "data")
     return load_config(LDMTrainConfig, TINY, [f"data.path={data}", f"train.output_dir={tmp_path / 'run'}",
                                               f"cache.dir={tmp_path / 'cache'}", *overrides])
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(tensor groups by file stem: model, optimizer, ema; state.json) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    return {f.stem: load_file(f) for f in sorted(path.glob("*.safetensors"))}, json.loads((path / "state.json").read_text())
 
 
 def reset_accelerate() -> None:

@@ -1,18 +1,16 @@
-"""Training checkpoints that survive being killed at any moment, with no pickles.
+"""Training checkpoints as folders of safetensors, written atomically, resumed with ``--resume latest``.
 
-    <run>/checkpoints/checkpoint-00000500/
-        model.safetensors       trained weights (all of the U-Net, or the LoRA adapters)
-        ema.safetensors         EMA weights by parameter name
-        optimizer.safetensors   optimizer state tensors, "state.<param index>.<name>"
-        state.json              step, epoch, data position, LR scheduler, EMA and optimizer scalars,
-                                the RNG states of every process; written last
+    <run>/checkpoints/step-00001000/
+        model.safetensors        the model's state dict (or the tensors the trainer gives)
+        optimizer.safetensors    the optimizer's tensors; its param_groups and scalars in the metadata
+        <name>.safetensors       any further tensor groups (the U-Net trainer's EMA weights)
+        state.json               step, position in the data, RNG states, anything else the trainer needs
 
-A checkpoint is written into ``.tmp-checkpoint-*``, every file fsync'ed, then renamed into place;
-a folder named ``checkpoint-<step>`` with a ``state.json`` is therefore complete, and the latest
-complete one is what ``--resume latest`` loads. Old checkpoints beyond ``keep_last`` are removed
-only after the new one is in place (renamed to ``.trash-*`` first, so a half-deleted folder never
-looks like a checkpoint). accelerate's ``save_state`` is not used: it pickles custom objects and
-loads them with ``weights_only=False``, and its RNG restore fails silently under ``weights_only=True``.
+A checkpoint folder is built under a temporary name, its files fsync'ed, and renamed into place,
+so a process killed at any moment leaves the previous checkpoints intact and never a half-written
+one under a ``step-*`` name; old checkpoints are renamed away before they are deleted.
+``remove_partial`` clears what a killed process left behind. Nothing here unpickles anything:
+RNG states (``rng_state``) are JSON.
 """
 
 from __future__ import annotations
@@ -23,140 +21,148 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-NAME = re.compile(r"^checkpoint-(\d{8})$")
+from conditioning.files import atomic_directory
 
-
-# -- files ---------------------------------------------------------------------------------------
+_NAME = re.compile(r"^step-(\d{8})$")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = NAME.match(p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def resolve_resume(root: Path, resume: str) -> Path:
-    """``latest`` -> the newest complete checkpoint under ``root``; anything else is a checkpoint folder."""
-    if resume == "latest":
-        path = latest_checkpoint(root)
-        if path is None:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {root}")
-        return path
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no state.json); give 'latest' or a checkpoint-<step> folder")
-    return path
-
-
-def remove_partial(root: Path) -> None:
-    """Delete leftovers of a process killed while writing or pruning (``.tmp-*`` and ``.trash-*``)."""
-    root = Path(root)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-checkpoint-", ".trash-")):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
-                    keep_last: int) -> Path:
-    """Write ``<root>/checkpoint-<step>`` atomically (tensor groups as safetensors, then state.json),
-    then delete all but the newest ``keep_last`` complete checkpoints."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-checkpoint-", dir=root))
-    try:
-        for name, group in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, tmp / f"{name}.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (a resumed run); replace it
-            old = root / f".trash-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in list_checkpoints(root)[:-keep_last]:
-        trash = root / f".trash-{old.name}"
-        os.rename(old, trash)
-        shutil.rmtree(trash)
-    return final
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """(tensor groups by file stem, state) of a checkpoint folder."""
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    tensors = {f.stem: load_file(f) for f in sorted(path.glob("*.safetensors"))}
-    return tensors, state
-
-
-# -- optimizer state without pickles ----------------------------------------------------------------
-
-
-def optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer's state dict split into tensors ("state.<i>.<name>") and JSON (param_groups, scalars)."""
-    sd = optimizer.state_dict()
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A torch optimizer's state dict as (tensors, string metadata) for safetensors."""
+    state = optimizer.state_dict()
     tensors, scalars = {}, {}
-    for i, entry in sd["state"].items():
-        for k, v in entry.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state.{i}.{k}"] = v
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars[f"{i}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{index}.{key}"] = value
+    metadata = {"param_groups": json.dumps(state["param_groups"]), "scalars": json.dumps(scalars)}
+    return tensors, metadata
 
 
-def load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], saved: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        _, i, k = key.split(".", 2)
-        state.setdefault(int(i), {})[k] = v
-    for key, v in saved["scalars"].items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in saved["param_groups"]]
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Load what ``optimizer_to_tensors`` wrote back into ``optimizer``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for name, value in json.loads(metadata.get("scalars", "{}")).items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    groups = json.loads(metadata["param_groups"])
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-# -- RNG states as JSON --------------------------------------------------------------------------------
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    step: int,
+    model: Union[torch.nn.Module, dict[str, torch.Tensor]],
+    optimizer: Optional[torch.optim.Optimizer],
+    state: dict[str, Any],
+    keep_last: int = 2,
+    extra: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+) -> Path:
+    """Write ``checkpoint_dir/step-NNNNNNNN/`` atomically; keep only the ``keep_last`` newest.
+
+    ``model``: a module (its state dict is saved) or the tensors to save as model.safetensors;
+    ``extra``: further tensor groups, each saved as ``<name>.safetensors``.
+    """
+    from safetensors.torch import save_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    path = checkpoint_dir / checkpoint_name(step)
+    with atomic_directory(path) as tmp:
+        weights = model if isinstance(model, dict) else model.state_dict()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        if optimizer is not None:
+            tensors, metadata = optimizer_to_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
+        for name, group in (extra or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if keep_last > 0:
+        for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
+            trash = old.with_name(f".{old.name}.trash")  # never a half-deleted folder under a step-* name
+            os.replace(old, trash)
+            shutil.rmtree(trash)
+    return path
+
+
+def remove_partial(checkpoint_dir: str | os.PathLike) -> None:
+    """Delete the temporary folders a process killed while writing or deleting checkpoints left behind."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        for p in checkpoint_dir.iterdir():
+            if p.is_dir() and p.name.startswith(".step-") and p.name.endswith((".tmp", ".old", ".trash")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are not listed)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume: str, checkpoint_dir: str | os.PathLike) -> Path:
+    """``"latest"`` -> the newest checkpoint in ``checkpoint_dir``; anything else is a checkpoint folder."""
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_dir}")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (expected {path / 'state.json'}); "
+                                f"give a step-NNNNNNNN folder or 'latest'")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Restore model (and optimizer) from a checkpoint folder; returns its state.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    weights = load_file(str(path / "model.safetensors"))
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path / 'model.safetensors'} does not fit the model built from the config: missing "
+                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if optimizer is not None:
+        load_optimizer(path, optimizer)
+    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    """Restore ``optimizer`` from a checkpoint folder's optimizer.safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    opt_path = Path(path) / "optimizer.safetensors"
+    with safe_open(str(opt_path), framework="pt") as f:
+        metadata = f.metadata()
+    optimizer_from_tensors(optimizer, load_file(str(opt_path)), metadata)
+
+
+# -- RNG states as JSON ------------------------------------------------------------------------------
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -168,7 +174,7 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
-    """Python's, numpy's and torch's global RNG states (and CUDA's), plus ``generators``' states."""
+    """Python's, numpy's and torch's global RNG states (and CUDA's), plus ``generators``' states, as JSON."""
     py = random.getstate()
     np_state = np.random.get_state()
     out = {
@@ -183,6 +189,7 @@ def rng_state(generators: dict[str, torch.Generator]) -> dict:
 
 
 def set_rng_state(saved: dict, generators: dict[str, torch.Generator]) -> None:
+    """Restore what ``rng_state`` returned."""
     py = saved["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = saved["numpy"]

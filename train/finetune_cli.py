@@ -29,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from train.config import load_config
     from train.finetune import finetune
-    from train.ldm_config import FinetuneConfig, load_config
+    from train.ldm_config import FinetuneConfig
     from train.ldm_trainer import TrainingDiverged
 
     if args.config is not None and not args.config.is_file():

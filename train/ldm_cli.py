@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.ldm_config import LDMTrainConfig, load_config
+    from train.config import load_config
+    from train.ldm_config import LDMTrainConfig
     from train.ldm_trainer import TrainingDiverged, train_from_config
 
     if not args.config.is_file():

@@ -40,6 +40,7 @@ import conditioning
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
 from train import checkpoint as ckpt
+from train.config import save_config
 from train.cache import LatentCache, build_cache
 from train.ema import build_ema, ema_state, load_ema_state
 from train.ldm_config import TrainingSections
@@ -189,23 +190,23 @@ class LDMTrainer:
         rngs = gather_object([ckpt.rng_state({"step": self.generator})])  # one per process, in rank order
         path = None
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(self.model)
-            named = dict(unwrapped.named_parameters())
-            tensors = {"model": {n: named[n] for n in self.param_names}}
-            opt_tensors, opt_json = ckpt.optimizer_state(self.optimizer)
-            tensors["optimizer"] = opt_tensors
-            state = dict(pos, lr_scheduler=self.lr_scheduler.state_dict(), optimizer=opt_json, rng=rngs,
-                         num_processes=acc.num_processes, batch_size=self.config.train.batch_size,
+            named = dict(acc.unwrap_model(self.model).named_parameters())
+            state = dict(pos, lr_scheduler=self.lr_scheduler.state_dict(), rng=rngs, num_processes=acc.num_processes,
+                         batch_size=self.config.train.batch_size,
                          gradient_accumulation_steps=self.config.train.gradient_accumulation_steps)
+            extra = {}
             if self.ema is not None:
-                tensors["ema"], state["ema"] = ema_state(self.ema, self.param_names)
-            path = ckpt.save_checkpoint(self.checkpoint_root, pos["step"], tensors, state, self.config.checkpoint.keep_last)
+                extra["ema"], state["ema"] = ema_state(self.ema, self.param_names)
+            path = ckpt.save_checkpoint(self.checkpoint_root, pos["step"], {n: named[n] for n in self.param_names},
+                                        self.optimizer, state, self.config.checkpoint.keep_last, extra=extra)
         acc.wait_for_everyone()
         return path
 
     def _load_checkpoint(self, path: Path) -> dict:
+        from safetensors.torch import load_file
+
         acc = self.accelerator
-        tensors, state = ckpt.load_checkpoint(path)
+        state = json.loads((path / "state.json").read_text())
         run = self.config.train
         saved = (state["num_processes"], state["batch_size"], state["gradient_accumulation_steps"])
         if saved != (acc.num_processes, run.batch_size, run.gradient_accumulation_steps):
@@ -215,18 +216,19 @@ class LDMTrainer:
                 "resume with the same settings (the data order and the result depend on them)"
             )
         named = dict(acc.unwrap_model(self.model).named_parameters())
-        missing = [n for n in self.param_names if n not in tensors["model"]]
+        weights = load_file(path / "model.safetensors")
+        missing = [n for n in self.param_names if n not in weights]
         if missing:
             raise ValueError(f"checkpoint {path} lacks weights for {missing[0]} (and {len(missing) - 1} more); was it saved from another model?")
         with torch.no_grad():
             for n in self.param_names:
-                named[n].copy_(tensors["model"][n])
-        ckpt.load_optimizer_state(self.optimizer, tensors.get("optimizer", {}), state["optimizer"])
+                named[n].copy_(weights[n])
+        ckpt.load_optimizer(path, self.optimizer)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:
-            if "ema" not in tensors:
-                raise ValueError(f"checkpoint {path} has no EMA weights but ema.enabled is true")
-            load_ema_state(self.ema, self.param_names, tensors["ema"], state["ema"])
+            if not (path / "ema.safetensors").is_file():
+                raise ValueError(f"checkpoint {path} has no EMA weights (ema.safetensors) but ema.enabled is true")
+            load_ema_state(self.ema, self.param_names, load_file(path / "ema.safetensors"), state["ema"])
         ckpt.set_rng_state(state["rng"][acc.process_index], {"step": self.generator})
         return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped_steps", "nonfinite_streak")}
 
@@ -292,7 +294,7 @@ class LDMTrainer:
                 path = save_bundle(self.output_dir / "bundle", unet=self.base_unet, unet_lora=unwrapped, **parts)
             else:
                 path = save_bundle(self.output_dir / "bundle", unet=unwrapped, **parts)
-            (path / "training_config.json").write_text(json.dumps(asdict(self.saved_config), indent=2))
+            save_config(self.saved_config, path / "training_config.yaml")
         finally:
             if self.ema is not None:
                 self.ema.restore(self.params)
@@ -318,13 +320,13 @@ class LDMTrainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             ckpt.remove_partial(self.checkpoint_root)
-            (self.output_dir / "config.json").write_text(json.dumps(asdict(self.saved_config), indent=2))
+            save_config(self.saved_config, self.output_dir / "config.yaml")
         acc.wait_for_everyone()
 
         pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
         last_ckpt = None
         if resume is not None:
-            last_ckpt = ckpt.resolve_resume(self.checkpoint_root, resume)
+            last_ckpt = ckpt.resolve_resume(resume, self.checkpoint_root)
             pos = self._load_checkpoint(last_ckpt)
             acc.print(f"resumed from {last_ckpt} at step {pos['step']}")
         log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if resume else None) if acc.is_main_process else None
@@ -395,7 +397,7 @@ class LDMTrainer:
                         self.ema.step(self.params)
                 window_bad = False
                 if pos["nonfinite_streak"] >= run.max_consecutive_nonfinite:
-                    good = ckpt.latest_checkpoint(self.checkpoint_root)
+                    good = (ckpt.list_checkpoints(self.checkpoint_root) or [None])[-1]
                     diverged = TrainingDiverged(
                         f"training stopped at step {step}: {pos['nonfinite_streak']} non-finite losses in a row "
                         f"(train.max_consecutive_nonfinite={run.max_consecutive_nonfinite}). The last good checkpoint is "

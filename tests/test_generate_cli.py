@@ -1,0 +1,83 @@
+"""ldm generate / ldm sweep end to end on a tiny bundle: PNGs with metadata, bit-exact
+regeneration from a PNG, and one-line errors with exit code 2 for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.cli import main
+from ldm.generate_cli import PNG_KEY
+from ldm.testing import build_bundle
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+def test_generate_writes_pngs_with_metadata_and_regenerates_bit_exactly(bundle, tmp_path, capsys):
+    out = tmp_path / "koala.png"
+    args = ["generate", "a koala", "--model", str(bundle), "--steps", "3", "--num-images", "3", "--batch-size", "2",
+            "--method", "ddpm", "--guidance", "2.5", "--seed", "7", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    paths = [tmp_path / f"koala-{i}.png" for i in range(3)]
+    assert all(p.is_file() for p in paths) and (tmp_path / "koala-grid.png").is_file()
+    record = json.loads(Image.open(paths[2]).text[PNG_KEY])
+    assert record["prompt"] == "a koala" and record["seed"] == 9 and record["method"] == "ddpm"
+    assert record["guidance"] == 2.5 and (record["width"], record["height"]) == (32, 32)
+    assert len(record["model_hash"]) == 16 and {"ldm-toolkit", "torch", "diffusers"} <= set(record["versions"])
+    capsys.readouterr()
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(paths[2]), "--out", str(again), "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(paths[2])))
+
+
+def test_sweep_writes_grid_and_metrics(bundle, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "a koala", "a cat", "--model", str(bundle), "--steps", "2", "--guidance", "1,3",
+                 "--seeds", "0,1", "--out", str(out), "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"grid.png", "metrics.csv", "metrics.json", "metrics.png"}
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert {"clip_score", "diversity"} <= set(metrics["3.0"])  # the bundle's own CLIP scores it
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--guidance", "-1"], "guidance"),
+        (["--steps", "0"], "steps=0"),
+        (["--height", "30"], "multiple of the autoencoder's factor 4"),
+        (["--method", "euler"], "method='euler'"),
+        (["--num-images", "0"], "--num-images 0"),
+        (["--out", "x.jpg"], ".png"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(bundle, extra, words, capsys):
+    assert main(["generate", "a koala", "--model", str(bundle), "--steps", "2", "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ldm generate: error:") and words in err and "\n" not in err
+
+
+def test_missing_model_or_part_and_no_prompt(bundle, tmp_path, capsys):
+    assert main(["generate", "a koala", "--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text("{}")
+    assert main(["generate", "a koala", "--model", str(partial)]) == 2
+    assert "lacks unet, vae, text_encoder, tokenizer, scheduler" in capsys.readouterr().err
+    assert main(["generate", "--model", str(bundle)]) == 2
+    assert "give a prompt" in capsys.readouterr().err
+    assert main(["sweep", "a koala", "--model", str(bundle), "--guidance", "1,-2", "--out", str(tmp_path / "s")]) == 2
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "a koala", "--model", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

@@ -1,0 +1,160 @@
+"""ldm train-clip: a tiny CLIP trained on a generated shapes set retrieves held-out images far above
+chance; checkpoints are atomic and resume exactly; the output folder is a loadable text encoder and
+CLIP scorer."""
+
+import json
+import random
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from conditioning import load_clip_scorer, load_text_encoder
+from conditioning.clip_model import build_open_clip_model
+from ldm.cli import main
+from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.clip_config import load_train_config
+from train.clip_eval import retrieval_metrics
+from train.clip_trainer import encode_text_trimmed
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs/clip/tiny.yaml")
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def make_shapes(folder: Path, per_caption: int, held_out: int, size: int = 32, seed: int = 0) -> None:
+    """Coloured shapes of random size and place on white; 12 captions "a <colour> <shape>"."""
+    folder.mkdir(parents=True)
+    rng, rows = random.Random(seed), []
+    for colour, rgb in COLOURS.items():
+        for shape in SHAPES:
+            for k in range(per_caption):
+                im = Image.new("RGB", (size, size), (255, 255, 255))
+                draw = ImageDraw.Draw(im)
+                r = rng.uniform(0.2, 0.35) * size
+                cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+                box = [cx - r, cy - r, cx + r, cy + r]
+                if shape == "circle":
+                    draw.ellipse(box, fill=rgb)
+                elif shape == "square":
+                    draw.rectangle(box, fill=rgb)
+                else:
+                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
+                name = f"{colour}-{shape}-{k}.png"
+                im.save(folder / name)
+                rows.append({"file_name": name, "text": f"a {colour} {shape}", "split": "test" if k < held_out else "train"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data") / "shapes"
+    make_shapes(folder, per_caption=20, held_out=4)  # 192 training pairs, 48 held out
+    return folder
+
+
+def test_retrieval_on_shapes_beats_chance_by_a_wide_margin(shapes, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train-clip", CONFIG, f"data.folder={shapes}", f"run.output_dir={out}", "optim.max_steps=60",
+                 "run.progress=false"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    print({k: round(v, 3) for k, v in metrics.items()})
+    assert metrics["n"] == 48
+    assert metrics["chance_text_to_image_top1"] == pytest.approx(1 / 12)  # 4 of the 48 images match each caption
+    assert metrics["text_to_image_top1"] >= 3 * metrics["chance_text_to_image_top1"]
+    assert metrics["image_to_text_top1"] >= 3 * metrics["chance_image_to_text_top1"]
+    assert metrics["image_to_text_top5"] >= metrics["chance_image_to_text_top5"] + 0.3
+
+    encoder = load_text_encoder(out)  # the run folder is a bundle's text encoder ...
+    context, pooled = encoder(["a red circle", "a blue square"])
+    assert context.shape == (2, 77, 32) and pooled.shape == (2, 32)
+    scorer = load_clip_scorer(out)  # ... and the CLIP scorer
+    red_circle = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(red_circle).ellipse([6, 6, 26, 26], fill=COLOURS["red"])
+    scores = scorer.score([red_circle] * 3, ["a red circle", "a blue circle", "a green square"])
+    assert scores[0] > scores[1] and scores[0] > scores[2]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000050", "step-00000060"]  # keep 2
+
+
+def test_stopped_and_resumed_run_ends_with_the_same_weights(shapes, tmp_path):
+    common = [CONFIG, f"data.folder={shapes}", "optim.max_steps=6", "optim.batch_size=16", "optim.warmup_steps=2",
+              "run.checkpoint_every=2", "run.progress=false", "data.min_crop_scale=0.7", "data.hflip=true"]
+    assert main(["train-clip", *common, f"run.output_dir={tmp_path / 'straight'}"]) == 0
+    assert main(["train-clip", *common, f"run.output_dir={tmp_path / 'stopped'}", "run.stop_at=3"]) == 0
+    assert not (tmp_path / "stopped/text_encoder").exists()
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped/checkpoints")] == ["step-00000002", "step-00000003"]
+    assert main(["train-clip", *common, f"run.output_dir={tmp_path / 'stopped'}", "--resume", "latest"]) == 0
+    a = load_file(tmp_path / "straight/text_encoder/model.safetensors")
+    b = load_file(tmp_path / "stopped/text_encoder/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_errors_are_one_line(shapes, tmp_path, capsys):
+    def run(*args):
+        code = main(["train-clip", CONFIG, *args])
+        return code, capsys.readouterr().err.strip()
+
+    code, err = run(f"data.folder={shapes}", "optim.lr=fast")
+    assert code == 2 and "optim.lr: expected a number, got str 'fast'" in err and "\n" not in err
+    code, err = run(f"data.folder={shapes}", "optim.momentum=0.9")
+    assert code == 2 and "optim.momentum is not a key" in err
+    code, err = run(f"data.folder={tmp_path}")
+    assert code == 2 and "metadata.jsonl does not exist" in err
+    code, err = run(f"data.folder={shapes}", f"run.output_dir={tmp_path}", "--resume", "latest")
+    assert code == 2 and "no checkpoint in" in err
+    (tmp_path / "checkpoints/step-00000001").mkdir(parents=True)
+    (tmp_path / "checkpoints/step-00000001/state.json").write_text("{}")
+    code, err = run(f"data.folder={shapes}", f"run.output_dir={tmp_path}")
+    assert code == 2 and "already holds checkpoints; continue it with --resume latest" in err
+
+
+def test_config_needs_a_data_folder():
+    with pytest.raises(ValueError, match="data.folder is not set"):
+        load_train_config(CONFIG)
+
+
+def test_trimmed_text_encoding_equals_open_clip_encode_text():
+    torch.manual_seed(0)
+    cfg = load_train_config(CONFIG, ["data.folder=x"]).model.to_open_clip()
+    model = build_open_clip_model(cfg).eval()
+    tokens = open_clip.tokenize(["a red circle", "koala, twemoji style with a much longer caption", "hi!!"])
+    with torch.no_grad():
+        torch.testing.assert_close(encode_text_trimmed(model, tokens), model.encode_text(tokens), rtol=0, atol=1e-5)
+
+
+def test_checkpoints_are_atomic_and_restore_model_and_optimizer(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.8, 0.9))
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, 1, model, opt, {"micro": 5})
+    (tmp_path / ".step-00000002.abc.tmp").mkdir()  # a write killed half-way
+    (tmp_path / "step-00000003").mkdir()  # a folder without state.json
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000001"]
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    state = load_checkpoint(tmp_path / "step-00000001", model2, opt2)
+    assert state == {"step": 1, "micro": 5}
+    assert torch.equal(model.weight, model2.weight)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert all(torch.equal(s1["state"][i][k], s2["state"][i][k]) for i in s1["state"] for k in s1["state"][i])
+    for step in (2, 3, 4):
+        save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
+
+
+def test_retrieval_metrics_on_analytic_cases():
+    captions = ["a", "b", "a", "c"]
+    emb = torch.eye(4)
+    text = torch.stack([emb[0], emb[1], emb[0], emb[3]])
+    image = torch.stack([emb[0], emb[1], -emb[0], emb[3]])  # image 2 ("a") points away from "a"
+    m = retrieval_metrics(text, image, captions, ks=(1, 2))
+    assert m["text_to_image_top1"] == 1.0  # queries a, b, c each find a matching image first
+    assert m["image_to_text_top1"] == 0.75  # image 2 is nearest to "b" or "c"
+    assert m["chance_text_to_image_top1"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
+    assert m["chance_text_to_image_top2"] == pytest.approx(((1 - 1 / 6) + 0.5 + 0.5) / 3)  # 1 - C(N-m,k)/C(N,k)
+    assert m["chance_image_to_text_top1"] == pytest.approx(1 / 3)

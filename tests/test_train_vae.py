@@ -1,0 +1,178 @@
+"""ldm train-vae / eval-vae end to end on a tiny generated data set: the final folder and its scaling
+factor, exact resume, checkpoint checks, GAN and LPIPS paths, config errors, bad images."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lpips
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm.cli import main
+from train.vae_config_io import load_config
+from train.vae_train_config import VAETrainingConfig
+from train.vae_trainer import list_checkpoints, train_vae
+from vae import load_autoencoder
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "vae" / "tiny.yaml"
+
+
+def make_data(folder: Path, n_train=24, n_test=8, size=16, seed=0) -> Path:
+    """Coloured squares on white, RGBA PNGs (alpha outside the square), with a held-out split."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_train + n_test):
+        img = np.zeros((size, size, 4), np.uint8)
+        x0, y0 = rng.integers(0, size // 2, 2)
+        s = int(rng.integers(3, size // 2))
+        img[y0:y0 + s, x0:x0 + s, :3] = rng.integers(0, 255, 3)
+        img[y0:y0 + s, x0:x0 + s, 3] = 255
+        Image.fromarray(img, "RGBA").save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": "a square", "split": "test" if i >= n_train else "train"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def config(tmp_path, *overrides):
+    data = make_data(tmp_path / "data") if not (tmp_path / "data").exists() else tmp_path / "data"
+    return load_config(VAETrainingConfig, TINY, [f"data.path={data}", "model.resolution=16",
+                                                 f"train.out_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_train_writes_a_vae_folder_with_its_scaling_factor(tmp_path):
+    cfg = config(tmp_path, "train.max_steps=6", "train.checkpoint_every=3", "train.scaling_images=20")
+    folder = train_vae(cfg, progress=False)
+    ae = load_autoencoder(folder)
+    assert ae.kind == "vq" and ae.downsample_factor == 4 and ae.num_embeddings == 32
+    # scaling_factor is 1 / std of the unscaled latents over the sampled training images
+    from train.vae_data import read_imagefolder, to_model_range
+
+    imgs = to_model_range(read_imagefolder(cfg.data.path, "train"))
+    perm = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(cfg.train.seed))[:20]
+    with torch.no_grad():
+        h = ae.model.encode(imgs[perm]).latents
+        assert ae.scaling_factor == pytest.approx(1 / h.double().std().item(), rel=1e-5)
+        assert ae.encode(imgs[perm]).double().std().item() == pytest.approx(1.0, rel=1e-4)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "LPIPS off: loss.lpips_weights" in log and "discriminator off" in log
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert all(0 < r["codebook_usage"] <= 1 and r["perplexity"] >= 1 for r in records)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-3", "step-6"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    # 3 batches per epoch: the checkpoint at step 2 is mid-epoch, so resuming skips the batches already seen
+    straight = train_vae(config(tmp_path, "train.max_steps=5", "train.checkpoint_every=2", "train.keep_checkpoints=5",
+                                f"train.out_dir={tmp_path / 'a'}"), progress=False)
+    first = tmp_path / "a" / "checkpoints" / "step-2"
+    resumed = train_vae(config(tmp_path, "train.max_steps=5", "train.checkpoint_every=2",
+                               f"train.out_dir={tmp_path / 'b'}"), resume=str(first), progress=False)
+    a, b = load_file(straight / "diffusion_pytorch_model.safetensors"), load_file(resumed / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    ca = load_file(tmp_path / "a" / "checkpoints" / "step-5" / "codebook.safetensors")
+    cb = load_file(tmp_path / "b" / "checkpoints" / "step-5" / "codebook.safetensors")
+    for key in ca:
+        torch.testing.assert_close(ca[key], cb[key], rtol=0, atol=0, msg=key)
+    # --resume latest in a finished run picks step-5 and has nothing left to do
+    again = config(tmp_path, "train.max_steps=5", f"train.out_dir={tmp_path / 'b'}")
+    train_vae(again, resume="latest", progress=False)
+    assert f"resumed from {tmp_path / 'b' / 'checkpoints' / 'step-5'} at step 5" in (tmp_path / "b" / "log.txt").read_text()
+
+
+def test_resume_errors_name_the_checkpoint_and_the_difference(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints"):
+        train_vae(config(tmp_path), resume="latest", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"nowhere/trainer_state.json not found"):
+        train_vae(config(tmp_path), resume=str(tmp_path / "nowhere"), progress=False)
+    train_vae(config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"), progress=False)
+    with pytest.raises(ValueError, match=r"step-2/trainer_state.json was written for a different setup: "
+                                         r"model.num_embeddings is 32 there but 64 here"):
+        train_vae(config(tmp_path, "model.num_embeddings=64"), resume="latest", progress=False)
+    (tmp_path / "run" / "checkpoints" / "step-2" / "codebook.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"step-2 lacks codebook.safetensors; expected model.safetensors, "
+                                                r"optimizer.bin, scheduler.bin, codebook.safetensors"):
+        train_vae(config(tmp_path), resume="latest", progress=False)
+
+
+def test_gan_and_lpips_paths_run(tmp_path):
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])  # vgg16's, random weights
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
+    lin = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    cfg = config(tmp_path, "train.max_steps=2", "loss.disc_weight=0.5", "loss.disc_start=1", "loss.disc_layers=2",
+                 "loss.disc_channels=8", f"loss.lpips_weights={lin}", f"loss.vgg_weights={tmp_path / 'vgg16.pth'}",
+                 "train.log_every=1")
+    train_vae(cfg, progress=False)
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "LPIPS on" in log and "discriminator on from step 1" in log
+    state = load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model_1.safetensors")  # the discriminator
+    assert any("main" in k for k in state)
+
+
+def test_kl_autoencoder_trains_with_the_same_loop(tmp_path):
+    folder = train_vae(config(tmp_path, "model.kind=kl", "train.max_steps=2"), progress=False)
+    assert load_autoencoder(folder).kind == "kl"
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key train.lrate; allowed in train: out_dir"):
+        load_config(VAETrainingConfig, TINY, ["train.lrate=1"])
+    with pytest.raises(ValueError, match=r"model.channels must be of type int; got 'wide'"):
+        load_config(VAETrainingConfig, TINY, ["model.channels=wide"])
+    with pytest.raises(ValueError, match="train.mixed_precision must be one of fp32, bf16, fp16; got 'fp64'"):
+        load_config(VAETrainingConfig, TINY, ["train.mixed_precision=fp64"])
+    with pytest.raises(ValueError, match="must be of type str; got False .YAML reads yes/no/on/off as booleans"):
+        load_config(VAETrainingConfig, TINY, ["train.mixed_precision=no"])
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        load_config(VAETrainingConfig, TINY, ["train.lr"])
+    cfg = load_config(VAETrainingConfig, TINY, ["train.lr=2e-4", "model.channel_mult=[1,2]", "loss.lpips_weights=null"])
+    assert cfg.train.lr == 2e-4 and cfg.model.channel_mult == [1, 2] and cfg.model.downsample_factor == 2
+    for path in (ROOT / "configs" / "vae").glob("*.yaml"):
+        load_config(VAETrainingConfig, path)
+
+
+def test_images_not_divisible_by_f_are_an_error_unless_resized(tmp_path):
+    make_data(tmp_path / "data", size=18)
+    with pytest.raises(ValueError, match=r"18x18 is not divisible .* f=4"):
+        train_vae(config(tmp_path, "train.max_steps=1"), progress=False)
+    folder = train_vae(config(tmp_path, "train.max_steps=1", "model.resize_input=true"), progress=False)
+    assert folder.is_dir()
+
+
+def test_cli_train_then_eval(tmp_path, capsys):
+    make_data(tmp_path / "data")
+    assert main(["train-vae", str(TINY), f"data.path={tmp_path / 'data'}", "model.resolution=16",
+                 f"train.out_dir={tmp_path / 'run'}", "train.max_steps=2", "--quiet"]) == 0
+    assert main(["eval-vae", "--vae", str(tmp_path / "run" / "vae"), "--data", str(tmp_path / "data"),
+                 "--grid", "4", "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["images"] == 8 and metrics["split"] == "test" and f"psnr={metrics['psnr']:.4f}" in out
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["codes_used"] == round(metrics["codebook_usage"] * 32)
+    assert -1 <= metrics["ssim"] <= 1 and metrics["perplexity"] >= 1
+    grid = Image.open(tmp_path / "run" / "eval-vae.png")
+    assert grid.size == (4 * 16, 2 * 16)  # originals above reconstructions
+    top = np.asarray(grid)[:16, :16]
+    from train.vae_data import read_imagefolder
+
+    assert np.array_equal(top, read_imagefolder(tmp_path / "data", "test")[0].permute(1, 2, 0).numpy())
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ldm.cli", "eval-vae", "--vae", str(tmp_path / "none"), "--data",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"ldm eval-vae: error: {tmp_path / 'none' / 'config.json'} not found: an autoencoder " \
+        "folder needs config.json and diffusion_pytorch_model.safetensors (diffusers layout, _class_name VQModel or " \
+        "AutoencoderKL)"
