@@ -28,6 +28,7 @@ from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSch
 
 PathLike = Union[str, os.PathLike]
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+LORA_DIR = "unet_lora"  # optional: a LoRA adapter for unet/, fused into it on loading
 SCHEDULER_CONFIG = "scheduler_config.json"
 DEFAULT_BUNDLE = Path(__file__).parent / "default_model"
 
@@ -125,8 +126,14 @@ def replace_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule, sampling: SamplingConfig) -> Path:
-    """Write a bundle atomically: everything goes to a temporary folder beside ``path``, renamed at the end."""
+def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule, sampling: SamplingConfig,
+                unet_lora=None) -> Path:
+    """Write a bundle atomically: everything goes to a temporary folder beside ``path``, renamed at the end.
+
+    ``unet_lora``: a U-Net carrying a peft LoRA adapter (``add_adapter``); its adapter weights go to
+    ``unet_lora/`` (diffusers' ``save_lora_adapter``: safetensors with the LoRA config in the
+    metadata) beside the base weights of ``unet``. Loading applies and fuses it.
+    """
     from ldm import __version__
 
     final = Path(path)
@@ -134,6 +141,8 @@ def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: No
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        if unet_lora is not None:
+            unet_lora.save_lora_adapter(tmp / LORA_DIR, safe_serialization=True)
         autoencoder.save_pretrained(tmp / "vae")
         text_encoder.save_pretrained(tmp)  # writes text_encoder/ and tokenizer/
         (tmp / "scheduler").mkdir()
@@ -163,7 +172,13 @@ def load_unet(root: PathLike):
     folder = Path(root) / "unet"
     if not any(folder.glob("*.safetensors")):
         raise BundleError(f"{folder} has no .safetensors weights; expected config.json + diffusion_pytorch_model.safetensors")
-    return UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+    lora = Path(root) / LORA_DIR
+    if lora.is_dir():
+        unet.load_lora_adapter(lora, prefix=None, use_safetensors=True)
+        unet.fuse_lora()  # W + (alpha / r) B A, then a plain U-Net again
+        unet.unload_lora()
+    return unet
 
 
 BACKENDS = ("auto", "torch", "onnx")

@@ -21,7 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
-from train import clip_cli, data_cli, vae_cli, vae_eval_cli  # noqa: E402
+from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, vae_cli, vae_eval_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -44,6 +44,8 @@ _IMPLEMENTED: dict[str, ModuleType] = {
     "train-vae": vae_cli,
     "eval-vae": vae_eval_cli,
     "train-clip": clip_cli,
+    "train": train_cli,
+    "finetune": finetune_cli,
 }
 
 
@@ -79,7 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command in _IMPLEMENTED:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra  # key=value overrides given after an option (argparse leaves them over)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
     except (UsageError, ValueError, FileNotFoundError) as exc:

@@ -15,8 +15,20 @@ def test_help_lists_every_subcommand(capsys):
     assert all(name in out for name in SUBCOMMANDS)
 
 
-def test_unavailable_subcommand_is_a_one_line_error_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "ldm.cli", "finetune", "--model", "x"], capture_output=True, text=True)
+def test_a_user_error_is_a_one_line_error_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ldm.cli", "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
-    assert "ldm finetune: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "ldm train: error:" in proc.stderr and "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_overrides_after_an_option_are_kept(monkeypatch):
+    from train import ldm_cli
+
+    seen = []
+    monkeypatch.setattr(ldm_cli, "run", lambda args: seen.append((args.overrides, args.resume)) or 0)
+    assert main(["train", "c.yaml", "a=1", "--resume", "latest", "b=2"]) == 0
+    assert seen == [(["a=1", "b=2"], "latest")]
+    proc = subprocess.run([sys.executable, "-m", "ldm.cli", "train", "missing.yaml", "a=1", "--resume", "latest", "--bogus"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

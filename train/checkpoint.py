@@ -1,24 +1,30 @@
 """Training checkpoints as folders of safetensors, written atomically, resumed with ``--resume latest``.
 
     <run>/checkpoints/step-00001000/
-        model.safetensors        the model's state dict
+        model.safetensors        the model's state dict (or the tensors the trainer gives)
         optimizer.safetensors    the optimizer's tensors; its param_groups and scalars in the metadata
-        state.json               step, position in the data, anything else the trainer needs
+        <name>.safetensors       any further tensor groups (the U-Net trainer's EMA weights)
+        state.json               step, position in the data, RNG states, anything else the trainer needs
 
-A checkpoint folder is built under a temporary name and renamed into place, so
-a process killed at any moment leaves the previous checkpoints intact and never
-a half-written one under a ``step-*`` name. Nothing here unpickles anything.
+A checkpoint folder is built under a temporary name, its files fsync'ed, and renamed into place,
+so a process killed at any moment leaves the previous checkpoints intact and never a half-written
+one under a ``step-*`` name; old checkpoints are renamed away before they are deleted.
+``remove_partial`` clears what a killed process left behind. Nothing here unpickles anything:
+RNG states (``rng_state``) are JSON.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from conditioning.files import atomic_directory
@@ -63,27 +69,48 @@ def checkpoint_name(step: int) -> str:
 def save_checkpoint(
     checkpoint_dir: str | os.PathLike,
     step: int,
-    model: torch.nn.Module,
+    model: Union[torch.nn.Module, dict[str, torch.Tensor]],
     optimizer: Optional[torch.optim.Optimizer],
     state: dict[str, Any],
     keep_last: int = 2,
+    extra: Optional[dict[str, dict[str, torch.Tensor]]] = None,
 ) -> Path:
-    """Write ``checkpoint_dir/step-NNNNNNNN/`` atomically; keep only the ``keep_last`` newest."""
+    """Write ``checkpoint_dir/step-NNNNNNNN/`` atomically; keep only the ``keep_last`` newest.
+
+    ``model``: a module (its state dict is saved) or the tensors to save as model.safetensors;
+    ``extra``: further tensor groups, each saved as ``<name>.safetensors``.
+    """
     from safetensors.torch import save_file
 
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / checkpoint_name(step)
     with atomic_directory(path) as tmp:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
+        weights = model if isinstance(model, dict) else model.state_dict()
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         if optimizer is not None:
             tensors, metadata = optimizer_to_tensors(optimizer)
             save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
+        for name, group in (extra or {}).items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if keep_last > 0:
         for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            trash = old.with_name(f".{old.name}.trash")  # never a half-deleted folder under a step-* name
+            os.replace(old, trash)
+            shutil.rmtree(trash)
     return path
+
+
+def remove_partial(checkpoint_dir: str | os.PathLike) -> None:
+    """Delete the temporary folders a process killed while writing or deleting checkpoints left behind."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.is_dir():
+        for p in checkpoint_dir.iterdir():
+            if p.is_dir() and p.name.startswith(".step-") and p.name.endswith((".tmp", ".old", ".trash")):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
@@ -111,7 +138,6 @@ def resolve_resume(resume: str, checkpoint_dir: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
     """Restore model (and optimizer) from a checkpoint folder; returns its state.json."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -121,8 +147,58 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
         raise ValueError(f"{path / 'model.safetensors'} does not fit the model built from the config: missing "
                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     if optimizer is not None:
-        opt_path = path / "optimizer.safetensors"
-        with safe_open(str(opt_path), framework="pt") as f:
-            metadata = f.metadata()
-        optimizer_from_tensors(optimizer, load_file(str(opt_path)), metadata)
+        load_optimizer(path, optimizer)
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
+
+
+def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    """Restore ``optimizer`` from a checkpoint folder's optimizer.safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    opt_path = Path(path) / "optimizer.safetensors"
+    with safe_open(str(opt_path), framework="pt") as f:
+        metadata = f.metadata()
+    optimizer_from_tensors(optimizer, load_file(str(opt_path)), metadata)
+
+
+# -- RNG states as JSON ------------------------------------------------------------------------------
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    """Python's, numpy's and torch's global RNG states (and CUDA's), plus ``generators``' states, as JSON."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    out = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state()),
+        "generators": {name: _b64(g.get_state()) for name, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return out
+
+
+def set_rng_state(saved: dict, generators: dict[str, torch.Generator]) -> None:
+    """Restore what ``rng_state`` returned."""
+    py = saved["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = saved["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(_unb64(saved["torch"]))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in saved["cuda"]])
+    missing = [k for k in generators if k not in saved["generators"]]
+    if missing:
+        raise ValueError(f"checkpoint lacks the state of generator {missing[0]!r}")
+    for name, g in generators.items():
+        g.set_state(_unb64(saved["generators"][name]))

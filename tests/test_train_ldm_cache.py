@@ -1,0 +1,90 @@
+"""The latent and context cache: computed once, reused, recomputed when an encoder or the data change."""
+
+import json
+
+import pytest
+import torch
+
+from train.cache import LatentCache, build_cache, open_data
+from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, make_imagefolder, tiny_config, one_thread  # noqa: F401
+
+
+def test_cache_holds_what_the_encoders_give(tmp_path):
+    config = tiny_config(tmp_path)
+    ae, te = TrainFakeAutoencoder(), TrainFakeTextEncoder()
+    folder, built = build_cache(config.cache, config.data, ae, te, progress=False)
+    cache = LatentCache(folder)
+    rows = list(open_data(config.data, progress=False).rows())  # (dataset, index, held out)
+    assert built and len(cache) == len(rows) == 28
+    idx = [5, 0, 27]
+    images = torch.stack([rows[i][0][rows[i][1]][0] for i in idx])  # (3, 3, 32, 32)
+    torch.testing.assert_close(cache.latents(idx), ae.encode(images))
+    torch.testing.assert_close(cache.contexts(idx), te([rows[i][0].caption(rows[i][1]) for i in idx])[0])
+    torch.testing.assert_close(cache.empty, te.empty_context(1))
+    assert cache.latent_shape == (4, 8, 8)
+    # the rows of split "test" (every 7th image) are held out
+    assert len(cache.train_indices) == 24 and list(cache.heldout_indices) == [24, 25, 26, 27]
+    assert [cache.captions[i][0] for i in cache.heldout_indices] == [rows[i][0].caption(rows[i][1]) for i in range(24, 28)]
+
+
+def test_cache_is_reused_and_keyed_by_encoders_and_data(tmp_path):
+    config = tiny_config(tmp_path)
+    ae, te = TrainFakeAutoencoder(), TrainFakeTextEncoder()
+    first, built = build_cache(config.cache, config.data, ae, te, progress=False)
+    assert built and ae.encode_calls > 0 and te.calls
+    ae2, te2 = TrainFakeAutoencoder(), TrainFakeTextEncoder()
+    again, built = build_cache(config.cache, config.data, ae2, te2, progress=False)
+    assert again == first and not built and ae2.encode_calls == 0 and not te2.calls  # nothing encoded
+
+    other_ae, _ = build_cache(config.cache, config.data, TrainFakeAutoencoder(seed=3), te, progress=False)
+    other_te, _ = build_cache(config.cache, config.data, ae, TrainFakeTextEncoder(salt="x"), progress=False)
+    rows = (tmp_path / "data" / "metadata.jsonl").read_text().splitlines()
+    row = json.loads(rows[0]) | {"text": "a changed caption"}
+    (tmp_path / "data" / "metadata.jsonl").write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    other_data, built = build_cache(config.cache, config.data, ae, te, progress=False)
+    assert built and len({first, other_ae, other_te, other_data}) == 4
+    assert ["a changed caption"] in LatentCache(other_data).captions
+    assert not any(p.name.startswith(".") for p in (tmp_path / "cache").iterdir())  # no temporary folders left
+
+
+def test_distinct_captions_are_encoded_once(tmp_path):
+    config = tiny_config(tmp_path)
+    te = TrainFakeTextEncoder()
+    build_cache(config.cache, config.data, TrainFakeAutoencoder(), te, progress=False)
+    encoded = [p for call in te.calls for p in call if p]  # the empty prompt aside
+    assert len(encoded) == len(set(encoded)) == 12  # 4 colours x 3 shapes, 28 images
+
+
+def test_an_image_with_several_captions_gets_one_per_epoch(tmp_path):
+    data = make_imagefolder(tmp_path / "data")
+    rows = [json.loads(r) for r in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = ["first caption", "second caption", "third caption"]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_config(tmp_path, data=data)
+    te = TrainFakeTextEncoder()
+    cache = LatentCache(build_cache(config.cache, config.data, TrainFakeAutoencoder(), te, progress=False)[0])
+    options = te(rows[0]["text"])[0]  # (3, L, D)
+    picks = set()
+    for epoch in range(12):
+        ctx = cache.contexts([0], epoch=epoch)[0]
+        match = [k for k in range(3) if torch.allclose(ctx, options[k])]
+        assert len(match) == 1
+        picks.add(match[0])
+    assert picks == {0, 1, 2}
+    assert torch.equal(cache.contexts([0], epoch=4), cache.contexts([0], epoch=4))
+
+
+def test_data_without_split_column_holds_out_a_fixed_fraction(tmp_path):
+    data = make_imagefolder(tmp_path / "d", n=200, size=32)
+    rows = [json.loads(r) for r in (data / "metadata.jsonl").read_text().splitlines()]
+    (data / "metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n" for r in rows))
+    config = tiny_config(tmp_path, "data.holdout_fraction=0.1", data=data)
+    parts = open_data(config.data, progress=False)
+    assert parts.heldout is None and len(parts.train) == 200
+    assert 8 <= sum(parts.heldout_flags) <= 35 and parts.heldout_flags == open_data(config.data, progress=False).heldout_flags
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    config = tiny_config(tmp_path, data=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="data.path="):
+        build_cache(config.cache, config.data, TrainFakeAutoencoder(), TrainFakeTextEncoder(), progress=False)

@@ -1,0 +1,131 @@
+"""Stand-ins for the frozen encoders and a tiny captioned data set, for the U-Net trainer's tests.
+
+The trainer touches the encoders only to build its cache, draw validation images and write the
+bundle, so the fakes need: encode/decode (autoencoder), __call__/empty_context (text encoder),
+a weights hash, and save_pretrained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from pipeline_fakes import FakeAutoencoder, FakeTextEncoder
+from train.config import load_config
+from train.ldm_config import LDMTrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "ldm" / "tiny.yaml"
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "bar")
+
+
+class TrainFakeAutoencoder(FakeAutoencoder):
+    """encode: average-pool by f, then a fixed 1x1 conv to 4 channels; decode as FakeAutoencoder."""
+
+    kind, scaling_factor, shift_factor = "vq", 1.0, 0.0
+
+    def __init__(self, seed: int = 2):
+        super().__init__()
+        self.enc = torch.nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            self.enc.weight.copy_(torch.randn(self.enc.weight.shape, generator=g))
+            self.enc.bias.zero_()
+        self.encode_calls = 0
+
+    def encode(self, images):  # (B, 3, H, W) -> (B, 4, H/f, W/f)
+        self.encode_calls += 1
+        return self.enc(torch.nn.functional.avg_pool2d(images, self.downsample_factor))
+
+    def save_pretrained(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps({"_class_name": "VQModel", "scaling_factor": 1.0}))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
+        return folder
+
+
+class TrainFakeTextEncoder(FakeTextEncoder):
+    """FakeTextEncoder with a weights hash; ``salt`` makes a different encoder."""
+
+    def __init__(self, salt: str = ""):
+        super().__init__()
+        self.salt = salt
+
+    def forward(self, prompts):
+        context, pooled = super().forward([self.salt + p for p in prompts])
+        return context, pooled
+
+    def weights_hash(self) -> str:
+        return f"fake-text-encoder{self.salt}"
+
+    def save_pretrained(self, root):
+        for part in ("text_encoder", "tokenizer"):
+            (Path(root) / part).mkdir(parents=True, exist_ok=True)
+            (Path(root) / part / "fake.txt").write_text(self.salt)
+        return Path(root)
+
+
+def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: int = 7) -> Path:
+    """``n`` images of coloured shapes with captions ("a red circle"), every ``heldout_every``-th in split "test"."""
+    from PIL import ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        shape = SHAPES[(i // len(COLOURS)) % len(SHAPES)]
+        im = Image.new("RGB", (size, size), "white")
+        d = ImageDraw.Draw(im)
+        lo, hi = size // 4 + i % 3, 3 * size // 4 - (i % 2)
+        if shape == "circle":
+            d.ellipse((lo, lo, hi, hi), fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle((lo, lo, hi, hi), fill=COLOURS[colour])
+        else:
+            d.rectangle((2, lo, size - 3, lo + size // 6), fill=COLOURS[colour])
+        name = f"{i:04d}.png"
+        im.save(folder / name)
+        rows.append({"file_name": name, "text": f"a {colour} {shape}", "split": "test" if i % heldout_every == heldout_every - 1 else "train"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def tiny_config(tmp_path: Path, *overrides: str, data: Path | None = None) -> LDMTrainConfig:
+    """The tiny config with its outputs and cache under ``tmp_path`` and a generated data set."""
+    data = data if data is not None else make_imagefolder(tmp_path / "data")
+    return load_config(LDMTrainConfig, TINY, [f"data.path={data}", f"train.output_dir={tmp_path / 'run'}",
+                                              f"cache.dir={tmp_path / 'cache'}", *overrides])
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(tensor groups by file stem: model, optimizer, ema; state.json) of a checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    return {f.stem: load_file(f) for f in sorted(path.glob("*.safetensors"))}, json.loads((path / "state.json").read_text())
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so the next Accelerator may use other settings."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

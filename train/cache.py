@@ -1,0 +1,270 @@
+"""The training cache: every image's latent and every caption's context, computed once with the
+frozen autoencoder and text encoder, stored on disk as memory-mapped ``.npy`` arrays.
+
+    cache = build_cache(config.cache, config.data, autoencoder, text_encoder, device)
+    z0 = cache.latents(idx)          # (B, C, h, w) float32, already times the scaling factor
+    ctx = cache.contexts(idx)        # (B, L, D) float32
+    cache.empty                      # (1, L, D) the empty prompt's context (caption dropout)
+
+A cache lives in ``<cache.dir>/ldm-<key>/``. The key hashes the autoencoder's weights and scaling,
+the text encoder's ``weights_hash()``, the bytes of every file of the data set (the folder given as
+``data.path``, or the folder holding that file), the resolution and the caption column, so a changed
+encoder or data set gets a fresh cache and an unchanged one is reused by every run. The folder is
+written under a temporary name and renamed when complete. The data is read by ``train.data``
+(every format it knows, bad rows skipped and counted), resized and centre-cropped once: a cached
+run has no random crops or flips.
+
+Files: ``latents.npy`` (N, C, h, w) float32; ``contexts.npy`` (U, L, D) over the U distinct
+captions (float32, float16, or bfloat16 stored as int16); ``caption_offsets.npy`` (N + 1,) and
+``caption_rows.npy``: image i's caption options are contexts rows
+``caption_rows[caption_offsets[i]:caption_offsets[i + 1]]``; ``empty.npy`` (1, L, D);
+``heldout.npy`` (N,) bool; ``meta.json`` (key, captions, the loader's summary).
+For a VQ autoencoder the latents are the continuous pre-quantisation ones its ``encode`` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+import torch
+
+from train.ldm_config import CacheConfig, DataConfig
+
+if TYPE_CHECKING:
+    from train.data import CaptionedImages
+
+FORMAT_VERSION = 2
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def module_hash(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def autoencoder_hash(autoencoder) -> str:
+    """The autoencoder's weights plus the settings that change its latents."""
+    extra = f"{getattr(autoencoder, 'kind', '')}|{autoencoder.scaling_factor!r}|{getattr(autoencoder, 'shift_factor', 0.0)!r}"
+    return hashlib.sha256((module_hash(autoencoder) + extra).encode()).hexdigest()
+
+
+def folder_hash(folder: Path) -> str:
+    """sha256 over every file under ``folder`` (relative path and bytes), hidden files excluded."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(str(rel).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder) -> dict:
+    """The parts of the cache key, as a JSON-able dict (its hash names the folder)."""
+    if not data.path or not Path(data.path).exists():
+        raise FileNotFoundError(f"data.path={data.path!r} does not exist; give a captioned image folder (e.g. made by `ldm data`)")
+    return {
+        "format": FORMAT_VERSION,
+        "autoencoder": autoencoder_hash(autoencoder),
+        "text_encoder": text_encoder.weights_hash(),
+        "data": folder_hash(Path(data.path) if Path(data.path).is_dir() else Path(data.path).parent),
+        "data_config": asdict(data) | {"path": None},
+        "context_dtype": cache.context_dtype,
+    }
+
+
+# -- reading the data set ------------------------------------------------------------------------
+
+
+@dataclass
+class DataParts:
+    """The data set as loaded by ``train.data``: the training rows, then the held-out rows."""
+
+    train: "CaptionedImages"
+    heldout: Optional["CaptionedImages"]  # None: held-out rows are picked from ``train`` by ``heldout_flags``
+    heldout_flags: Optional[list[bool]] = None
+
+    def rows(self):
+        """(dataset, index, held out) for every row of the cache, in cache order."""
+        for i in range(len(self.train)):
+            yield self.train, i, bool(self.heldout_flags[i]) if self.heldout_flags else False
+        if self.heldout is not None:
+            for i in range(len(self.heldout)):
+                yield self.heldout, i, True
+
+
+def open_data(data: DataConfig, progress: bool = True) -> DataParts:
+    """The data set at ``data.path`` (any format ``train.data`` reads), resized and centre-cropped to
+    ``data.resolution``. Held out: the "test" split when the data has one, else a fixed
+    ``holdout_fraction`` of the rows chosen by a hash of their index."""
+    from train.data import load_captioned_images
+
+    kw = dict(caption_column=data.caption_column, size=data.resolution, crop="center",
+              min_size=min(32, data.resolution), progress=progress)
+    train = load_captioned_images(data.path, split="train", **kw)
+    if len(train):
+        test = load_captioned_images(data.path, split="test", **kw)
+        if len(test):
+            return DataParts(train, test)
+    else:
+        train = load_captioned_images(data.path, split=None, **kw)
+    if not len(train):
+        raise ValueError(f"data.path={data.path}: no usable (image, caption) pair; see `ldm data check {data.path}`")
+    flags = [int(hashlib.sha256(f"row {i}".encode()).hexdigest()[:8], 16) / 16**8 < data.holdout_fraction
+             for i in range(len(train))]
+    return DataParts(train, None, flags)
+
+
+# -- the cache -------------------------------------------------------------------------------------
+
+
+class LatentCache:
+    """An opened cache folder; reads are row gathers from memory-mapped arrays."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self._latents = np.load(self.folder / "latents.npy", mmap_mode="r")  # (N, C, h, w)
+        self._contexts = np.load(self.folder / "contexts.npy", mmap_mode="r")  # (U, L, D)
+        self._offsets = np.load(self.folder / "caption_offsets.npy")  # (N + 1,) image i: options offsets[i]:offsets[i+1]
+        self._options = np.load(self.folder / "caption_rows.npy")  # (sum of options,) rows of contexts.npy
+        self.empty = self._as_tensor(np.load(self.folder / "empty.npy"))  # (1, L, D)
+        heldout = np.load(self.folder / "heldout.npy")  # (N,)
+        self.train_indices = np.flatnonzero(~heldout)
+        self.heldout_indices = np.flatnonzero(heldout)
+        self.captions: list[list[str]] = self.meta["captions"]  # per image, its caption options
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self._latents.shape[1:])
+
+    @property
+    def context_dim(self) -> int:
+        return int(self._contexts.shape[-1])
+
+    def _as_tensor(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.meta["context_dtype"] == "bfloat16" and t.dtype == torch.int16:
+            t = t.view(torch.bfloat16)
+        return t.float()
+
+    def latents(self, indices: Sequence[int]) -> torch.Tensor:
+        """(B, C, h, w) float32 latents of images ``indices``."""
+        return torch.from_numpy(np.ascontiguousarray(self._latents[np.asarray(indices)]))
+
+    def contexts(self, indices: Sequence[int], epoch: int = 0, seed: int = 0) -> torch.Tensor:
+        """(B, L, D) float32 contexts of images ``indices``; an image with several captions gets the one
+        drawn for (seed, epoch, image) as ``train.data.CaptionedImages.caption`` draws it."""
+        indices = np.asarray(indices)
+        starts, counts = self._offsets[indices], np.diff(self._offsets)[indices]  # (B,), (B,)
+        pick = [0 if n == 1 else int(np.random.default_rng((seed, epoch, int(i))).integers(n)) for i, n in zip(indices, counts)]
+        return self._as_tensor(self._contexts[self._options[starts + np.array(pick, dtype=np.int64)]])
+
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    x = x.detach().cpu()
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy()
+    return x.to(torch.float32).numpy().astype(_NP_DTYPES[dtype])
+
+
+def cache_folder(cache: CacheConfig, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache.dir) / f"ldm-{digest}"
+
+
+@torch.no_grad()
+def write_cache(folder: Path, key: dict, data: DataParts, autoencoder, text_encoder, *,
+                batch_size: int, context_dtype: str, device, progress: bool = True) -> Path:
+    """Encode every image and distinct caption and write the cache folder atomically."""
+    from tqdm import tqdm
+
+    rows = list(data.rows())  # (dataset, index, held out)
+    n = len(rows)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        latents = None
+        bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
+        for start in range(0, n, batch_size):
+            images = torch.stack([ds[i][0] for ds, i, _ in rows[start : start + batch_size]])  # (B, 3, H, W)
+            z = autoencoder.encode(images.to(device)).float().cpu()  # (B, C, h, w)
+            if latents is None:
+                latents = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(n, *z.shape[1:]))
+            latents[start : start + len(z)] = z.numpy()
+            bar.update(len(z))
+        bar.close()
+        latents.flush()
+        del latents
+
+        captions = [ds.captions(i) for ds, i, _ in rows]  # per image, its options
+        distinct = sorted({c for options in captions for c in options})
+        row = {c: i for i, c in enumerate(distinct)}
+        contexts = None
+        for start in tqdm(range(0, len(distinct), batch_size), desc="caching contexts", unit="batch", disable=not progress):
+            ctx = text_encoder(distinct[start : start + batch_size])[0]  # (B, L, D)
+            if contexts is None:
+                np_dtype = np.int16 if context_dtype == "bfloat16" else _NP_DTYPES[context_dtype]
+                contexts = np.lib.format.open_memmap(tmp / "contexts.npy", mode="w+", dtype=np_dtype,
+                                                     shape=(len(distinct), *ctx.shape[1:]))
+            contexts[start : start + len(ctx)] = _to_numpy(ctx, context_dtype)
+        contexts.flush()
+        del contexts
+        np.save(tmp / "caption_offsets.npy", np.cumsum([0] + [len(o) for o in captions]).astype(np.int64))
+        np.save(tmp / "caption_rows.npy", np.array([row[c] for o in captions for c in o], dtype=np.int64))
+        np.save(tmp / "empty.npy", _to_numpy(text_encoder.empty_context(1), context_dtype))
+        np.save(tmp / "heldout.npy", np.array([h for _, _, h in rows], dtype=bool))
+        meta = {"key": key, "captions": captions, "context_dtype": context_dtype,
+                "summary": [str(data.train.summary())] + ([str(data.heldout.summary())] if data.heldout is not None else [])}
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():  # another process finished the same cache first; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder, device="cpu", *,
+                progress: bool = True) -> tuple[Path, bool]:
+    """The cache folder for these encoders and data, written if missing; returns (folder, built_now)."""
+    key = cache_key(cache, data, autoencoder, text_encoder)
+    folder = cache_folder(cache, key)
+    if (folder / "meta.json").is_file():
+        return folder, False
+    parts = open_data(data, progress=progress)
+    if progress:
+        print(parts.train.summary(), file=sys.stderr)
+    write_cache(folder, key, parts, autoencoder, text_encoder, batch_size=cache.batch_size,
+                context_dtype=cache.context_dtype, device=device, progress=progress)
+    return folder, True

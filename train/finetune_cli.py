@@ -1,0 +1,47 @@
+"""Fine-tune a model bundle (ours, or a Stable Diffusion folder in diffusers layout) on your own
+captioned images.
+
+By default LoRA adapters (rank lora.rank) are trained on the U-Net's attention projections and
+saved in the output bundle's unet_lora/ beside the unchanged base weights; lora.method=full trains
+every U-Net weight instead. The data folder is an imagefolder (images + metadata.jsonl with
+file_name and text). Settings are FinetuneConfig's fields (train/ldm_config.py), set with
+--config YAML and/or key=value.
+
+examples:
+  ldm finetune --model runs/ldm/bundle --data my_images train.output_dir=runs/ft train.max_steps=500
+  ldm finetune --model sd-v1-5 --data my_images lora.rank=16 train.mixed_precision=bf16
+  ldm finetune --model runs/ldm/bundle --data my_images lora.method=full optim.lr=1e-5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="bundle folder to start from")
+    p.add_argument("--data", type=Path, required=True, help="captioned image folder (metadata.jsonl)")
+    p.add_argument("--config", type=Path, default=None, help="YAML with FinetuneConfig sections (default: built-in defaults)")
+    p.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from a checkpoint of train.output_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=16 optim.lr=1e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.finetune import finetune
+    from train.ldm_config import FinetuneConfig
+    from train.ldm_trainer import TrainingDiverged
+
+    if args.config is not None and not args.config.is_file():
+        raise FileNotFoundError(f"--config {args.config} does not exist")
+    config = load_config(FinetuneConfig, args.config, [*args.overrides, f"data.path={args.data}"])
+    try:
+        result = finetune(args.model, config, resume=args.resume)
+    except TrainingDiverged as exc:
+        print(f"ldm finetune: {exc}", file=sys.stderr)
+        return 1
+    if result.bundle is not None:
+        print(f"model bundle: {result.bundle}")
+    return 0

@@ -1,0 +1,43 @@
+"""Train the latent diffusion U-Net from a YAML config.
+
+The frozen autoencoder and text encoder (encoders.*) encode the data set once into a cache
+(cache.dir); training then reads only the cache. Checkpoints, logs (CSV and TensorBoard), sample
+grids and the final model bundle go to train.output_dir.
+
+examples:
+  ldm train configs/ldm/small-64.yaml data.path=/work/data/emoji \\
+      encoders.autoencoder=runs/vae/final encoders.text_encoder=runs/clip/final
+  ldm train configs/ldm/small-64.yaml ... --resume latest
+  accelerate launch --num_processes 2 -m ldm.cli train configs/ldm/small-64.yaml ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config (configs/ldm/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 train.max_steps=100")
+    p.add_argument("--resume", default=None, metavar="latest|DIR",
+                   help="continue from the newest complete checkpoint in train.output_dir (latest) or from a checkpoint folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from train.config import load_config
+    from train.ldm_config import LDMTrainConfig
+    from train.ldm_trainer import TrainingDiverged, train_from_config
+
+    if not args.config.is_file():
+        raise FileNotFoundError(f"config {args.config} does not exist; see configs/ldm/ for examples")
+    config = load_config(LDMTrainConfig, args.config, args.overrides)
+    try:
+        result = train_from_config(config, resume=args.resume)
+    except TrainingDiverged as exc:
+        print(f"ldm train: {exc}", file=sys.stderr)
+        return 1
+    if result.bundle is not None:
+        print(f"model bundle: {result.bundle}")
+    return 0

@@ -1,0 +1,207 @@
+"""Typed configs of the latent diffusion trainer (``ldm train``) and of fine-tuning (``ldm finetune``).
+
+Each section is a dataclass with commented fields; a YAML file sets any of them and ``key=value``
+overrides on the command line set dotted keys (``optim.lr=3e-4``). Unknown keys and wrong types
+are errors. The config a run used is saved beside its checkpoints and in the bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ldm.unet import UNetConfig
+
+DEFAULT_VALIDATION_PROMPTS = ["koala, twemoji style", "red apple, noto style"]
+
+
+@dataclass
+class EncodersConfig:
+    """The frozen first stage and text encoder; used to build the cache and for validation images."""
+
+    autoencoder: str = ""  # folder of the autoencoder (VQModel or AutoencoderKL; vae.load_autoencoder)
+    text_encoder: str = ""  # folder holding text_encoder/ and tokenizer/ (conditioning.load_text_encoder)
+
+
+@dataclass
+class DataConfig:
+    """The captioned image data set."""
+
+    path: str = ""  # imagefolder with metadata.jsonl (file_name, text[, split])
+    # images are resized (shorter side) and centre-cropped to this size, then encoded;
+    # 0 in fine-tuning = the model's own size (U-Net sample_size x the autoencoder's factor)
+    resolution: int = 64
+    caption_column: str = "text"  # metadata column holding the caption
+    # share of images held out for the validation loss when the data has no split column ("test" rows are held out)
+    holdout_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.resolution != 0 and self.resolution < 8:
+            raise ValueError(f"data.resolution={self.resolution} must be >= 8 (or 0 in fine-tuning: the model's size)")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+
+
+@dataclass
+class CacheConfig:
+    """Latents and caption contexts, computed once with the frozen encoders and read by every step."""
+
+    dir: str = "runs/cache"  # shared by runs; each (encoders, data, resolution) gets its own sub-folder
+    batch_size: int = 64  # images per autoencoder call while building the cache
+    context_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage type of the contexts
+
+
+@dataclass
+class ScheduleConfig:
+    """The training noise schedule (written to the bundle's scheduler config)."""
+
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the U-Net learns to predict and how the per-sample losses are weighted."""
+
+    # eps (noise) or v (Salimans & Ho 2022); null in fine-tuning = the base model's
+    prediction: Optional[Literal["eps", "v"]] = "eps"
+    # min-SNR-gamma weighting (Hang et al. 2023), 5.0 in the paper; null = plain MSE
+    min_snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0  # add noise_offset * N(0, 1) per (sample, channel) to the noise (0.05-0.1 typical)
+    p_uncond: float = 0.1  # caption dropout: probability of training on the empty prompt's context
+
+    def __post_init__(self):
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"objective.min_snr_gamma={self.min_snr_gamma} must be > 0 or null")
+        if not 0 <= self.p_uncond <= 1:
+            raise ValueError(f"objective.p_uncond={self.p_uncond} must be a probability in [0, 1]")
+        if self.noise_offset < 0:
+            raise ValueError(f"objective.noise_offset={self.noise_offset} must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm; null = no clipping
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 500  # optimizer steps of linear warm-up
+    # AdamW kernel: fused (one kernel for all parameters), foreach (batched ops) or for-loop (per parameter).
+    # Same maths; bench/bench_train.py measures them.
+    implementation: Literal["fused", "foreach", "for-loop"] = "foreach"
+
+
+@dataclass
+class RunConfig:
+    """The loop: batch, precision, memory layout, length, outputs."""
+
+    output_dir: str = "runs/ldm"  # checkpoints/, logs/, samples/, bundle/
+    batch_size: int = 32  # samples per process per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int = 10000  # optimizer steps
+    seed: int = 0
+    # autocast: fp32 (none), bf16, fp16 (GPU only, with loss scaling); not "no", which YAML reads as false
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    channels_last: bool = False  # NHWC memory layout for the U-Net and latents
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
+    log_every: int = 10  # optimizer steps between log rows (loss averaged over them and over processes)
+    # non-finite losses in a row after which training stops (each such step is skipped and counted)
+    max_consecutive_nonfinite: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (diffusers' EMAModel); the bundle gets these."""
+
+    enabled: bool = True
+    decay: float = 0.9999  # the largest decay
+    min_decay: float = 0.0
+    update_after_step: int = 0  # optimizer steps before the average starts to move
+    # warm-up: decay_n = 1 - (1 + n / inv_gamma) ** -power (on) or (1 + n) / (10 + n) (off), capped at decay
+    warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75  # 3/4 reaches 0.999 at 10k steps; 2/3 at 31.6k steps
+
+    def __post_init__(self):
+        if not 0 <= self.min_decay <= self.decay <= 1:
+            raise ValueError(f"need 0 <= ema.min_decay <= ema.decay <= 1; got {self.min_decay}, {self.decay}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic training checkpoints (model, EMA, optimizer, LR schedule, data position, RNG states)."""
+
+    every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 3  # older checkpoints are deleted once a newer one is complete
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError(f"checkpoint.every={self.every} and checkpoint.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    """Images for fixed prompts and seeds with the EMA weights, and the loss on the held-out split."""
+
+    every: int = 500  # optimizer steps between validations (and one at the end); 0 = only at the end
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_VALIDATION_PROMPTS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # every prompt is drawn with every seed
+    steps: int = 25  # DDIM steps
+    guidance: float = 4.0
+    batch_size: int = 16  # images per sampler call
+    heldout_batches: int = 8  # held-out batches per loss evaluation (fixed t and noise); 0 = all
+
+
+@dataclass
+class LoRAConfig:
+    """Fine-tuning method: LoRA adapters on the U-Net's attention projections, or all weights."""
+
+    method: Literal["lora", "full"] = "lora"
+    rank: int = 8
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class TrainingSections:
+    """The sections training and fine-tuning share."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class LDMTrainConfig(TrainingSections):
+    """``ldm train``: a U-Net from scratch on frozen encoders."""
+
+    model: UNetConfig = field(default_factory=UNetConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class FinetuneConfig(TrainingSections):
+    """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=0))  # 0: the model's own size
+    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(prediction=None))  # the model's
+    lora: LoRAConfig = field(default_factory=LoRAConfig)

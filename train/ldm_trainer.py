@@ -1,0 +1,496 @@
+"""The latent diffusion training loop (accelerate), shared by ``ldm train`` and ``ldm finetune``.
+
+    trainer = LDMTrainer(config, unet=unet, autoencoder=ae, text_encoder=te, schedule=s, sampling=sc,
+                         output_dir="runs/x")
+    result = trainer.fit(resume="latest")      # -> TrainResult(step, bundle, ...)
+
+The frozen autoencoder and text encoder build the cache (``train.cache``) and draw validation
+images; every training step reads only the cache. One optimizer step is
+``gradient_accumulation_steps`` micro-batches of ``batch_size`` per process (accelerate's
+``accumulate`` / ``backward`` / ``clip_grad_norm_``).
+
+Data order: each epoch is a permutation of the training rows drawn from (seed, epoch) alone,
+cut into global batches of ``num_processes * batch_size``; process r takes the r-th slice of
+each, so processes see disjoint shards. The position (epoch, micro-batch) is part of the
+checkpoint, and so is every random state (python, numpy, torch, CUDA, and the step generator
+that draws t, the noise and the caption dropout), so a resumed run continues exactly where the
+stopped one was.
+
+A non-finite loss (any process) or gradient norm skips the optimizer step on every process and
+is counted; ``max_consecutive_nonfinite`` of them in a row raise ``TrainingDiverged``. Skipped
+steps leave the weights untouched, and no checkpoint is written during a run of them (one that
+falls due waits for the next good step), so the latest checkpoint is from before the trouble.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import conditioning
+from ldm.pipeline import SamplingConfig, Text2ImagePipeline
+from ldm.schedule import NoiseSchedule
+from train import checkpoint as ckpt
+from train.config import save_config
+from train.cache import LatentCache, build_cache
+from train.ema import build_ema, ema_state, load_ema_state
+from train.ldm_config import TrainingSections
+from train.objective import noised_batch, weighted_mse
+from train.run_log import RunLog
+from train.validation import heldout_loss, sample_grid
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite losses in a row; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done
+    epoch: int
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient
+    bundle: Optional[Path]  # the model bundle written at the end (None when stopped early)
+    checkpoint: Optional[Path]  # the last checkpoint written
+    seen: list[int] = field(default_factory=list)  # cache rows this process trained on, in order
+
+
+class DataOrder:
+    """Which cache rows each process reads at (epoch, micro-batch i)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, num_processes: int, rank: int, seed: int):
+        self.rows, self.batch_size, self.world, self.rank, self.seed = np.asarray(rows), batch_size, num_processes, rank, seed
+        self.batches_per_epoch = len(self.rows) // (batch_size * num_processes)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.rows)} training images are fewer than one global batch "
+                f"(train.batch_size={batch_size} x {num_processes} processes); lower train.batch_size"
+            )
+
+    def batch(self, epoch: int, i: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        start = (i * self.world + self.rank) * self.batch_size
+        return perm[start : start + self.batch_size]
+
+
+def _optimizer(params, config) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=config.eps)
+    if config.implementation == "fused":
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = config.implementation == "foreach"
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class LDMTrainer:
+    """Trains ``unet`` (all of its parameters that require grad) on the cached data set.
+
+    Args:
+        config: the training sections (data, cache, objective, optim, train, ema, checkpoint, validation).
+        unet: a diffusers UNet2DConditionModel (possibly carrying LoRA adapters).
+        autoencoder, text_encoder: the frozen encoders (``vae.Autoencoder``, ``conditioning.TextEncoder``).
+        schedule, sampling: the noise schedule and the conventions written to the bundle;
+            ``sampling.prediction`` is the training objective's prediction type.
+        output_dir: the run folder (checkpoints/, logs/, samples/, bundle/, config.json).
+        saved_config: what to write as the run's config (defaults to ``config``).
+        lora: whether ``unet`` carries a peft LoRA adapter; the bundle then stores it in unet_lora/
+            next to ``base_unet`` (the untouched base weights).
+    """
+
+    def __init__(self, config: TrainingSections, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule,
+                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base_unet=None):
+        if sampling.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction={sampling.prediction!r}; the trainer supports: eps, v")
+        if lora and base_unet is None:
+            raise ValueError("lora=True needs base_unet (the base weights the bundle's unet/ keeps)")
+        self.config = config
+        self.unet, self.autoencoder, self.text_encoder = unet, autoencoder, text_encoder
+        self.schedule, self.sampling = schedule, sampling
+        self.output_dir = Path(output_dir)
+        self.saved_config = saved_config if saved_config is not None else config
+        self.lora, self.base_unet = lora, base_unet
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        run = self.config.train
+        # several processes and no GPU (torchrun, or accelerate launch --multi_gpu on a CPU machine): gloo on CPU
+        cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        precision = {"fp32": "no"}.get(run.mixed_precision, run.mixed_precision)  # accelerate's names
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.gradient_accumulation_steps, cpu=cpu)
+
+    def _setup(self):
+        cfg = self.config
+        acc = self.accelerator = self._accelerator()
+        kind = acc.distributed_type.value
+        if kind != "NO" and not kind.startswith("MULTI_"):  # DEEPSPEED, FSDP, XLA, MEGATRON_LM
+            raise ValueError(
+                f"accelerate's {kind} is not supported: the checkpoints hold full, unsharded "
+                "optimizer states; launch plain data parallel instead (accelerate launch --multi_gpu)"
+            )
+        if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
+            raise ValueError("train.mixed_precision=fp16 needs a GPU (loss scaling); on CPU use bf16 or fp32")
+        if acc.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+            torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+        self.device = acc.device
+        for m in (self.autoencoder, self.text_encoder):
+            if isinstance(m, torch.nn.Module):
+                m.requires_grad_(False).eval().to(self.device)
+
+        # the cache: built once by the main process, then read by all
+        with acc.main_process_first():
+            folder, built = build_cache(cfg.cache, cfg.data, self.autoencoder, self.text_encoder, self.device,
+                                        progress=acc.is_main_process)
+        self.cache = LatentCache(folder)
+        self.cache_built = built
+        self.empty = self.cache.empty.to(self.device)  # (1, L, D)
+
+        unet = self.unet.to(self.device)
+        if cfg.train.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if cfg.train.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        unet.train()
+        self.param_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        params = [p for p in unet.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the U-Net has no trainable parameters")
+        optimizer = _optimizer(params, cfg.optim)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                          num_training_steps=cfg.train.max_steps)
+        self.model, self.optimizer = acc.prepare(unet, optimizer)  # the LR scheduler is stepped by hand, once per step
+        self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad]
+        self.ema = build_ema(cfg.ema, self.params) if cfg.ema.enabled else None
+        self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + 7919 * acc.process_index + 1)
+        self.order = DataOrder(self.cache.train_indices, cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _save_checkpoint(self, pos: dict) -> Optional[Path]:
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        rngs = gather_object([ckpt.rng_state({"step": self.generator})])  # one per process, in rank order
+        path = None
+        if acc.is_main_process:
+            named = dict(acc.unwrap_model(self.model).named_parameters())
+            state = dict(pos, lr_scheduler=self.lr_scheduler.state_dict(), rng=rngs, num_processes=acc.num_processes,
+                         batch_size=self.config.train.batch_size,
+                         gradient_accumulation_steps=self.config.train.gradient_accumulation_steps)
+            extra = {}
+            if self.ema is not None:
+                extra["ema"], state["ema"] = ema_state(self.ema, self.param_names)
+            path = ckpt.save_checkpoint(self.checkpoint_root, pos["step"], {n: named[n] for n in self.param_names},
+                                        self.optimizer, state, self.config.checkpoint.keep_last, extra=extra)
+        acc.wait_for_everyone()
+        return path
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        state = json.loads((path / "state.json").read_text())
+        run = self.config.train
+        saved = (state["num_processes"], state["batch_size"], state["gradient_accumulation_steps"])
+        if saved != (acc.num_processes, run.batch_size, run.gradient_accumulation_steps):
+            raise ValueError(
+                f"checkpoint {path} was written with (processes, batch_size, gradient_accumulation_steps) = {saved}, "
+                f"this run has {(acc.num_processes, run.batch_size, run.gradient_accumulation_steps)}; "
+                "resume with the same settings (the data order and the result depend on them)"
+            )
+        named = dict(acc.unwrap_model(self.model).named_parameters())
+        weights = load_file(path / "model.safetensors")
+        missing = [n for n in self.param_names if n not in weights]
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks weights for {missing[0]} (and {len(missing) - 1} more); was it saved from another model?")
+        with torch.no_grad():
+            for n in self.param_names:
+                named[n].copy_(weights[n])
+        ckpt.load_optimizer(path, self.optimizer)
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.ema is not None:
+            if not (path / "ema.safetensors").is_file():
+                raise ValueError(f"checkpoint {path} has no EMA weights (ema.safetensors) but ema.enabled is true")
+            load_ema_state(self.ema, self.param_names, load_file(path / "ema.safetensors"), state["ema"])
+        ckpt.set_rng_state(state["rng"][acc.process_index], {"step": self.generator})
+        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped_steps", "nonfinite_streak")}
+
+    # -- validation ------------------------------------------------------------------------------
+
+    def _pipeline(self) -> Text2ImagePipeline:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        pipe = Text2ImagePipeline(unwrapped, self.autoencoder, self.text_encoder, self.schedule, self.sampling,
+                                  sample_size=self.cache.latent_shape[-1])
+        pipe.device = self.device
+        return pipe
+
+    @torch.no_grad()
+    def _validate(self, step: int, log: RunLog) -> dict:
+        """Held-out loss (raw and EMA weights) and the EMA sample grid; main process only."""
+        cfg, acc = self.config, self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        unwrapped.eval()
+
+        def model(z, t, ctx):
+            return unwrapped(z, t, encoder_hidden_states=ctx).sample
+
+        loss_kw = dict(prediction=self.sampling.prediction, batch_size=cfg.train.batch_size,
+                       max_batches=cfg.validation.heldout_batches, device=self.device, autocast=acc.autocast)
+        values = {"loss": heldout_loss(model, self.cache, self.cache.heldout_indices, self.schedule, **loss_kw)}
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        try:
+            if self.ema is not None:
+                values["loss_ema"] = heldout_loss(model, self.cache, self.cache.heldout_indices, self.schedule, **loss_kw)
+            grid = None
+            if cfg.validation.prompts:
+                grid = sample_grid(self._pipeline(), cfg.validation.prompts, cfg.validation.seeds, steps=cfg.validation.steps,
+                                   guidance=cfg.validation.guidance, batch_size=cfg.validation.batch_size)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
+            unwrapped.train()
+        log.scalars("val", step, values)
+        if grid is not None:
+            samples = self.output_dir / "samples"
+            samples.mkdir(parents=True, exist_ok=True)
+            _save_png_atomic(grid, samples / f"step-{step:08d}.png")
+            log.image("val/samples", step, grid)
+        return values
+
+    # -- the bundle ------------------------------------------------------------------------------
+
+    def _save_bundle(self) -> Path:
+        from ldm.bundle import save_bundle
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ema is not None:  # the bundle gets the EMA weights; the trained ones come back afterwards
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+        unwrapped.eval()
+        unwrapped.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
+        try:
+            parts = dict(autoencoder=self.autoencoder, text_encoder=self.text_encoder, schedule=self.schedule,
+                         sampling=self.sampling)
+            if self.lora:
+                path = save_bundle(self.output_dir / "bundle", unet=self.base_unet, unet_lora=unwrapped, **parts)
+            else:
+                path = save_bundle(self.output_dir / "bundle", unet=unwrapped, **parts)
+            save_config(self.saved_config, path / "training_config.yaml")
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.params)
+            if self.config.train.channels_last:
+                unwrapped.to(memory_format=torch.channels_last)
+            unwrapped.train()
+        return path
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self, resume: Optional[str] = None, stop_at_step: Optional[int] = None, record_rows: bool = False) -> TrainResult:
+        """Train to ``train.max_steps`` (or stop after ``stop_at_step``), then write the bundle.
+
+        Args:
+            resume: ``"latest"`` or a checkpoint folder; None starts afresh.
+            stop_at_step: stop after this optimizer step (its checkpoint written first when due),
+                as if the process had been killed there; no bundle is written.
+            record_rows: keep the cache rows this process trained on in ``TrainResult.seen``.
+        """
+        self._setup()
+        cfg, acc = self.config, self.accelerator
+        run = cfg.train
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_partial(self.checkpoint_root)
+            save_config(self.saved_config, self.output_dir / "config.yaml")
+        acc.wait_for_everyone()
+
+        pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
+        last_ckpt = None
+        if resume is not None:
+            last_ckpt = ckpt.resolve_resume(resume, self.checkpoint_root)
+            pos = self._load_checkpoint(last_ckpt)
+            acc.print(f"resumed from {last_ckpt} at step {pos['step']}")
+        log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if resume else None) if acc.is_main_process else None
+        seen: list[int] = []
+        bar = None
+        if acc.is_main_process:
+            from tqdm import tqdm
+
+            bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train", unit="step")
+        sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "images": 0}
+        window_bad = ckpt_due = False
+        diverged = None
+        try:
+            while pos["step"] < run.max_steps:
+                if pos["batch_in_epoch"] >= self.order.batches_per_epoch:
+                    pos["epoch"] += 1
+                    pos["batch_in_epoch"] = 0
+                rows = self.order.batch(pos["epoch"], pos["batch_in_epoch"])
+                pos["batch_in_epoch"] += 1
+                if record_rows:
+                    seen.extend(int(r) for r in rows)
+                z0 = self.cache.latents(rows).to(self.device)  # (B, C, h, w)
+                ctx = self.cache.contexts(rows, pos["epoch"], run.seed).to(self.device)  # (B, L, D)
+                if run.channels_last:
+                    z0 = z0.contiguous(memory_format=torch.channels_last)
+                ctx = conditioning.apply_caption_dropout(ctx, self.empty, cfg.objective.p_uncond, self.generator)  # (B, L, D)
+                with acc.accumulate(self.model):
+                    batch = noised_batch(z0, self.schedule, prediction=self.sampling.prediction,
+                                         min_snr_gamma=cfg.objective.min_snr_gamma, noise_offset=cfg.objective.noise_offset,
+                                         generator=self.generator)
+                    with acc.autocast():
+                        pred = self.model(batch.z_t, batch.t, encoder_hidden_states=ctx).sample  # (B, C, h, w)
+                    loss = weighted_mse(pred, batch)
+                    bad = not bool(torch.isfinite(loss))
+                    if acc.num_processes > 1:  # every process must take the same branch
+                        bad = bool(acc.reduce(torch.tensor([float(bad)], device=self.device), "sum") > 0)
+                    if bad:
+                        window_bad = True
+                    else:
+                        acc.backward(loss)
+                        sums["loss"] += float(loss.detach())
+                        sums["n"] += 1
+                    grad_norm = float("nan")
+                    if acc.sync_gradients:
+                        if not window_bad:
+                            max_norm = cfg.optim.max_grad_norm or float("inf")
+                            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+                        grads_ok = not window_bad and math.isfinite(grad_norm)
+                        if grads_ok or (run.mixed_precision == "fp16" and not window_bad):
+                            self.optimizer.step()  # under fp16 the GradScaler skips inf gradients itself
+                        self.optimizer.zero_grad(set_to_none=True)
+                sums["images"] += len(rows) * acc.num_processes
+                if not acc.sync_gradients:
+                    continue
+
+                # -- one optimizer step done ----------------------------------------------------
+                self.lr_scheduler.step()
+                pos["step"] += 1
+                step = pos["step"]
+                if window_bad or not grads_ok:
+                    pos["skipped_steps"] += 1
+                    pos["nonfinite_streak"] += 1
+                    acc.print(f"step {step}: non-finite {'loss' if window_bad else 'gradient'}; step skipped "
+                              f"({pos['nonfinite_streak']} in a row, {pos['skipped_steps']} in all)")
+                else:
+                    pos["nonfinite_streak"] = 0
+                    if self.ema is not None:
+                        self.ema.step(self.params)
+                window_bad = False
+                if pos["nonfinite_streak"] >= run.max_consecutive_nonfinite:
+                    good = (ckpt.list_checkpoints(self.checkpoint_root) or [None])[-1]
+                    diverged = TrainingDiverged(
+                        f"training stopped at step {step}: {pos['nonfinite_streak']} non-finite losses in a row "
+                        f"(train.max_consecutive_nonfinite={run.max_consecutive_nonfinite}). The last good checkpoint is "
+                        f"{good if good else '(none written yet)'}; lower optim.lr, set optim.max_grad_norm, or try "
+                        "train.mixed_precision=fp32, then resume from it."
+                    )
+                    break
+                if bar is not None:
+                    bar.update(1)
+                if step % run.log_every == 0 or step == run.max_steps:
+                    self._log_train(step, pos, sums, log, bar)
+                busy = time.perf_counter()  # checkpoints and validation do not count towards images/s
+                # a checkpoint due during a run of non-finite steps waits for the next good step
+                ckpt_due = ckpt_due or step % cfg.checkpoint.every == 0 or step == run.max_steps
+                if ckpt_due and pos["nonfinite_streak"] == 0:
+                    last_ckpt = self._save_checkpoint(pos) or last_ckpt
+                    ckpt_due = False
+                every = cfg.validation.every
+                if (every and step % every == 0) or step == run.max_steps:
+                    if acc.is_main_process:
+                        self._validate(step, log)
+                    acc.wait_for_everyone()
+                sums["t0"] += time.perf_counter() - busy
+                if stop_at_step is not None and step >= stop_at_step:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
+        if diverged is not None:
+            raise diverged
+        bundle = None
+        if pos["step"] >= run.max_steps:
+            if acc.is_main_process:
+                bundle = self._save_bundle()
+            acc.wait_for_everyone()
+        return TrainResult(pos["step"], pos["epoch"], pos["skipped_steps"], bundle, last_ckpt, seen)
+
+    def _log_train(self, step: int, pos: dict, sums: dict, log: Optional[RunLog], bar) -> None:
+        acc = self.accelerator
+        stats = torch.tensor([sums["loss"], float(sums["n"])], device=self.device)
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats, "sum")
+        elapsed = time.perf_counter() - sums["t0"]
+        loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+        values = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0], "epoch": pos["epoch"],
+                  "images_per_s": sums["images"] / elapsed if elapsed > 0 else float("nan"),
+                  "skipped_steps": pos["skipped_steps"]}
+        if log is not None:
+            log.scalars("train", step, values)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['images_per_s']:.1f}")
+        sums.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
+
+
+def _save_png_atomic(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def train_from_config(config, *, resume: Optional[str] = None, autoencoder=None, text_encoder=None,
+                      stop_at_step: Optional[int] = None, record_rows: bool = False) -> TrainResult:
+    """``ldm train``: a fresh U-Net from ``config.model`` on the frozen encoders of ``config.encoders``
+    (or the ``autoencoder`` / ``text_encoder`` objects given), trained by ``LDMTrainer``."""
+    trainer = build_trainer(config, autoencoder=autoencoder, text_encoder=text_encoder)
+    return trainer.fit(resume=resume, stop_at_step=stop_at_step, record_rows=record_rows)
+
+
+def build_trainer(config, *, autoencoder=None, text_encoder=None) -> LDMTrainer:
+    """The trainer of ``train_from_config``: encoders loaded, U-Net built from ``config.model``."""
+    from accelerate.utils import set_seed
+
+    from ldm.unet import build_unet
+
+    if autoencoder is None:
+        import vae
+
+        if not config.encoders.autoencoder:
+            raise ValueError("encoders.autoencoder is empty; give the folder of a trained autoencoder, e.g. encoders.autoencoder=runs/vae/final")
+        autoencoder = vae.load_autoencoder(config.encoders.autoencoder)
+    if text_encoder is None:
+        if not config.encoders.text_encoder:
+            raise ValueError("encoders.text_encoder is empty; give a folder holding text_encoder/ and tokenizer/, e.g. encoders.text_encoder=runs/clip/final")
+        text_encoder = conditioning.load_text_encoder(config.encoders.text_encoder)
+    f = autoencoder.downsample_factor
+    if config.data.resolution == 0 or config.data.resolution % f:
+        raise ValueError(f"data.resolution={config.data.resolution} must be a multiple of the autoencoder's downsampling factor {f}")
+    set_seed(config.train.seed)  # the U-Net's initial weights
+    unet = build_unet(config.model, latent_channels=autoencoder.latent_channels, sample_size=config.data.resolution // f,
+                      cross_attention_dim=text_encoder.context_dim)
+    schedule = NoiseSchedule(**asdict(config.schedule))
+    sampling = SamplingConfig(prediction=config.objective.prediction or "eps")
+    return LDMTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
+                      sampling=sampling, output_dir=config.train.output_dir)

@@ -1,0 +1,53 @@
+"""Validation during training: the loss on the held-out split and images for fixed prompts and seeds.
+
+The held-out loss uses the same t and noise at every evaluation (a generator seeded afresh each
+time) and no caption dropout, so its curve moves only with the weights. Images come from the
+pipeline the bundle will load (``Text2ImagePipeline``), drawn with DDIM from fixed seeds, and are
+tiled into a labelled grid (``ldm.sweep.labelled_grid``: a column per prompt and seed).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.pipeline import Text2ImagePipeline
+from ldm.schedule import NoiseSchedule
+from ldm.sweep import labelled_grid, run_sweep
+from train.cache import LatentCache
+from train.objective import noised_batch, weighted_mse
+
+HELDOUT_SEED = 1234  # the held-out loss's own fixed t and noise
+
+
+@torch.no_grad()
+def heldout_loss(model: Callable, cache: LatentCache, indices: np.ndarray, schedule: NoiseSchedule, *,
+                 prediction: str, batch_size: int, max_batches: int, device, autocast) -> float:
+    """Mean (unweighted) loss of ``model(z_t, t, context)`` over held-out images, fixed t and noise."""
+    if len(indices) == 0:
+        return float("nan")
+    generator = torch.Generator(device).manual_seed(HELDOUT_SEED)
+    starts = list(range(0, len(indices), batch_size))
+    if max_batches:
+        starts = starts[:max_batches]
+    total, count = 0.0, 0
+    for s in starts:
+        idx = indices[s : s + batch_size]
+        z0 = cache.latents(idx).to(device)  # (B, C, h, w)
+        ctx = cache.contexts(idx).to(device)  # (B, L, D)
+        batch = noised_batch(z0, schedule, prediction=prediction, min_snr_gamma=None, noise_offset=0.0, generator=generator)
+        with autocast():
+            pred = model(batch.z_t, batch.t, ctx)
+        total += float(weighted_mse(pred, batch)) * len(idx)
+        count += len(idx)
+    return total / count
+
+
+def sample_grid(pipe: Text2ImagePipeline, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
+                guidance: float, batch_size: int) -> Image.Image:
+    """A labelled grid: one column per (prompt, seed), DDIM with eta 0 from each seed's noise."""
+    result = run_sweep(pipe, prompts, [guidance], seeds, steps=steps, method="ddim", eta=0.0, batch_size=batch_size)
+    return labelled_grid(result)
