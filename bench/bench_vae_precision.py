@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from train.vae_config_io import load_config
+from train.config import load_config
 from train.vae_train_config import VAETrainingConfig
 from vae import build_autoencoder
 from vae.vq import CodebookTrainer

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file, save_file
 
-from train.vae_config_io import load_config
+from train.config import load_config
 from train.vae_train_config import VAETrainingConfig
 from vae import AutoencoderConfig, build_autoencoder, compute_scaling_factor, load_autoencoder
 

@@ -109,7 +109,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+            hint = " (YAML reads yes/no/on/off as booleans; quote the value)" if isinstance(value, bool) else ""
+            raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}{hint}")
         return value
     raise TypeError(f"{where}: field type {_type_name(tp)} is not supported by train.config")
 

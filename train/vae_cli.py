@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.vae_config_io import load_config
+    from train.config import load_config
     from train.vae_train_config import VAETrainingConfig
     from train.vae_trainer import train_vae
 
