@@ -18,8 +18,7 @@ torch.utils.flop_counter on one step) against this machine's matmul peak, measur
 run (2048^3 fp32 and bf16 matmuls).
 
 The frozen encoders are the project's, built untrained from configs/vae/vq-f4-64.yaml and
-configs/clip/emoji.yaml (untrained weights cost the same as trained ones); if they cannot be built,
-stand-ins of the same architecture and size (a diffusers VQModel and an open_clip text tower).
+configs/clip/emoji.yaml (untrained weights cost the same as trained ones).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train.cache import build_cache, module_hash  # noqa: E402
+from train.cache import build_cache  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.ldm_config import LDMTrainConfig  # noqa: E402
 
@@ -47,86 +46,26 @@ CONFIG = ROOT / "configs" / "ldm" / "small-64.yaml"
 # -- frozen encoders ---------------------------------------------------------------------------------
 
 
-class StandInAutoencoder(torch.nn.Module):
-    """A diffusers VQModel shaped like configs/vae/vq-f4-64.yaml (32/64/64 channels, f = 4, 1024 codes)."""
-
-    kind, downsample_factor, latent_channels, scaling_factor, shift_factor = "vq", 4, 4, 1.0, 0.0
-
-    def __init__(self):
-        super().__init__()
-        from diffusers import VQModel
-
-        self.model = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                             up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-                             layers_per_block=1, latent_channels=4, norm_num_groups=16, num_vq_embeddings=1024,
-                             vq_embed_dim=4, sample_size=64)
-
-    def encode(self, images):  # (B, 3, 64, 64) -> (B, 4, 16, 16)
-        return self.model.encode(images).latents * self.scaling_factor
-
-    def decode(self, latents):
-        return self.model.decode(latents / self.scaling_factor).sample
-
-    def save_pretrained(self, folder):
-        self.model.save_pretrained(folder)
-
-
-class StandInTextEncoder(torch.nn.Module):
-    """An open_clip text tower shaped like configs/clip/emoji.yaml (width 256, 4 heads, 3 layers, 77 tokens)."""
-
-    context_dim, max_length = 256, 77
-
-    def __init__(self):
-        super().__init__()
-        from open_clip.model import CLIPTextCfg, _build_text_tower
-        from open_clip.tokenizer import SimpleTokenizer
-
-        cfg = CLIPTextCfg(context_length=77, width=256, heads=4, layers=3, mlp_ratio=4.0, output_tokens=True)
-        self.tower = _build_text_tower(256, cfg)
-        self.tokenizer = SimpleTokenizer(context_length=77)
-
-    def forward(self, prompts):
-        pooled, tokens = self.tower(self.tokenizer(list(prompts)))
-        return tokens, pooled  # (B, 77, 256), (B, 256)
-
-    def empty_context(self, batch_size=1):
-        return self([""])[0].expand(batch_size, -1, -1)
-
-    def weights_hash(self):
-        return module_hash(self)
-
-    def save_pretrained(self, root):
-        from safetensors.torch import save_file
-
-        for part in ("text_encoder", "tokenizer"):
-            (Path(root) / part).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, Path(root) / "text_encoder" / "model.safetensors")
-
-
 def frozen_encoders():
-    """(autoencoder, text encoder, description): the project's VQ-VAE and CLIP text encoder as configured
-    for the emoji set, untrained (the cost is the same); stand-ins of the same size if they cannot be built."""
-    torch.manual_seed(0)
-    try:
-        from conditioning import build_text_encoder
-        from train.clip_config import load_train_config
-        from train.config import load_config as load_any
-        from train.vae_train_config import VAETrainingConfig
-        from vae import build_autoencoder
+    """The project's VQ-VAE and open_clip text encoder as configured for the emoji set, untrained
+    (random weights cost the same as trained ones)."""
+    from conditioning import build_text_encoder
+    from train.clip_config import load_train_config
+    from train.vae_train_config import VAETrainingConfig
+    from vae import build_autoencoder
 
-        ae = build_autoencoder(load_any(VAETrainingConfig, ROOT / "configs" / "vae" / "vq-f4-64.yaml").model)
-        clip = load_train_config(str(ROOT / "configs" / "clip" / "emoji.yaml")).model
-        te = build_text_encoder({"backend": "open_clip", "model_cfg": clip.to_open_clip()})
-        return ae, te, "the project's VQ-VAE (configs/vae/vq-f4-64.yaml) and open_clip text encoder (configs/clip/emoji.yaml), untrained"
-    except (ImportError, AttributeError, TypeError, FileNotFoundError, ValueError) as exc:
-        return StandInAutoencoder(), StandInTextEncoder(), f"stand-ins of the same size ({type(exc).__name__}: {exc})"
+    torch.manual_seed(0)
+    ae = build_autoencoder(load_config(VAETrainingConfig, ROOT / "configs" / "vae" / "vq-f4-64.yaml").model)
+    clip = load_train_config(str(ROOT / "configs" / "clip" / "emoji.yaml")).model
+    te = build_text_encoder({"backend": "open_clip", "model_cfg": clip.to_open_clip()})
+    return ae, te, "the project's VQ-VAE (configs/vae/vq-f4-64.yaml) and open_clip text encoder (configs/clip/emoji.yaml), untrained"
 
 
 # -- (a) the diffusers-style loop -------------------------------------------------------------------
 
 
-def diffusers_style_steps(config: LDMTrainConfig, unet, ae, te, steps: int, warmup: int) -> list[float]:
-    """Step times of a train_text_to_image.py-style loop: decode, encode images and captions, train."""
+def diffusers_style_steps(config: LDMTrainConfig, unet, ae, te, steps: int, warmup: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per step of a train_text_to_image.py-style loop: decode, encode images and captions, train."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
@@ -142,7 +81,7 @@ def diffusers_style_steps(config: LDMTrainConfig, unet, ae, te, steps: int, warm
     times = []
     batches = iter(loader)
     for step in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pixel_values, captions = next(batches)  # (B, 3, 64, 64)
         with torch.no_grad():
             latents = ae.encode(pixel_values)  # (B, 4, 16, 16), times the scaling factor
@@ -157,15 +96,15 @@ def diffusers_style_steps(config: LDMTrainConfig, unet, ae, te, steps: int, warm
         optimizer.step()
         optimizer.zero_grad()
         ema.step(unet.parameters())
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
     return times[warmup:]
 
 
 # -- (b)-(d) our trainer ------------------------------------------------------------------------------
 
 
-def our_steps(config: LDMTrainConfig, ae, te, overrides: list[str], steps: int, warmup: int, out: Path) -> list[float]:
-    """Step times of LDMTrainer (from its train.csv, checkpoint and validation time excluded)."""
+def our_steps(config: LDMTrainConfig, ae, te, overrides: list[str], steps: int, warmup: int, out: Path) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds per step of LDMTrainer, from its train.csv (checkpoints and validation excluded)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from train.ldm_trainer import build_trainer
@@ -177,8 +116,7 @@ def our_steps(config: LDMTrainConfig, ae, te, overrides: list[str], steps: int, 
     trainer = build_trainer(cfg, autoencoder=ae, text_encoder=te)
     trainer.fit()
     rows = read_csv(Path(cfg.train.output_dir) / "logs" / "train.csv")
-    b = cfg.train.batch_size
-    return [b / float(r["images_per_s"]) for r in rows][warmup:]
+    return [(float(r["step_s"]), float(r["cpu_s"])) for r in rows][warmup:]
 
 
 def BASE_OVERRIDES(config: LDMTrainConfig, out: Path, max_steps: int) -> list[str]:  # noqa: N802
@@ -267,7 +205,10 @@ def main() -> None:
         "(c) ours + fused AdamW": ["optim.implementation=fused"],
         "(c) ours + foreach AdamW": ["optim.implementation=foreach"],
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}  # (wall, CPU) seconds per step
+
+    def median(name, which):  # which: 0 wall, 1 CPU
+        return statistics.median(t[which] for t in times[name])
 
     def run(name, overrides):
         if overrides is None:
@@ -279,25 +220,30 @@ def main() -> None:
     for r in range(args.rounds):
         for name, overrides in variants.items():
             run(name, overrides)
-            print(f"  round {r + 1}: {name}: {statistics.median(times[name][-args.steps:]):.3f} s/step", flush=True)
+            last = times[name][-args.steps:]
+            print(f"  round {r + 1}: {name}: wall {statistics.median(t[0] for t in last):.3f} s/step, "
+                  f"CPU {statistics.median(t[1] for t in last):.3f} s/step", flush=True)
 
-    base = statistics.median(times["(b) ours: cache, fp32"])
-    faster = [o for name, o in variants.items() if o and statistics.median(times[name]) < base * 0.97]
+    base = median("(b) ours: cache, fp32", 1)
+    faster = [o for name, o in variants.items() if o and median(name, 1) < base * 0.97]
     combo = [x for o in faster for x in o]
-    name_d = "(d) ours + " + (", ".join(o[0].split(".")[-1] for o in faster) if faster else "nothing (no option was faster)")
+    name_d = "(d) ours + " + (", ".join(o[0].split("=")[-1] for o in faster) if faster else "nothing (no option was faster)")
     variants[name_d] = combo
     times[name_d] = []
     for _ in range(args.rounds):
         run(name_d, combo)
 
-    ref = statistics.median(times["(a) diffusers-style: encode every step, fp32"])
-    print()
-    print(f"{'variant':<52} {'s/step':>7} {'img/s':>7} {'vs (a)':>7} {'GFLOP/s':>8} {'% fp32 pk':>9} {'% bf16 pk':>9}")
+    a = "(a) diffusers-style: encode every step, fp32"
+    print(f"\nmedians; speed-ups and GFLOP/s from CPU time ({args.threads} thread(s); the cores are shared, so wall time "
+          "also holds waiting for them)")
+    print(f"{'variant':<48} {'wall s':>7} {'CPU s':>7} {'img/s':>6} {'vs (a)':>7} {'wall vs (a)':>11} {'GFLOP/s':>8} "
+          f"{'% fp32 pk':>9} {'% bf16 pk':>9}")
     for name in times:
-        t = statistics.median(times[name])
+        wall, cpu = median(name, 0), median(name, 1)
         flops = unet_flops + (encoder_flops if name.startswith("(a)") else 0)
-        gflops = flops / t / 1e9
-        print(f"{name:<52} {t:>7.3f} {args.batch / t:>7.1f} {ref / t:>6.2f}x {gflops:>8.1f} {100 * gflops / peak32:>8.0f}% {100 * gflops / peak16:>8.0f}%")
+        gflops = flops / cpu / 1e9
+        print(f"{name:<48} {wall:>7.3f} {cpu:>7.3f} {args.batch / cpu:>6.1f} {median(a, 1) / cpu:>6.2f}x "
+              f"{median(a, 0) / wall:>10.2f}x {gflops:>8.1f} {100 * gflops / peak32:>8.0f}% {100 * gflops / peak16:>8.0f}%")
     print(f"\n(d) used: {combo or 'the fp32 baseline'}")
 
 

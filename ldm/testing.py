@@ -77,9 +77,18 @@ def build_sd_folder(folder: Path, size: str = "tiny") -> Path:
     return folder
 
 
+def text_encoder(seed=0):
+    """A tiny open_clip text encoder (width 16, one layer, 77 tokens) with random weights."""
+    from conditioning import build_text_encoder
+
+    torch.manual_seed(seed)
+    return build_text_encoder({"backend": "open_clip", "model_cfg": {
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}})
+
+
 def build_bundle(folder: Path) -> Path:
     """One of our bundles: a tiny VQ-VAE (f = 4), a tiny open_clip CLIP and a tiny U-Net, random weights."""
-    from conditioning import build_text_encoder
     from ldm.bundle import save_bundle
     from ldm.pipeline import SamplingConfig
     from ldm.schedule import NoiseSchedule
@@ -89,9 +98,7 @@ def build_bundle(folder: Path) -> Path:
     autoencoder = build_autoencoder(AutoencoderConfig(kind="vq", resolution=32, channels=8, channel_mult=[1, 2, 2],
                                                       layers_per_block=1, mid_attention=False, norm_num_groups=4,
                                                       num_embeddings=16, embed_dim=4))
-    text_encoder = build_text_encoder({"backend": "open_clip", "model_cfg": {
-        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16, "patch_size": 8, "head_width": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}})
-    return save_bundle(folder, unet=unet(cross_attention_dim=text_encoder.context_dim), autoencoder=autoencoder,
-                       text_encoder=text_encoder, schedule=NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012),
+    encoder = text_encoder(seed=0)
+    return save_bundle(folder, unet=unet(cross_attention_dim=encoder.context_dim), autoencoder=autoencoder,
+                       text_encoder=encoder, schedule=NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012),
                        sampling=SamplingConfig())

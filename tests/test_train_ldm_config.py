@@ -69,7 +69,7 @@ def test_context_width_must_match_the_text_encoder():
         build_unet(UNetConfig(cross_attention_dim=768), latent_channels=4, sample_size=8, cross_attention_dim=512)
 
 
-def test_finetune_defaults_are_lora_on_attention_projections():
-    config = load_config(FinetuneConfig, None)
+def test_finetune_defaults_are_lora_on_attention_projections_at_the_models_size():
+    config = load_config(FinetuneConfig, None, ["data.path=x", "objective.p_uncond=0.2"])
     assert config.lora.method == "lora" and config.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
-    assert config.objective.p_uncond == 0.1
+    assert config.data.resolution == 0 and config.objective.prediction is None  # the model's, also with other keys set

@@ -29,11 +29,11 @@ def worker(rank: int, port: int, tmp: str) -> None:
     from pathlib import Path
 
     from train.ldm_trainer import build_trainer
-    from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, tiny_config
+    from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, tiny_config
 
     tmp = Path(tmp)
     config = tiny_config(tmp, "validation.prompts=[]", "train.max_steps=6", data=tmp / "data")
-    trainer = build_trainer(config, autoencoder=TrainFakeAutoencoder(), text_encoder=TrainFakeTextEncoder())
+    trainer = build_trainer(config, autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder())
     result = trainer.fit(record_rows=True)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     save_file({n: p.detach().contiguous() for n, p in unwrapped.named_parameters()}, tmp / f"rank{rank}.safetensors")
@@ -77,9 +77,9 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         "torch.set_num_threads(1)\n"
         "from pathlib import Path\n"
         "from train.ldm_trainer import build_trainer\n"
-        "from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, tiny_config\n"
+        "from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, tiny_config\n"
         f"tmp = Path({str(tmp_path)!r})\n"
-        "t = build_trainer(tiny_config(tmp, 'validation.prompts=[]', data=tmp / 'data'), autoencoder=TrainFakeAutoencoder(), text_encoder=TrainFakeTextEncoder())\n"
+        "t = build_trainer(tiny_config(tmp, 'validation.prompts=[]', data=tmp / 'data'), autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder())\n"
         "r = t.fit(record_rows=True)\n"
         "(tmp / f'seen{t.accelerator.process_index}.json').write_text(json.dumps(r.seen))\n"
     )

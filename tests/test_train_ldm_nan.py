@@ -10,7 +10,7 @@ from train import checkpoint as ckpt
 from train import ldm_trainer
 from train.ldm_trainer import TrainingDiverged, train_from_config
 from train.run_log import read_csv
-from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
+from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +33,7 @@ def nan_at(monkeypatch, calls: set[int]):
 
 
 def run(config, **kw):
-    return train_from_config(config, autoencoder=TrainFakeAutoencoder(), text_encoder=TrainFakeTextEncoder(), **kw)
+    return train_from_config(config, autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder(), **kw)
 
 
 def test_a_nan_step_is_skipped_and_counted(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from train.ldm_trainer import build_trainer
-from train_fakes import TrainFakeAutoencoder, TrainFakeTextEncoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
+from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 BASE = ["validation.prompts=[]", "train.max_steps=3", "checkpoint.every=3"]
 
@@ -19,7 +19,7 @@ def fresh_accelerate():
 def train(tmp_path, *overrides, **fit):
     reset_accelerate()
     trainer = build_trainer(tiny_config(tmp_path, *BASE, *overrides), autoencoder=TrainFakeAutoencoder(),
-                            text_encoder=TrainFakeTextEncoder())
+                            text_encoder=tiny_text_encoder())
     result = trainer.fit(**fit)
     return trainer, result, read_checkpoint(result.checkpoint)[0]
 
@@ -42,7 +42,7 @@ def test_bf16_autocast_runs_the_unet_in_bf16(tmp_path):
     _, _, fp32 = train(tmp_path / "fp32")
     reset_accelerate()
     trainer = build_trainer(tiny_config(tmp_path / "bf16", *BASE, "train.mixed_precision=bf16"),
-                            autoencoder=TrainFakeAutoencoder(), text_encoder=TrainFakeTextEncoder())
+                            autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder())
     trainer.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = trainer.fit()
     bf16 = read_checkpoint(result.checkpoint)[0]

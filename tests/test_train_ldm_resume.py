@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from train import checkpoint as ckpt
 from train.ldm_trainer import train_from_config
 from train.run_log import read_csv
-from train_fakes import (TrainFakeAutoencoder, TrainFakeTextEncoder, make_imagefolder, read_checkpoint, reset_accelerate,
+from train_fakes import (TrainFakeAutoencoder, tiny_text_encoder, make_imagefolder, read_checkpoint, reset_accelerate,
                          tiny_config, one_thread)  # noqa: F401  (one_thread: autouse fixture)
 
 # accumulation over 2 micro-batches, 3 optimizer steps per epoch (24 training images, batch 4),
@@ -33,7 +33,7 @@ def fresh_accelerate():
 
 def run(config, **kw):
     reset_accelerate()
-    return train_from_config(config, autoencoder=TrainFakeAutoencoder(), text_encoder=TrainFakeTextEncoder(), **kw)
+    return train_from_config(config, autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder(), **kw)
 
 
 def final_state(result):

@@ -1,8 +1,9 @@
-"""Stand-ins for the frozen encoders and a tiny captioned data set, for the U-Net trainer's tests.
+"""Frozen encoders and a tiny captioned data set for the U-Net trainer's tests.
 
 The trainer touches the encoders only to build its cache, draw validation images and write the
-bundle, so the fakes need: encode/decode (autoencoder), __call__/empty_context (text encoder),
-a weights hash, and save_pretrained.
+bundle. The autoencoder is a stand-in (encode/decode, save_pretrained); the text encoder is a real
+tiny open_clip one (``ldm.testing.text_encoder``), since its contexts go through
+``conditioning.EmbeddingCache``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline_fakes import FakeAutoencoder, FakeTextEncoder
+from pipeline_fakes import FakeAutoencoder
 from train.config import load_config
 from train.ldm_config import LDMTrainConfig
 
@@ -51,25 +52,23 @@ class TrainFakeAutoencoder(FakeAutoencoder):
         return folder
 
 
-class TrainFakeTextEncoder(FakeTextEncoder):
-    """FakeTextEncoder with a weights hash; ``salt`` makes a different encoder."""
+def tiny_text_encoder(seed: int = 0):
+    """A real tiny open_clip TextEncoder (16-wide contexts of 77 tokens); another seed, another encoder."""
+    from ldm.testing import text_encoder
 
-    def __init__(self, salt: str = ""):
-        super().__init__()
-        self.salt = salt
+    return text_encoder(seed)
 
-    def forward(self, prompts):
-        context, pooled = super().forward([self.salt + p for p in prompts])
-        return context, pooled
 
-    def weights_hash(self) -> str:
-        return f"fake-text-encoder{self.salt}"
+def count_calls(encoder) -> list[list[str]]:
+    """The prompt lists ``encoder`` is called with from now on."""
+    calls, forward = [], encoder.forward
 
-    def save_pretrained(self, root):
-        for part in ("text_encoder", "tokenizer"):
-            (Path(root) / part).mkdir(parents=True, exist_ok=True)
-            (Path(root) / part / "fake.txt").write_text(self.salt)
-        return Path(root)
+    def counted(prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return forward(prompts, *args, **kwargs)
+
+    encoder.forward = counted
+    return calls
 
 
 def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: int = 7) -> Path:

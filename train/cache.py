@@ -14,11 +14,12 @@ written under a temporary name and renamed when complete. The data is read by ``
 (every format it knows, bad rows skipped and counted), resized and centre-cropped once: a cached
 run has no random crops or flips.
 
-Files: ``latents.npy`` (N, C, h, w) float32; ``contexts.npy`` (U, L, D) over the U distinct
-captions (float32, float16, or bfloat16 stored as int16); ``caption_offsets.npy`` (N + 1,) and
-``caption_rows.npy``: image i's caption options are contexts rows
-``caption_rows[caption_offsets[i]:caption_offsets[i + 1]]``; ``empty.npy`` (1, L, D);
-``heldout.npy`` (N,) bool; ``meta.json`` (key, captions, the loader's summary).
+Files: ``latents.npy`` (N, C, h, w) float32; ``caption_offsets.npy`` (N + 1,) and
+``caption_rows.npy``: image i's caption options are rows
+``caption_rows[caption_offsets[i]:caption_offsets[i + 1]]`` of the sorted distinct captions, whose
+contexts live in the text encoder's own embedding cache (``conditioning.EmbeddingCache``, in
+``<cache.dir>/contexts/``, keyed by the encoder's hash and the captions); ``empty.npy`` (1, L, D);
+``heldout.npy`` (N,) bool; ``meta.json`` (key, captions, the contexts file, the loader's summary).
 For a VQ autoencoder the latents are the continuous pre-quantisation ones its ``encode`` returns.
 """
 
@@ -42,7 +43,8 @@ from train.ldm_config import CacheConfig, DataConfig
 if TYPE_CHECKING:
     from train.data import CaptionedImages
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+CONTEXT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -141,13 +143,16 @@ class LatentCache:
     """An opened cache folder; reads are row gathers from memory-mapped arrays."""
 
     def __init__(self, folder: Path):
+        from conditioning.cache import CachedEmbeddings
+
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self._latents = np.load(self.folder / "latents.npy", mmap_mode="r")  # (N, C, h, w)
-        self._contexts = np.load(self.folder / "contexts.npy", mmap_mode="r")  # (U, L, D)
         self._offsets = np.load(self.folder / "caption_offsets.npy")  # (N + 1,) image i: options offsets[i]:offsets[i+1]
-        self._options = np.load(self.folder / "caption_rows.npy")  # (sum of options,) rows of contexts.npy
-        self.empty = self._as_tensor(np.load(self.folder / "empty.npy"))  # (1, L, D)
+        self._options = np.load(self.folder / "caption_rows.npy")  # (sum of options,) rows of the distinct captions
+        contexts = self.folder.parent / "contexts" / self.meta["contexts"]  # conditioning.EmbeddingCache's file
+        self._contexts = CachedEmbeddings(contexts, self.meta["distinct_captions"], computed=False)
+        self.empty = torch.from_numpy(np.load(self.folder / "empty.npy"))  # (1, L, D) float32
         heldout = np.load(self.folder / "heldout.npy")  # (N,)
         self.train_indices = np.flatnonzero(~heldout)
         self.heldout_indices = np.flatnonzero(heldout)
@@ -160,16 +165,6 @@ class LatentCache:
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self._latents.shape[1:])
 
-    @property
-    def context_dim(self) -> int:
-        return int(self._contexts.shape[-1])
-
-    def _as_tensor(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        if self.meta["context_dtype"] == "bfloat16" and t.dtype == torch.int16:
-            t = t.view(torch.bfloat16)
-        return t.float()
-
     def latents(self, indices: Sequence[int]) -> torch.Tensor:
         """(B, C, h, w) float32 latents of images ``indices``."""
         return torch.from_numpy(np.ascontiguousarray(self._latents[np.asarray(indices)]))
@@ -180,17 +175,7 @@ class LatentCache:
         indices = np.asarray(indices)
         starts, counts = self._offsets[indices], np.diff(self._offsets)[indices]  # (B,), (B,)
         pick = [0 if n == 1 else int(np.random.default_rng((seed, epoch, int(i))).integers(n)) for i, n in zip(indices, counts)]
-        return self._as_tensor(self._contexts[self._options[starts + np.array(pick, dtype=np.int64)]])
-
-
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
-
-
-def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
-    x = x.detach().cpu()
-    if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).numpy()
-    return x.to(torch.float32).numpy().astype(_NP_DTYPES[dtype])
+        return self._contexts.batch(self._options[starts + np.array(pick, dtype=np.int64)])[0].float()  # (B, L, D)
 
 
 def cache_folder(cache: CacheConfig, key: dict) -> Path:
@@ -203,6 +188,8 @@ def write_cache(folder: Path, key: dict, data: DataParts, autoencoder, text_enco
                 batch_size: int, context_dtype: str, device, progress: bool = True) -> Path:
     """Encode every image and distinct caption and write the cache folder atomically."""
     from tqdm import tqdm
+
+    from conditioning import EmbeddingCache
 
     rows = list(data.rows())  # (dataset, index, held out)
     n = len(rows)
@@ -225,21 +212,13 @@ def write_cache(folder: Path, key: dict, data: DataParts, autoencoder, text_enco
         captions = [ds.captions(i) for ds, i, _ in rows]  # per image, its options
         distinct = sorted({c for options in captions for c in options})
         row = {c: i for i, c in enumerate(distinct)}
-        contexts = None
-        for start in tqdm(range(0, len(distinct), batch_size), desc="caching contexts", unit="batch", disable=not progress):
-            ctx = text_encoder(distinct[start : start + batch_size])[0]  # (B, L, D)
-            if contexts is None:
-                np_dtype = np.int16 if context_dtype == "bfloat16" else _NP_DTYPES[context_dtype]
-                contexts = np.lib.format.open_memmap(tmp / "contexts.npy", mode="w+", dtype=np_dtype,
-                                                     shape=(len(distinct), *ctx.shape[1:]))
-            contexts[start : start + len(ctx)] = _to_numpy(ctx, context_dtype)
-        contexts.flush()
-        del contexts
+        contexts = EmbeddingCache(folder.parent / "contexts", text_encoder, batch_size=batch_size,
+                                  store_dtype=CONTEXT_DTYPES[context_dtype], progress=progress).get(distinct)
         np.save(tmp / "caption_offsets.npy", np.cumsum([0] + [len(o) for o in captions]).astype(np.int64))
         np.save(tmp / "caption_rows.npy", np.array([row[c] for o in captions for c in o], dtype=np.int64))
-        np.save(tmp / "empty.npy", _to_numpy(text_encoder.empty_context(1), context_dtype))
+        np.save(tmp / "empty.npy", text_encoder.empty_context(1).float().cpu().numpy())
         np.save(tmp / "heldout.npy", np.array([h for _, _, h in rows], dtype=bool))
-        meta = {"key": key, "captions": captions, "context_dtype": context_dtype,
+        meta = {"key": key, "captions": captions, "distinct_captions": distinct, "contexts": contexts.path.name,
                 "summary": [str(data.train.summary())] + ([str(data.heldout.summary())] if data.heldout is not None else [])}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
         for f in tmp.iterdir():

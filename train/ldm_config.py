@@ -111,6 +111,7 @@ class RunConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     channels_last: bool = False  # NHWC memory layout for the U-Net and latents
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
+    num_threads: Optional[int] = None  # CPU threads per process for torch (torch.set_num_threads); null = torch's default
     log_every: int = 10  # optimizer steps between log rows (loss averaged over them and over processes)
     # non-finite losses in a row after which training stops (each such step is skipped and counted)
     max_consecutive_nonfinite: int = 10
@@ -199,9 +200,23 @@ class LDMTrainConfig(TrainingSections):
 
 
 @dataclass
+class FinetuneDataConfig(DataConfig):
+    """DataConfig whose resolution defaults to the model's own size."""
+
+    resolution: int = 0
+
+
+@dataclass
+class FinetuneObjectiveConfig(ObjectiveConfig):
+    """ObjectiveConfig whose prediction type defaults to the model's."""
+
+    prediction: Optional[Literal["eps", "v"]] = None
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
 
-    data: DataConfig = field(default_factory=lambda: DataConfig(resolution=0))  # 0: the model's own size
-    objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig(prediction=None))  # the model's
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    objective: FinetuneObjectiveConfig = field(default_factory=FinetuneObjectiveConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

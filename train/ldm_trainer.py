@@ -140,6 +140,8 @@ class LDMTrainer:
             )
         if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise ValueError("train.mixed_precision=fp16 needs a GPU (loss scaling); on CPU use bf16 or fp32")
+        if cfg.train.num_threads is not None:
+            torch.set_num_threads(cfg.train.num_threads)
         if acc.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
@@ -336,7 +338,7 @@ class LDMTrainer:
             from tqdm import tqdm
 
             bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train", unit="step")
-        sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "images": 0}
+        sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "cpu0": time.process_time(), "images": 0, "steps": 0}
         window_bad = ckpt_due = False
         diverged = None
         try:
@@ -385,6 +387,7 @@ class LDMTrainer:
                 # -- one optimizer step done ----------------------------------------------------
                 self.lr_scheduler.step()
                 pos["step"] += 1
+                sums["steps"] += 1
                 step = pos["step"]
                 if window_bad or not grads_ok:
                     pos["skipped_steps"] += 1
@@ -409,7 +412,7 @@ class LDMTrainer:
                     bar.update(1)
                 if step % run.log_every == 0 or step == run.max_steps:
                     self._log_train(step, pos, sums, log, bar)
-                busy = time.perf_counter()  # checkpoints and validation do not count towards images/s
+                busy, busy_cpu = time.perf_counter(), time.process_time()  # checkpoints and validation do not count in the speed
                 # a checkpoint due during a run of non-finite steps waits for the next good step
                 ckpt_due = ckpt_due or step % cfg.checkpoint.every == 0 or step == run.max_steps
                 if ckpt_due and pos["nonfinite_streak"] == 0:
@@ -421,6 +424,7 @@ class LDMTrainer:
                         self._validate(step, log)
                     acc.wait_for_everyone()
                 sums["t0"] += time.perf_counter() - busy
+                sums["cpu0"] += time.process_time() - busy_cpu
                 if stop_at_step is not None and step >= stop_at_step:
                     break
         finally:
@@ -442,16 +446,18 @@ class LDMTrainer:
         stats = torch.tensor([sums["loss"], float(sums["n"])], device=self.device)
         if acc.num_processes > 1:
             stats = acc.reduce(stats, "sum")
-        elapsed = time.perf_counter() - sums["t0"]
+        elapsed, cpu = time.perf_counter() - sums["t0"], time.process_time() - sums["cpu0"]
         loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
         values = {"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0], "epoch": pos["epoch"],
                   "images_per_s": sums["images"] / elapsed if elapsed > 0 else float("nan"),
+                  "step_s": elapsed / sums["steps"],  # wall-clock seconds per optimizer step
+                  "cpu_s": cpu / sums["steps"],  # this process's CPU seconds per step, all its threads
                   "skipped_steps": pos["skipped_steps"]}
         if log is not None:
             log.scalars("train", step, values)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['images_per_s']:.1f}")
-        sums.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
+        sums.update(loss=0.0, n=0, t0=time.perf_counter(), cpu0=time.process_time(), images=0, steps=0)
 
 
 def _save_png_atomic(image, path: Path) -> None:
