@@ -7,7 +7,7 @@ guidance, the same per-image seeds. Prints images/s at batch 1 and 8 for diffuse
 torch backend and ours with the ONNX Runtime backend, the pixel differences against diffusers, and
 the share of our time spent inside U-Net and decoder calls.
 
-    python bench/bench_pipeline.py [--steps 25] [--repeats 3] [--folder /tmp/tiny-sd]
+    python bench/bench_pipeline.py [--steps 25] [--repeats 3] [--threads N] [--folder /tmp/tiny-sd]
 """
 
 from __future__ import annotations
@@ -45,26 +45,17 @@ class TimedDecoder:
         return getattr(self._autoencoder, name)
 
 
-def best_time(fn, repeats):
-    """(fastest run's seconds, total seconds, last output)."""
-    times, out = [], None
+def interleaved_best(fns: dict, repeats: int) -> dict:
+    """name -> (fastest run's seconds, total seconds, last output), the callables run in turn in each
+    repeat so that a slow spell on a shared machine hits all of them alike."""
+    times = {name: [] for name in fns}
+    outs = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), sum(times), out
-
-
-def timed_ours(pipe, batch, steps, guidance, repeats):
-    """(fastest seconds, images, share of the time inside U-Net and decoder calls)."""
-    unet, autoencoder = pipe.unet, pipe.autoencoder
-    pipe.unet, pipe.autoencoder = Timed(unet), TimedDecoder(autoencoder)
-    try:
-        t, total, imgs = best_time(lambda: run_ours(pipe, batch, steps, guidance), repeats)
-        share = (pipe.unet.seconds + pipe.autoencoder.decode.seconds) / total
-    finally:
-        pipe.unet, pipe.autoencoder = unet, autoencoder
-    return t, imgs, share
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (min(t), sum(t), outs[name]) for name, t in times.items()}
 
 
 def run_diffusers(pipe, batch, steps, guidance):
@@ -85,7 +76,11 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--folder", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch and ONNX Runtime threads (default: torch's); 1 gives steadier figures on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
@@ -106,16 +101,33 @@ def main() -> None:
 
     rows = []
     for batch in (1, 8):
-        t_ref, _, ref = best_time(lambda: run_diffusers(theirs, batch, args.steps, args.guidance), args.repeats)
-        rows.append((batch, "diffusers (torch eager)", batch / t_ref, 1.0, 0.0, None))
-        for name, pipe in (("ours, torch", ours), ("ours, onnx", onnx)):
-            t, imgs, share = timed_ours(pipe, batch, args.steps, args.guidance, args.repeats)
-            rows.append((batch, name, batch / t, t_ref / t, (imgs - ref).abs().max().item() * 255, share))
+        timed = {name: (Timed(pipe.unet), TimedDecoder(pipe.autoencoder)) for name, pipe in (("torch", ours), ("onnx", onnx))}
+        plain = {name: (pipe.unet, pipe.autoencoder) for name, pipe in (("torch", ours), ("onnx", onnx))}
+        for name, pipe in (("torch", ours), ("onnx", onnx)):
+            pipe.unet, pipe.autoencoder = timed[name]
+        try:
+            res = interleaved_best({
+                "diffusers": lambda: run_diffusers(theirs, batch, args.steps, args.guidance),
+                "torch": lambda: run_ours(ours, batch, args.steps, args.guidance),
+                "onnx": lambda: run_ours(onnx, batch, args.steps, args.guidance),
+            }, args.repeats)
+        finally:
+            for name, pipe in (("torch", ours), ("onnx", onnx)):
+                pipe.unet, pipe.autoencoder = plain[name]
+        t_ref, _, ref = res["diffusers"]
+        rows.append((batch, "diffusers (torch eager)", batch / t_ref, 1.0, 0.0, 0.0, None))
+        for name in ("torch", "onnx"):
+            t, total, imgs = res[name]
+            unet, decoder = timed[name]
+            share = (unet.seconds + decoder.decode.seconds) / total
+            diff = (imgs - ref).abs() * 255
+            rows.append((batch, f"ours, {name}", batch / t, t_ref / t, diff.max().item(), diff.mean().item(), share))
 
-    print(f"\n{'batch':>5}  {'pipeline':<24} {'images/s':>9} {'x diffusers':>12} {'max |diff| (of 255)':>20} {'in U-Net+decoder':>17}")
-    for batch, name, ips, speedup, diff, share in rows:
+    print(f"\n{'batch':>5}  {'pipeline':<24} {'images/s':>9} {'x diffusers':>12} {'max|diff| /255':>15} "
+          f"{'mean|diff| /255':>16} {'in U-Net+decoder':>17}")
+    for batch, name, ips, speedup, dmax, dmean, share in rows:
         share_s = f"{100 * share:.0f}%" if share is not None else "-"
-        print(f"{batch:>5}  {name:<24} {ips:>9.2f} {speedup:>11.2f}x {diff:>20.4f} {share_s:>17}")
+        print(f"{batch:>5}  {name:<24} {ips:>9.2f} {speedup:>11.2f}x {dmax:>15.4f} {dmean:>16.5f} {share_s:>17}")
 
 
 if __name__ == "__main__":
