@@ -175,6 +175,42 @@ def build_open_clip_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
         raise ValueError(f"open_clip model config does not fit open_clip.CLIP: {exc}") from None
 
 
+TOKEN_TABLE = "token_embedding.weight"
+KEPT_IDS = "token_embedding.kept_ids"  # int64 (K,): the vocabulary ids whose rows a compact table keeps
+FALLBACK = "token_embedding.fallback"  # (D,): the one row every other id gets
+
+
+def compact_token_table(state: dict[str, torch.Tensor], keep_ids) -> dict[str, torch.Tensor]:
+    """Keep only the token-embedding rows of ``keep_ids``; every other id shares their mean row.
+
+    A small CLIP trained on one data set only ever moves the rows of the tokens in its captions;
+    the other ~49k rows stay at their random initialisation, carry nothing learned, and make up
+    most of the file (49,408 x 256 of ~16M parameters for the emoji CLIP). Prompts made only of
+    kept tokens encode exactly as before. ``expand_token_table`` undoes the layout on load.
+    """
+    table = state[TOKEN_TABLE]  # (V, D)
+    kept = torch.as_tensor(sorted(set(int(i) for i in keep_ids)), dtype=torch.int64)  # (K,)
+    if len(kept) == 0 or kept[0] < 0 or kept[-1] >= table.shape[0]:
+        raise ValueError(f"keep_ids must be non-empty ids in [0, {table.shape[0]}); got {len(kept)} ids")
+    dropped = torch.ones(table.shape[0], dtype=torch.bool)
+    dropped[kept] = False
+    fallback = table[dropped].mean(0) if dropped.any() else torch.zeros_like(table[0])  # (D,)
+    return {**{k: v for k, v in state.items() if k != TOKEN_TABLE},
+            TOKEN_TABLE: table[kept].contiguous(), KEPT_IDS: kept, FALLBACK: fallback}
+
+
+def expand_token_table(state: dict[str, torch.Tensor], vocab_size: int = CLIP_VOCAB_SIZE) -> dict[str, torch.Tensor]:
+    """The full (vocab_size, D) token table from a compact one (see ``compact_token_table``); other states pass."""
+    if KEPT_IDS not in state:
+        return state
+    state = dict(state)
+    kept, fallback, rows = state.pop(KEPT_IDS), state.pop(FALLBACK), state[TOKEN_TABLE]
+    table = fallback.to(rows.dtype).expand(vocab_size, -1).clone()  # (V, D)
+    table[kept] = rows
+    state[TOKEN_TABLE] = table
+    return state
+
+
 def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Load a local safetensors state dict into ``model`` (all keys must match)."""
     from safetensors.torch import load_file
@@ -184,7 +220,8 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"weights file {path} must be .safetensors (pickled checkpoints are not loaded)")
-    state = load_file(str(path))
+    table = model.state_dict().get(TOKEN_TABLE)
+    state = expand_token_table(load_file(str(path)), table.shape[0] if table is not None else CLIP_VOCAB_SIZE)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path} does not match the model config: missing keys {result.missing_keys[:5]}, "

@@ -21,7 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
-from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, vae_cli, vae_eval_cli  # noqa: E402
+from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, pack_cli, vae_cli, vae_eval_cli  # noqa: E402
 
 
 # name -> one-line description, in the order `ldm --help` lists them.
@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "train-clip": "train a small CLIP text/image encoder from a YAML config",
     "train": "train the latent diffusion U-Net from a YAML config",
     "finetune": "fine-tune a model bundle on your own captioned images",
+    "pack": "pack a trained bundle for shipping: fp16 weights, token table cut to the training vocabulary",
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
@@ -46,6 +47,7 @@ _IMPLEMENTED: dict[str, ModuleType] = {
     "train-clip": clip_cli,
     "train": train_cli,
     "finetune": finetune_cli,
+    "pack": pack_cli,
 }
 
 

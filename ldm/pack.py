@@ -1,0 +1,81 @@
+"""Packing a trained bundle for shipping: half-precision weights and a compact token table.
+
+A bundle straight out of ``ldm train`` stores fp32 weights and the text encoder's full
+49,408-row token table. ``pack_bundle`` writes a copy that loads into the same pipeline:
+
+- every floating-point tensor of the U-Net, the autoencoder and the text encoder is stored
+  as ``dtype`` (fp16 by default; the pipeline casts back to its compute dtype on load);
+- the token table keeps only the rows of the tokens in ``keep_captions`` (the training
+  captions); every other token shares one row, the mean of the dropped ones. A CLIP trained on
+  one data set never moves those rows from their random start, so nothing learned is lost:
+  prompts made of kept tokens encode as before, up to fp16 rounding
+  (``conditioning.clip_model.compact_token_table``).
+
+The copy is written beside ``out`` and renamed into place; an ONNX cache is not copied.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from ldm.bundle import check_bundle, replace_dir
+
+PathLike = str | os.PathLike
+PARTS = ("unet", "vae", "text_encoder")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def caption_token_ids(bundle: PathLike, captions: Iterable[str]) -> set[int]:
+    """Every token id the bundle's tokenizer gives for ``captions`` (start, end and padding included)."""
+    import conditioning
+
+    encoder = conditioning.load_text_encoder(bundle)
+    ids = {int(i) for i in encoder.tokenize([""]).flatten()}
+    captions = list(captions)
+    for start in range(0, len(captions), 1024):
+        ids.update(int(i) for i in encoder.tokenize(captions[start:start + 1024]).unique())
+    return ids
+
+
+def pack_bundle(src: PathLike, out: PathLike, *, dtype: str = "float16",
+                keep_captions: Optional[Iterable[str]] = None) -> dict[str, int]:
+    """Write a packed copy of bundle ``src`` to ``out``; returns bytes per part before and after."""
+    from safetensors.torch import load_file, save_file
+
+    from conditioning.clip_model import TOKEN_TABLE, compact_token_table
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
+    root = check_bundle(src)
+    final = Path(out)
+    if final.resolve() == root.resolve():
+        raise ValueError(f"out={out} is the source bundle; write the packed copy to another folder")
+    keep = caption_token_ids(root, keep_captions) if keep_captions is not None else None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    sizes: dict[str, int] = {}
+    try:
+        shutil.copytree(root, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("onnx", "*.old"))
+        for part in PARTS:
+            for path in sorted((tmp / part).glob("*.safetensors")):
+                sizes[f"{part} before"] = sizes.get(f"{part} before", 0) + path.stat().st_size
+                state = _cast(load_file(str(path)), DTYPES[dtype])
+                if part == "text_encoder" and keep is not None and TOKEN_TABLE in state:
+                    state = compact_token_table(state, keep)
+                save_file(state, str(path), metadata={"format": "pt"})
+                sizes[f"{part} after"] = sizes.get(f"{part} after", 0) + path.stat().st_size
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sizes
