@@ -21,6 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
+from ldm.web import export_cli as web_export_cli, serve_cli as web_serve_cli  # noqa: E402
 from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, vae_cli, vae_eval_cli  # noqa: E402
 
 
@@ -34,6 +35,8 @@ SUBCOMMANDS = {
     "train-clip": "train a small CLIP text/image encoder from a YAML config",
     "train": "train the latent diffusion U-Net from a YAML config",
     "finetune": "fine-tune a model bundle on your own captioned images",
+    "export-web": "export a model as a static web page that generates images in the browser",
+    "serve-web": "serve an exported web page on 127.0.0.1 (with the headers wasm threads need)",
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
@@ -46,6 +49,8 @@ _IMPLEMENTED: dict[str, ModuleType] = {
     "train-clip": clip_cli,
     "train": train_cli,
     "finetune": finetune_cli,
+    "export-web": web_export_cli,
+    "serve-web": web_serve_cli,
 }
 
 

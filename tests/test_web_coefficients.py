@@ -78,3 +78,30 @@ def test_table_lists_every_sampler_and_step_count():
         assert all(len(s["by_steps"][n]) == int(n) for n in s["by_steps"])
     with pytest.raises(ValueError, match="max_steps"):
         sampler_table(schedule, SamplingConfig(), max_steps=0)
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.5)])
+def test_rows_and_exported_noise_reproduce_the_pipeline(tmp_path, method, eta):
+    """The page's recipe (rows + the exporter's noise for a seed) gives the pipeline's latents for that seed."""
+    from ldm.bundle import load_pipeline
+    from ldm.guidance import ClassifierFreeGuidance
+    from ldm.testing import build_bundle
+    from ldm.web.export import noise_draws
+
+    pipe = load_pipeline(build_bundle(tmp_path / "bundle"))
+    steps, seed, guidance = 6, 3, 3.0
+    req = pipe.request("koala, twemoji style", "blurry", seed, 1)
+    ref = pipe.generate_latents(req, steps=steps, method=method, eta=eta, guidance=guidance)[0].numpy()  # (C, h, w)
+    shape = pipe.latent_shape(None, None)
+    noise = noise_draws([seed], shape, steps)[0]  # (steps, C, h, w)
+    cond, uncond = pipe._contexts(req.prompts, req.negatives, guidance)
+    denoise = ClassifierFreeGuidance(pipe.model, cond, uncond, guidance)
+    rows = step_rows(pipe.schedule, method=method, steps=steps, eta=eta, prediction=pipe.sampling.prediction,
+                     timestep_spacing=pipe.sampling.timestep_spacing, steps_offset=pipe.sampling.steps_offset)
+
+    def guided(x, t):
+        with torch.no_grad():
+            return denoise(torch.from_numpy(x).float()[None], torch.tensor([t]))[0].double().numpy()
+
+    got = apply_rows(rows, guided, noise[0], noise[1:])
+    np.testing.assert_allclose(got, ref, atol=1e-4)
