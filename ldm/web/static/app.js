@@ -247,7 +247,7 @@ async function generate() {
       x = Float64Array.from(Float32Array.from(next));  // the sample is float32, as in Python
       const stepMs = performance.now() - ts;
       let previewMs = 0;
-      if (i < rows.length - 1) {
+      if (i < rows.length - 1 && params.get("preview") !== "0") {  // ?preview=0: no per-step preview (bench)
         const tp = performance.now();
         draw(await decode(x0));
         previewMs = performance.now() - tp;
