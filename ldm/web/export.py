@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -56,7 +55,8 @@ def export_site(
     default_prompt: str = "koala, twemoji style",
 ) -> Path:
     """Write the site for ``bundle`` to ``out`` (atomically: a sibling folder renamed into place)."""
-    from ldm.bundle import bundle_hash, load_pipeline, replace_dir
+    from conditioning.files import atomic_directory
+    from ldm.bundle import bundle_hash, load_pipeline
     from ldm.onnx_backend import OnnxGraphs
     from ldm.web.coefficients import sampler_table
     from ldm.web.tokenizer_spec import tokenizer_spec
@@ -79,10 +79,8 @@ def export_site(
         "decoder.onnx": graphs.decoder_graph(latent_shape),
     }
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
+        tmp.chmod(0o755)  # a site folder others may serve
         for name in PAGE_FILES:
             shutil.copyfile(STATIC / name, tmp / name)
         ort_version = vendor_ort_web(tmp)
@@ -106,8 +104,4 @@ def export_site(
             "default_prompt": default_prompt,
         }
         (tmp / "model.json").write_text(json.dumps(model, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
