@@ -21,6 +21,7 @@ from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
 from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
+from ldm.web import export_cli as web_export_cli, serve_cli as web_serve_cli  # noqa: E402
 from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, pack_cli, vae_cli, vae_eval_cli  # noqa: E402
 
 
@@ -35,6 +36,8 @@ SUBCOMMANDS = {
     "train": "train the latent diffusion U-Net from a YAML config",
     "finetune": "fine-tune a model bundle on your own captioned images",
     "pack": "pack a trained bundle for shipping: fp16 weights, token table cut to the training vocabulary",
+    "export-web": "export a model as a static web page that generates images in the browser",
+    "serve-web": "serve an exported web page on 127.0.0.1 (with the headers wasm threads need)",
 }
 
 # Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
@@ -48,6 +51,8 @@ _IMPLEMENTED: dict[str, ModuleType] = {
     "train": train_cli,
     "finetune": finetune_cli,
     "pack": pack_cli,
+    "export-web": web_export_cli,
+    "serve-web": web_serve_cli,
 }
 
 

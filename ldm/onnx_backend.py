@@ -2,7 +2,8 @@
 
 ONNX Runtime runs the exported fp32 graphs faster than PyTorch eager on a CPU (the same
 numbers to about 1e-6: the graphs are the same maths, only fused), which makes it the fastest
-exact CPU path; see bench/bench_pipeline.py. The same graphs serve the in-browser demo.
+exact CPU path; see bench/bench_pipeline.py. The same graphs, with the text encoder's
+(tokens -> context), serve the in-browser demo (``ldm export-web``, ``ldm.web``).
 
 Graphs are exported per latent size with a dynamic batch axis, into ``<bundle>/onnx/`` when
 the bundle folder is writable and ``~/.cache/ldm-toolkit/onnx/<bundle hash>/`` otherwise, and
@@ -33,6 +34,17 @@ class _UNetGraph(torch.nn.Module):
 
     def forward(self, x, t, context):  # (B, C, h, w), (B,), (B, L, D)
         return self.unet(x, t, encoder_hidden_states=context).sample
+
+
+class _TextEncoderGraph(torch.nn.Module):
+    """tokens -> context: the sequence the U-Net cross-attends to (the pooled output is not exported)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, tokens):  # (B, L) long -> (B, L, D)
+        return self.text_encoder._encode_tokens(tokens)[0]
 
 
 class _DecoderGraph(torch.nn.Module):
@@ -87,27 +99,50 @@ class OnnxGraphs:
         self.key = key
         self.sessions: dict[str, object] = {}
 
+    def graph(self, name: str, module, args, input_names) -> Path:
+        """The path of graph ``name``, exported from ``module(*args)`` unless a fresh one is cached."""
+        path = self.dir / f"{name}.onnx"
+        stamp = self.dir / "source.json"
+        fresh = path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("bundle_hash") == self.key
+        if not fresh:
+            export(module, args, path, input_names)
+            stamp.write_text(json.dumps({"bundle_hash": self.key}))
+        return path
+
     def _session(self, name: str, module, args, input_names):
         if name not in self.sessions:
-            path = self.dir / f"{name}.onnx"
-            stamp = self.dir / "source.json"
-            fresh = path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("bundle_hash") == self.key
-            if not fresh:
-                export(module, args, path, input_names)
-                stamp.write_text(json.dumps({"bundle_hash": self.key}))
-            self.sessions[name] = session(path)
+            self.sessions[name] = session(self.graph(name, module, args, input_names))
         return self.sessions[name]
 
-    def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        c, h, w = x.shape[1:]
+    def _unet_args(self, latent_shape: tuple[int, int, int]):
+        c, h, w = latent_shape
         example = (torch.zeros(2, c, h, w), torch.zeros(2, dtype=torch.long), torch.zeros(2, *self.context_shape))
-        sess = self._session(f"unet-{h}x{w}", _UNetGraph(self.unet), example, ["x", "t", "context"])
+        return f"unet-{h}x{w}", _UNetGraph(self.unet), example, ["x", "t", "context"]
+
+    def _decoder_args(self, latent_shape: tuple[int, int, int]):
+        c, h, w = latent_shape
+        return f"decoder-{h}x{w}", _DecoderGraph(self.autoencoder), (torch.zeros(2, c, h, w),), ["z"]
+
+    def unet_graph(self, latent_shape: tuple[int, int, int]) -> Path:
+        """The U-Net graph (x (B, C, h, w), t (B,) long, context (B, L, D)) -> out, for latents (C, h, w)."""
+        return self.graph(*self._unet_args(latent_shape))
+
+    def decoder_graph(self, latent_shape: tuple[int, int, int]) -> Path:
+        """The decoder graph z (B, C, h, w) -> images (B, 3, H, W) about [-1, 1] (not clamped)."""
+        return self.graph(*self._decoder_args(latent_shape))
+
+    def text_encoder_graph(self, text_encoder) -> Path:
+        """The text encoder graph tokens (B, L) long -> context (B, L, D)."""
+        tokens = torch.zeros(2, self.context_shape[0], dtype=torch.long)  # (2, L)
+        return self.graph("text_encoder", _TextEncoderGraph(text_encoder), (tokens,), ["tokens"])
+
+    def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sess = self._session(*self._unet_args(tuple(x.shape[1:])))
         out = sess.run(None, {"x": _np(x), "t": t.cpu().numpy().astype(np.int64), "context": _np(context)})[0]
         return torch.from_numpy(out).to(x.device)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        c, h, w = z.shape[1:]
-        sess = self._session(f"decoder-{h}x{w}", _DecoderGraph(self.autoencoder), (torch.zeros(2, c, h, w),), ["z"])
+        sess = self._session(*self._decoder_args(tuple(z.shape[1:])))
         return torch.from_numpy(sess.run(None, {"z": _np(z)})[0]).to(z.device)
 
 

@@ -1,0 +1,48 @@
+"""Export a model bundle as a static web site that generates images in the browser.
+
+The site holds the text encoder, U-Net and decoder as ONNX graphs, the tokenizer, the sampler's
+per-step coefficients, Python's starting noise for the first --seeds seeds, onnxruntime-web (fetched
+once with npm, then cached) and the page. Serve it with `ldm serve-web DIR` (any static server works;
+that one sends the headers that let wasm run on several threads).
+
+examples:
+  ldm export-web --out site/
+  ldm export-web --model my-bundle --out site/ --seeds 8 --max-steps 100
+  ldm serve-web site/
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ldm.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="model bundle folder (default: the model shipped in the package)")
+    p.add_argument("--out", type=Path, required=True, help="site folder to write (replaced if it exists)")
+    p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 get Python's exact noise in the page (default 4)")
+    p.add_argument("--max-steps", type=int, default=50, help="largest step count the page offers (default 50)")
+    p.add_argument("--etas", default="0,0.5,1", help="DDIM eta values the page offers, comma-separated (default 0,0.5,1)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--prompt", default="koala, twemoji style", help="the prompt the page starts with")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ldm.generate_cli import model_path
+    from ldm.web.export import export_site
+
+    try:
+        etas = tuple(float(e) for e in args.etas.split(",") if e.strip())
+    except ValueError:
+        raise UsageError(f"--etas={args.etas!r} must be comma-separated numbers >= 0, e.g. 0,0.5,1") from None
+    if not etas:
+        raise UsageError("--etas is empty; give at least one DDIM eta, e.g. 0")
+    model = model_path(args.model)
+    out = export_site(model, args.out, seeds=args.seeds, max_steps=args.max_steps, etas=etas,
+                      height=args.height, width=args.width, default_prompt=args.prompt)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB); serve it with: ldm serve-web {out}")
+    return 0
