@@ -31,6 +31,9 @@ PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_DIR = "unet_lora"  # optional: a LoRA adapter for unet/, fused into it on loading
 SCHEDULER_CONFIG = "scheduler_config.json"
 DEFAULT_BUNDLE = Path(__file__).parent / "default_model"
+# Models shipped in the package, by the name `--model` accepts: the emoji model and the shapes model
+# (both trained by scripts/train_default_model.sh).
+PACKAGED_MODELS = {"default": DEFAULT_BUNDLE, "shapes": Path(__file__).parent / "shapes_model"}
 
 
 class BundleError(FileNotFoundError):

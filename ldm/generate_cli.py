@@ -7,7 +7,7 @@ the image; on the same machine the result is bit-identical.
 
 examples:
   ldm generate "koala, twemoji style"
-  ldm generate "a small red circle at the top left" --model shapes-bundle --guidance 4 --num-images 8 --out circles.png
+  ldm generate "a small red circle at the top left" --model shapes --guidance 4 --num-images 8 --out circles.png
   ldm generate --from-png circles-3.png
 """
 
@@ -26,7 +26,7 @@ PNG_KEY = "ldm-toolkit"  # the PNG text chunk holding our JSON record
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by generate and sweep: the model and how to run it."""
-    p.add_argument("--model", type=Path, default=None, help="model bundle folder (default: the model shipped in the package)")
+    p.add_argument("--model", type=Path, default=None, help="model bundle folder, or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--method", default="ddim", help="sampler: ddim or ddpm (default ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
@@ -53,12 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_path(model: Optional[Path]) -> Path:
-    from ldm.bundle import DEFAULT_BUNDLE, check_bundle
+    """The bundle folder for ``--model``: a folder, a packaged model's name (default, shapes) or None (default)."""
+    from ldm.bundle import PACKAGED_MODELS, check_bundle
 
-    if model is None:
-        if not DEFAULT_BUNDLE.is_dir():
-            raise UsageError(f"no default model is installed (expected {DEFAULT_BUNDLE}); give --model DIR")
-        model = DEFAULT_BUNDLE
+    name = "default" if model is None else str(model)
+    if name in PACKAGED_MODELS and not Path(name).exists():
+        if not PACKAGED_MODELS[name].is_dir():
+            raise UsageError(f"no {name} model is installed (expected {PACKAGED_MODELS[name]}); give --model DIR")
+        model = PACKAGED_MODELS[name]
     return check_bundle(model)
 
 

@@ -8,7 +8,7 @@ Each seed's starting noise is shared across weights. Writes to --out:
 
 examples:
   ldm sweep "koala, twemoji style" "red apple, noto style" --guidance 1,2,4,8 --seeds 0,1,2,3 --out sweep/
-  ldm sweep "a small red circle at the top left" --model shapes-bundle --guidance 0,1,2,4 --out shapes-sweep/
+  ldm sweep "a small red circle at the top left" --model shapes --guidance 0,1,2,4 --out shapes-sweep/
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from ldm.errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None, help="model bundle folder (default: the model shipped in the package)")
+    p.add_argument("--model", type=Path, default=None, help="model bundle folder, or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
     p.add_argument("--out", type=Path, required=True, help="site folder to write (replaced if it exists)")
     p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 get Python's exact noise in the page (default 4)")
     p.add_argument("--max-steps", type=int, default=50, help="largest step count the page offers (default 50)")
