@@ -16,7 +16,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -32,16 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from train.config import load_config
     from train.finetune import finetune
     from train.ldm_config import FinetuneConfig
-    from train.ldm_trainer import TrainingDiverged
+    from train.ldm_cli import report
 
     if args.config is not None and not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config} does not exist")
     config = load_config(FinetuneConfig, args.config, [*args.overrides, f"data.path={args.data}"])
-    try:
-        result = finetune(args.model, config, resume=args.resume)
-    except TrainingDiverged as exc:
-        print(f"ldm finetune: {exc}", file=sys.stderr)
-        return 1
-    if result.bundle is not None:
-        print(f"model bundle: {result.bundle}")
-    return 0
+    return report("ldm finetune", lambda: finetune(args.model, config, resume=args.resume))

@@ -28,15 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from train.config import load_config
     from train.ldm_config import LDMTrainConfig
-    from train.ldm_trainer import TrainingDiverged, train_from_config
+    from train.ldm_trainer import train_from_config
 
     if not args.config.is_file():
         raise FileNotFoundError(f"config {args.config} does not exist; see configs/ldm/ for examples")
     config = load_config(LDMTrainConfig, args.config, args.overrides)
+    return report("ldm train", lambda: train_from_config(config, resume=args.resume))
+
+
+def report(command: str, fit) -> int:
+    """Run ``fit()`` (a training run); print where the bundle went, or why training stopped (exit 1)."""
+    from train.ldm_trainer import TrainingDiverged
+
     try:
-        result = train_from_config(config, resume=args.resume)
+        result = fit()
     except TrainingDiverged as exc:
-        print(f"ldm train: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 1
     if result.bundle is not None:
         print(f"model bundle: {result.bundle}")
