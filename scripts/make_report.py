@@ -1,0 +1,197 @@
+"""Figures and figures-of-merit for docs/training-report.md, from the shipped models and their runs.
+
+    python scripts/make_report.py [--emoji ldm/default_model] [--shapes ldm/shapes_model] \
+        [--runs runs] [--data data] [--out docs/figures]
+
+Writes to --out: loss-curves.png, heldout-emoji.png (held-out prompts x seeds), sweep-emoji/ and
+sweep-shapes/ (`ldm sweep` outputs: grid, metrics.csv/json, metrics.png), samplers-emoji.png and
+samplers-shapes.png (DDIM against DDPM at 10 to 1000 steps) and report.json with every number.
+Uses the ONNX Runtime backend (the same images as PyTorch to float tolerance, faster on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+STEPS = (10, 25, 50, 100, 1000)
+EMOJI_TRAIN_PROMPTS = ["koala, twemoji style", "red apple, noto style", "grinning face, twemoji style",
+                       "fire, noto style"]
+SHAPES_PROMPTS = ["a large red circle in the centre", "a small blue square at the top left",
+                  "a large green triangle at the bottom right", "a small yellow circle at the left",
+                  "a large purple square at the top", "a small cyan triangle at the bottom",
+                  "a large yellow triangle at the right", "a small red square at the bottom left"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def loss_curves(runs: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("emoji CLIP: contrastive loss", [runs / "clip-emoji" / "train_log.csv"], "loss"),
+        ("emoji VQ-VAE: train PSNR (dB)", [runs / "vae-emoji-f4" / "metrics.jsonl"], "psnr"),
+        ("emoji U-Net: loss", [runs / "ldm-emoji" / "logs" / "train.csv"], "loss"),
+        ("shapes CLIP: contrastive loss", [runs / "clip-shapes" / "train_log.csv"], "loss"),
+        ("shapes VQ-VAE: train PSNR (dB)", [runs / "vae-shapes" / "metrics.jsonl"], "psnr"),
+        ("shapes U-Net: loss", [runs / "ldm-shapes" / "logs" / "train.csv"], "loss"),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (title, paths, key) in zip(axes.flat, panels):
+        for path in paths:
+            rows = [r for r in read_rows(path) if r.get(key) not in (None, "")]
+            ax.plot([float(r["step"]) for r in rows], [float(r[key]) for r in rows], lw=1, label="train")
+        heldout = read_rows(paths[0].parent / "val.csv")  # the U-Net runs: held-out loss, trained and EMA weights
+        for key_, label in (("loss", "held-out"), ("loss_ema", "held-out, EMA")):
+            if heldout and key_ in heldout[0]:
+                ax.plot([float(r["step"]) for r in heldout], [float(r[key_]) for r in heldout], "o-", label=label)
+        if heldout:
+            ax.legend()
+        if key == "loss" and "U-Net" in title:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss-curves.png", dpi=90)
+    plt.close(fig)
+
+
+def row_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 2, label_w: int = 260) -> Image.Image:
+    """One labelled row per (label, images)."""
+    w, h = rows[0][1][0].size
+    w, h = w * scale, h * scale
+    cols = max(len(images) for _, images in rows)
+    grid = Image.new("RGB", (label_w + cols * w, len(rows) * h), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        draw.text((4, r * h + h // 2 - 6), label[:42], fill="black")
+        for c, im in enumerate(images):
+            grid.paste(im.resize((w, h), Image.NEAREST), (label_w + c * w, r * h))
+    return grid
+
+
+def heldout_captions(data: Path, n: int, seed: int = 0) -> list[str]:
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    captions = sorted({r["text"] if isinstance(r["text"], str) else r["text"][0] for r in rows if r.get("split") == "test"})
+    return random.Random(seed).sample(captions, n)
+
+
+def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
+    from conditioning.scorer import load_clip_scorer
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.sweep import clip_metrics, run_sweep, write_outputs
+
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
+    scorer = load_clip_scorer(bundle)
+    seeds = [0, 1, 2, 3]
+
+    heldout = heldout_captions(data, 8)
+    t0 = time.perf_counter()
+    res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
+    clip_metrics(res, scorer)
+    images = res.images[4.0]
+    k = len(seeds)
+    row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
+    scores = scorer.score(images, [p for p in res.prompts for _ in seeds])  # (N,)
+    n_held = len(heldout) * k
+    report["emoji_prompts"] = {"heldout": heldout, "train": EMOJI_TRAIN_PROMPTS, "guidance": 4.0, "steps": 50,
+                               "clip_score_heldout": float(scores[:n_held].mean()),
+                               "clip_score_train": float(scores[n_held:].mean()),
+                               "seconds": time.perf_counter() - t0}
+    # references: the same CLIP on real held-out images with their captions, and on mismatched pairs
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    real = [r for r in rows if r.get("split") == "test"][:128]
+    real_images = [Image.open(data / r["file_name"]).convert("RGB") for r in real]
+    real_caps = [r["text"] if isinstance(r["text"], str) else r["text"][0] for r in real]
+    report["emoji_prompts"]["clip_score_real_images"] = float(scorer.score(real_images, real_caps).mean())
+    report["emoji_prompts"]["clip_score_real_mismatched"] = float(scorer.score(real_images, real_caps[1:] + real_caps[:1]).mean())
+
+    t0 = time.perf_counter()
+    sweep = run_sweep(pipe, EMOJI_TRAIN_PROMPTS[:2] + heldout[:2], [1.0, 2.0, 3.0, 4.0, 6.0, 8.0], seeds, steps=50)
+    clip_metrics(sweep, scorer)
+    write_outputs(sweep, out / "sweep-emoji")
+    report["sweep_emoji"] = {"prompts": sweep.prompts, "metrics": {str(w): m for w, m in sweep.metrics.items()},
+                             "seconds": time.perf_counter() - t0}
+
+    rows, metrics = [], {}
+    prompts = EMOJI_TRAIN_PROMPTS[:2] + heldout[:2]
+    for method in ("ddim", "ddpm"):
+        for steps in STEPS:
+            t0 = time.perf_counter()
+            res = run_sweep(pipe, prompts, [4.0], [0, 1], steps=steps, method=method)
+            clip_metrics(res, scorer)
+            metrics[f"{method} {steps}"] = {**res.metrics[4.0], "seconds": time.perf_counter() - t0}
+            rows.append((f"{method.upper()} {steps} steps  CLIP {res.metrics[4.0]['clip_score']:.1f}", res.images[4.0]))
+    row_grid(rows).save(out / "samplers-emoji.png")
+    report["samplers_emoji"] = {"prompts": prompts, "seeds": [0, 1], "guidance": 4.0, "metrics": metrics}
+
+
+def shapes_section(bundle: Path, out: Path, report: dict) -> None:
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.sweep import run_sweep, shapes_metrics, write_outputs
+
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
+    seeds = [0, 1, 2, 3]
+    sweep = run_sweep(pipe, SHAPES_PROMPTS, [0.0, 1.0, 2.0, 4.0, 6.0, 8.0], seeds, steps=50, batch_size=32)
+    shapes_metrics(sweep)
+    write_outputs(sweep, out / "sweep-shapes")
+    report["sweep_shapes"] = {"prompts": sweep.prompts, "metrics": {str(w): m for w, m in sweep.metrics.items()}}
+
+    rows, metrics = [], {}
+    for method in ("ddim", "ddpm"):
+        for steps in STEPS:
+            t0 = time.perf_counter()
+            res = run_sweep(pipe, SHAPES_PROMPTS, [4.0], seeds, steps=steps, method=method, batch_size=32)
+            shapes_metrics(res)
+            metrics[f"{method} {steps}"] = {**res.metrics[4.0], "seconds": time.perf_counter() - t0}
+            rows.append((f"{method.upper()} {steps}  all-correct {res.metrics[4.0]['all_acc']:.2f}", res.images[4.0][::4]))
+    row_grid(rows, scale=2, label_w=200).save(out / "samplers-shapes.png")
+    report["samplers_shapes"] = {"prompts": SHAPES_PROMPTS, "seeds": seeds, "guidance": 4.0, "metrics": metrics}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--emoji", type=Path, default=Path("ldm/default_model"))
+    parser.add_argument("--shapes", type=Path, default=Path("ldm/shapes_model"))
+    parser.add_argument("--runs", type=Path, default=Path("runs"), help="run folders of scripts/train_default_model.sh")
+    parser.add_argument("--data", type=Path, default=Path("data"), help="data sets of scripts/train_default_model.sh")
+    parser.add_argument("--out", type=Path, default=Path("docs/figures"))
+    parser.add_argument("--only", choices=["curves", "emoji", "shapes"], action="append", default=None)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only or ["curves", "emoji", "shapes"])
+    report_path = args.out / "report.json"
+    report: dict = {}
+    torch.manual_seed(0)
+    if "curves" in only:
+        loss_curves(args.runs, args.out)
+    if "shapes" in only:
+        shapes_section(args.shapes, args.out, report)
+    if "emoji" in only:
+        emoji_section(args.emoji, args.data / "emoji", args.out, report)
+    if report_path.is_file():  # another run (--only) may have written its sections meanwhile
+        report = {**json.loads(report_path.read_text()), **report}
+    report_path.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
