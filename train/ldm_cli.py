@@ -6,7 +6,7 @@ grids and the final model bundle go to train.output_dir.
 
 examples:
   ldm train configs/ldm/small-64.yaml data.path=/work/data/emoji \\
-      encoders.autoencoder=runs/vae/final encoders.text_encoder=runs/clip/final
+      encoders.autoencoder=runs/vae-emoji-f4/vae encoders.text_encoder=runs/clip-emoji
   ldm train configs/ldm/small-64.yaml ... --resume latest
   accelerate launch --num_processes 2 -m ldm.cli train configs/ldm/small-64.yaml ...
 """
