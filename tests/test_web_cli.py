@@ -11,7 +11,7 @@ from ldm.cli import main
 def test_export_without_default_model_says_so(tmp_path, monkeypatch, capsys):
     import ldm.bundle
 
-    monkeypatch.setattr(ldm.bundle, "DEFAULT_BUNDLE", tmp_path / "no_default_model")
+    monkeypatch.setitem(ldm.bundle.PACKAGED_MODELS, "default", tmp_path / "no_default_model")
     assert main(["export-web", "--out", str(tmp_path / "site")]) == 2
     err = capsys.readouterr().err
     assert "ldm export-web: error: no default model is installed" in err and "--model" in err
