@@ -88,10 +88,10 @@ def row_grid(rows: list[tuple[str, list[Image.Image]]], scale: int = 2, label_w:
     return grid
 
 
-def heldout_captions(data: Path, n: int, seed: int = 0) -> list[str]:
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    captions = sorted({r["text"] if isinstance(r["text"], str) else r["text"][0] for r in rows if r.get("split") == "test"})
-    return random.Random(seed).sample(captions, n)
+def heldout_rows(data: Path) -> list[tuple[str, str]]:
+    """(file_name, first caption) of every row of the data set's test split."""
+    rows = read_rows(data / "metadata.jsonl")
+    return [(r["file_name"], r["text"] if isinstance(r["text"], str) else r["text"][0]) for r in rows if r.get("split") == "test"]
 
 
 def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
@@ -103,7 +103,8 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     scorer = load_clip_scorer(bundle)
     seeds = [0, 1, 2, 3]
 
-    heldout = heldout_captions(data, 8)
+    test_rows = heldout_rows(data)
+    heldout = random.Random(0).sample(sorted({caption for _, caption in test_rows}), 8)
     t0 = time.perf_counter()
     res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
     clip_metrics(res, scorer)
@@ -117,10 +118,8 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
                                "clip_score_train": float(scores[n_held:].mean()),
                                "seconds": time.perf_counter() - t0}
     # references: the same CLIP on real held-out images with their captions, and on mismatched pairs
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    real = [r for r in rows if r.get("split") == "test"][:128]
-    real_images = [Image.open(data / r["file_name"]).convert("RGB") for r in real]
-    real_caps = [r["text"] if isinstance(r["text"], str) else r["text"][0] for r in real]
+    real_images = [Image.open(data / name).convert("RGB") for name, _ in test_rows[:128]]
+    real_caps = [caption for _, caption in test_rows[:128]]
     report["emoji_prompts"]["clip_score_real_images"] = float(scorer.score(real_images, real_caps).mean())
     report["emoji_prompts"]["clip_score_real_mismatched"] = float(scorer.score(real_images, real_caps[1:] + real_caps[:1]).mean())
 
