@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ldm.cli import main
-from train.data import CaptionedImages, clip_token_count, load_captioned_images
+from train.data import CaptionedImages, clip_token_count, load_captioned_images, load_captions
 from train.images import ImageTransform, decode_image, to_rgb
 
 
@@ -118,10 +118,12 @@ def make_parquet_bytes(tmp):
     (make_parquet_bytes, "parquet"),
 ])
 def test_every_format_gives_the_same_pairs(tmp_path, make, fmt):
-    data = load(make(tmp_path))
+    path = make(tmp_path)
+    data = load(path)
     assert data.summary().format == fmt
     assert data.summary().total_skipped == 0
     assert pairs_of(data) == EXPECTED
+    assert sorted(load_captions(path)) == sorted(EXPECTED)  # the captions alone, without the images
 
 
 def test_caption_column_is_configurable_and_a_wrong_one_names_the_columns(tmp_path):
@@ -182,6 +184,9 @@ def test_bad_data_is_skipped_and_counted(tmp_path):
     assert got["opaque blue"] == (0, 0, 255)
     red = np.array(got["cmyk red"], int)
     assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    # the captions alone: the kept rows' and those of rows skipped for their image; not empty or bad rows
+    kept = [c for i in range(len(data)) for c in data.captions(i)]
+    assert sorted(load_captions(tmp_path)) == sorted(kept + ["a thing"] * 5)  # truncated, text, zero, gone, tiny
     images = torch.stack([data[i][0] for i in range(len(data))])
     assert images.shape == (5, 3, 40, 40) and images.min() >= -1 and images.max() <= 1
 

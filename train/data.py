@@ -152,6 +152,14 @@ class CaptionedImages:
         return self._summary
 
 
+def load_captions(path: Union[str, Path], *, caption_column: str = "text", format: Optional[str] = None,
+                  split: Optional[str] = None) -> list[str]:
+    """Every non-empty caption of a data set, read without opening its images: the captions of
+    ``load_captioned_images`` plus those of any row it would skip for its image."""
+    source = open_source(path, format=format, caption_column=caption_column, split=split)
+    return [c for cell in source.table[source.caption_column] for c in (caption_list(cell) or []) if c]
+
+
 def load_captioned_images(
     path: Union[str, Path],
     *,

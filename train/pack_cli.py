@@ -26,14 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ldm.pack import pack_bundle
-    from train.data import load_captioned_images
+    from train.data import load_captions
 
     captions = None
     if args.vocab_from:
-        captions = []
-        for path in args.vocab_from:
-            data = load_captioned_images(path, caption_column=args.caption_column, progress=False)
-            captions += [c for i in range(len(data)) for c in data.captions(i)]
+        captions = [c for path in args.vocab_from for c in load_captions(path, caption_column=args.caption_column)]
     sizes = pack_bundle(args.bundle, args.out, dtype=args.dtype, keep_captions=captions)
     for part in ("unet", "vae", "text_encoder"):
         before, after = sizes.get(f"{part} before", 0), sizes.get(f"{part} after", 0)
