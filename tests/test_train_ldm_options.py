@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ldm.unet import FP32AttentionProcessor
 from train.ldm_trainer import build_trainer
 from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
@@ -47,9 +50,17 @@ def test_bf16_autocast_runs_the_unet_in_bf16(tmp_path):
     result = trainer.fit()
     bf16 = read_checkpoint(result.checkpoint)[0]
     assert seen and set(seen) == {torch.bfloat16}
+    # on a CPU the attention product runs in float32 (torch's bf16 attention kernels are slower there)
+    assert {type(p) for p in trainer.unet.attn_processors.values()} == {FP32AttentionProcessor}
     assert all(v.dtype == torch.float32 for v in bf16["model"].values())  # master weights stay float32
     diff = max((bf16["model"][k] - v).abs().max().item() for k, v in fp32["model"].items())
     assert 0 < diff < 0.05  # the same training, at bf16's precision
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.mixed_precision=bf16", "train.fp32_attention=false"]])
+def test_diffusers_attention_unless_bf16_on_cpu(tmp_path, overrides):
+    trainer, _, _ = train(tmp_path, *overrides, "train.max_steps=1")
+    assert {type(p) for p in trainer.unet.attn_processors.values()} == {AttnProcessor2_0}
 
 
 def test_gradient_accumulation_steps_once_per_k_micro_batches(tmp_path):

@@ -39,6 +39,7 @@ import torch
 import conditioning
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
+from ldm.unet import FP32AttentionProcessor
 from train import checkpoint as ckpt
 from train.config import save_config
 from train.cache import LatentCache, build_cache
@@ -163,6 +164,11 @@ class LDMTrainer:
             unet.enable_gradient_checkpointing()
         if cfg.train.channels_last:
             unet.to(memory_format=torch.channels_last)
+        fp32_attention = cfg.train.fp32_attention
+        if fp32_attention is None:
+            fp32_attention = cfg.train.mixed_precision == "bf16" and self.device.type == "cpu"
+        if fp32_attention:
+            unet.set_attn_processor(FP32AttentionProcessor())
         unet.train()
         self.param_names = [n for n, p in unet.named_parameters() if p.requires_grad]
         params = [p for p in unet.parameters() if p.requires_grad]
