@@ -1,6 +1,6 @@
 """U-Net training speed on this machine, side by side in one run (issue 6, point 10).
 
-    python bench/bench_train.py [--steps 10] [--warmup 3] [--rounds 2] [--threads 2]
+    python bench/bench_train.py [--steps 3] [--warmup 1] [--rounds 3] [--threads 2]
 
 On the small 64 px config (configs/ldm/small-64.yaml: ~18M-parameter U-Net, 16x16x4 latents,
 batch 32) it times training steps of:
@@ -9,13 +9,18 @@ batch 32) it times training steps of:
       a DataLoader decoding the PNGs, the frozen autoencoder and text encoder run on every batch,
       fp32, default memory layout, torch's default AdamW (for-loop on CPU), EMA as --use_ema;
   (b) our trainer (LDMTrainer) reading the latent/context cache, fp32, the same AdamW;
-  (c) (b) plus each of: bf16 autocast, channels_last, fused AdamW, foreach AdamW;
-  (d) (b) with the settings of (c) that were faster, together.
+  (c) (b) plus each of: bf16 autocast (with the attention product in float32, the trainer's
+      default on a CPU, and without), channels_last, fused AdamW, foreach AdamW;
+  (d) ours with the speed settings configs/ldm/small-64.yaml ships with (chosen from (c) and the
+      parts below).
 
-Variants are run round-robin (``--rounds``) and each one's median step time is reported, since
-the cores are shared. Also printed: achieved GFLOP/s (training FLOPs counted by
-torch.utils.flop_counter on one step) against this machine's matmul peak, measured in the same
-run (2048^3 fp32 and bf16 matmuls).
+Every round runs each variant for a few steps, in a shuffled order, and every speed-up is the
+median over rounds of (a)'s time divided by the variant's time in the same round: a slow spell of
+the shared cores, or a position in the run, hits both sides of a ratio alike. (d) gets rounds of
+its own with (a) and (b). Before the rounds, the parts of a step are timed alone (U-Net forward
+and backward in fp32 and bf16, the frozen encoders, each AdamW kernel). Also printed: achieved GFLOP/s (training FLOPs counted by
+torch.utils.flop_counter on one step, over wall time) against this machine's matmul peak, measured
+in the same run (2048^3 fp32 and bf16 matmuls).
 
 The frozen encoders are the project's, built untrained from configs/vae/vq-f4-64.yaml and
 configs/clip/emoji.yaml (untrained weights cost the same as trained ones).
@@ -25,6 +30,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -112,18 +120,29 @@ def our_steps(config: LDMTrainConfig, ae, te, overrides: list[str], steps: int, 
 
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state(*((True,) if state is AcceleratorState else ()))
-    cfg = load_config(LDMTrainConfig, CONFIG, [*BASE_OVERRIDES(config, out, warmup + steps), *overrides])
+    cfg = load_config(LDMTrainConfig, CONFIG, [*BASE_OVERRIDES(config, out, warmup + steps), *BASELINE, *overrides])
     trainer = build_trainer(cfg, autoencoder=ae, text_encoder=te)
     trainer.fit()
     rows = read_csv(Path(cfg.train.output_dir) / "logs" / "train.csv")
+    shutil.rmtree(cfg.train.output_dir)  # its checkpoint and bundle: ~0.5 GB a run
     return [(float(r["step_s"]), float(r["cpu_s"])) for r in rows][warmup:]
 
 
 def BASE_OVERRIDES(config: LDMTrainConfig, out: Path, max_steps: int) -> list[str]:  # noqa: N802
     return [f"data.path={config.data.path}", f"cache.dir={config.cache.dir}", f"train.output_dir={tempfile.mkdtemp(dir=out)}",
             f"train.batch_size={config.train.batch_size}", f"train.max_steps={max_steps}", "train.log_every=1",
-            "checkpoint.every=100000", "validation.every=0", "validation.prompts=[]", "validation.heldout_batches=1",
-            "optim.implementation=for-loop", "train.mixed_precision=fp32", "train.channels_last=false"]
+            "checkpoint.every=100000", "validation.every=0", "validation.prompts=[]", "validation.heldout_batches=1"]
+
+
+# (b): the speed settings of (a); the variants add to these
+BASELINE = ["optim.implementation=for-loop", "train.mixed_precision=fp32", "train.channels_last=false"]
+
+
+def config_speed_settings(config: LDMTrainConfig) -> list[str]:
+    """The speed settings CONFIG ships with, as overrides of BASELINE."""
+    fp32_attention = "null" if config.train.fp32_attention is None else str(config.train.fp32_attention).lower()
+    return [f"optim.implementation={config.optim.implementation}", f"train.mixed_precision={config.train.mixed_precision}",
+            f"train.channels_last={str(config.train.channels_last).lower()}", f"train.fp32_attention={fp32_attention}"]
 
 
 # -- FLOPs and peak -----------------------------------------------------------------------------------
@@ -159,7 +178,67 @@ def training_flops(unet, ae, te, batch: int, context_len: int) -> tuple[float, f
     return float(train), float(counter.get_total_flops())
 
 
+# -- the parts of a step, timed alone ------------------------------------------------------------------
+
+
+def component_times(unet, ae, te, batch: int, repeats: int = 4) -> dict[str, float]:
+    """Median seconds of the parts of one training step, each timed alone on fixed inputs; the parts
+    run in turn (twice untimed, then ``repeats`` times), so that a slow spell hits all of them."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from ldm.unet import FP32AttentionProcessor
+
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(batch, 4, 16, 16, generator=g), torch.randint(0, 1000, (batch,), generator=g)
+    ctx, images = torch.randn(batch, te.max_length, te.context_dim, generator=g), torch.randn(batch, 3, 64, 64, generator=g)
+    unet = copy.deepcopy(unet).train()
+    params = list(unet.parameters())
+
+    def fwd_bwd(dtype, processor):
+        def step():
+            unet.set_attn_processor(processor)
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = unet(z, t, encoder_hidden_states=ctx).sample.float().pow(2).mean()
+            loss.backward()
+        return step
+
+    def encode():
+        with torch.no_grad():
+            ae.encode(images)
+            te(["a koala bear, twemoji style"] * batch)
+
+    def adamw(impl):
+        kind = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+        return torch.optim.AdamW(params, lr=1e-6, **kind).step  # steps on the gradients of the U-Net calls
+
+    parts = {
+        "U-Net fwd+bwd, fp32": fwd_bwd(None, AttnProcessor2_0()),
+        "U-Net fwd+bwd, bf16 autocast, attention product bf16": fwd_bwd(torch.bfloat16, AttnProcessor2_0()),
+        "U-Net fwd+bwd, bf16 autocast, attention product fp32": fwd_bwd(torch.bfloat16, FP32AttentionProcessor()),
+        "frozen encoders fwd (VQ-VAE encoder + text encoder), fp32": encode,
+        **{f"AdamW step, {impl}": adamw(impl) for impl in ("for-loop", "foreach", "fused")},
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for r in range(2 + repeats):
+        for name, fn in parts.items():
+            seconds = _timed(fn)
+            if r >= 2:
+                times[name].append(seconds)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 # -- main -----------------------------------------------------------------------------------------------
+
+A = "(a) diffusers-style: encode every step, fp32"
+B = "(b) ours: cache, fp32"
+# (c): one speed option at a time on top of (b)
+OPTIONS = {
+    "(c) ours + bf16 autocast (attention product fp32)": ["train.mixed_precision=bf16"],
+    "(c) ours + bf16 autocast, attention bf16 too": ["train.mixed_precision=bf16", "train.fp32_attention=false"],
+    "(c) ours + channels_last": ["train.channels_last=true"],
+    "(c) ours + fused AdamW": ["optim.implementation=fused"],
+    "(c) ours + foreach AdamW": ["optim.implementation=foreach"],
+}
 
 
 def main() -> None:
@@ -167,12 +246,14 @@ def main() -> None:
     p.add_argument("--data", default="/work/data/emoji")
     p.add_argument("--cache", default=str(ROOT / "runs" / "bench-cache"))
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each variant's run")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of all variants, in a shuffled order each")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffled variant orders")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar
 
     config = load_config(LDMTrainConfig, CONFIG, [f"data.path={args.data}", f"cache.dir={args.cache}",
                                                   f"train.batch_size={args.batch}"])
@@ -180,7 +261,8 @@ def main() -> None:
     ae.eval().requires_grad_(False)
     te.eval().requires_grad_(False)
     print(f"torch {torch.__version__}, {args.threads} threads; frozen encoders: {which}")
-    print(f"batch {args.batch}, {args.steps} timed steps x {args.rounds} rounds per variant (after {args.warmup} warm-up)")
+    print(f"batch {args.batch}; each round runs every variant for {args.warmup} + {args.steps} steps, in a shuffled "
+          f"order; {args.rounds} rounds, then {args.rounds} more of (a), (b), (d)")
 
     t0 = time.perf_counter()
     _, built = build_cache(config.cache, config.data, ae, te, progress=False)
@@ -189,62 +271,65 @@ def main() -> None:
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     from train.ldm_trainer import build_trainer
 
-    unet = build_trainer(load_config(LDMTrainConfig, CONFIG, BASE_OVERRIDES(config, Path(tempfile.mkdtemp()), 1)),
+    out = Path(tempfile.mkdtemp(prefix="bench-train-"))  # the runs' folders, each removed when read
+    unet = build_trainer(load_config(LDMTrainConfig, CONFIG, BASE_OVERRIDES(config, out, 1)),
                          autoencoder=ae, text_encoder=te).unet
     n_params = sum(p.numel() for p in unet.parameters())
     unet_flops, encoder_flops = training_flops(unet, ae, te, args.batch, te.max_length)
     print(f"U-Net {n_params / 1e6:.1f}M parameters; one step: U-Net fwd+bwd {unet_flops / 1e9:.0f} GFLOP, "
-          f"encoders fwd {encoder_flops / 1e9:.0f} GFLOP; matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
+          f"encoders fwd {encoder_flops / 1e9:.0f} GFLOP; matmul peak ({args.threads} threads) fp32 {peak32:.0f} GFLOP/s, "
+          f"bf16 {peak16:.0f} GFLOP/s")
 
-    out = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    variants = {
-        "(a) diffusers-style: encode every step, fp32": None,
-        "(b) ours: cache, fp32": [],
-        "(c) ours + bf16 autocast": ["train.mixed_precision=bf16"],
-        "(c) ours + channels_last": ["train.channels_last=true"],
-        "(c) ours + fused AdamW": ["optim.implementation=fused"],
-        "(c) ours + foreach AdamW": ["optim.implementation=foreach"],
-    }
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}  # (wall, CPU) seconds per step
+    print("\nparts of a step, each timed alone, in turn (median of 4; wall seconds):")
+    for name, seconds in component_times(unet, ae, te, args.batch).items():
+        print(f"  {name:<60} {seconds:7.3f} s")
+    print()
 
-    def median(name, which):  # which: 0 wall, 1 CPU
-        return statistics.median(t[which] for t in times[name])
+    rng = random.Random(args.seed)
+    rounds: dict[str, list[dict[str, tuple[float, float]]]] = {}  # variant -> per round: median (wall, CPU) s/step
 
     def run(name, overrides):
         if overrides is None:
-            unet_a = copy.deepcopy(unet)
-            times[name] += diffusers_style_steps(config, unet_a, ae, te, args.steps, args.warmup)
+            steps = diffusers_style_steps(config, copy.deepcopy(unet), ae, te, args.steps, args.warmup)
         else:
-            times[name] += our_steps(config, ae, te, overrides, args.steps, args.warmup, out)
+            steps = our_steps(config, ae, te, overrides, args.steps, args.warmup, out)
+        return tuple(statistics.median(s[i] for s in steps) for i in (0, 1))
 
-    for r in range(args.rounds):
-        for name, overrides in variants.items():
-            run(name, overrides)
-            last = times[name][-args.steps:]
-            print(f"  round {r + 1}: {name}: wall {statistics.median(t[0] for t in last):.3f} s/step, "
-                  f"CPU {statistics.median(t[1] for t in last):.3f} s/step", flush=True)
+    def play(variants: dict, label: str):
+        for r in range(args.rounds):
+            names = list(variants)
+            rng.shuffle(names)
+            medians = {name: run(name, variants[name]) for name in names}
+            for name in names:
+                rounds.setdefault(name, []).append(medians)
+            for name in names:
+                print(f"  {label}, round {r + 1}: {name}: wall {medians[name][0]:.3f} s/step, CPU {medians[name][1]:.3f} s/step",
+                      flush=True)
 
-    base = median("(b) ours: cache, fp32", 1)
-    faster = [o for name, o in variants.items() if o and median(name, 1) < base * 0.97]
-    combo = [x for o in faster for x in o]
-    name_d = "(d) ours + " + (", ".join(o[0].split("=")[-1] for o in faster) if faster else "nothing (no option was faster)")
-    variants[name_d] = combo
-    times[name_d] = []
-    for _ in range(args.rounds):
-        run(name_d, combo)
+    play({A: None, B: [], **OPTIONS}, "(a)-(c)")
 
-    a = "(a) diffusers-style: encode every step, fp32"
-    print(f"\nmedians; speed-ups and GFLOP/s from CPU time ({args.threads} thread(s); the cores are shared, so wall time "
-          "also holds waiting for them)")
-    print(f"{'variant':<48} {'wall s':>7} {'CPU s':>7} {'img/s':>6} {'vs (a)':>7} {'wall vs (a)':>11} {'GFLOP/s':>8} "
-          f"{'% fp32 pk':>9} {'% bf16 pk':>9}")
-    for name in times:
-        wall, cpu = median(name, 0), median(name, 1)
-        flops = unet_flops + (encoder_flops if name.startswith("(a)") else 0)
-        gflops = flops / cpu / 1e9
-        print(f"{name:<48} {wall:>7.3f} {cpu:>7.3f} {args.batch / cpu:>6.1f} {median(a, 1) / cpu:>6.2f}x "
-              f"{median(a, 0) / wall:>10.2f}x {gflops:>8.1f} {100 * gflops / peak32:>8.0f}% {100 * gflops / peak16:>8.0f}%")
-    print(f"\n(d) used: {combo or 'the fp32 baseline'}")
+    def ratio(name, i):  # median over rounds of (a)'s time / name's, measured in the same round
+        return statistics.median(m[A][i] / m[name][i] for m in rounds[name])
+
+    combo = config_speed_settings(config)
+    D = f"(d) ours with {CONFIG.name}'s settings: " + ", ".join(x.split("=")[-1] for x in combo[:2])
+    play({A: None, B: [], D: combo}, "(a),(b),(d)")
+
+    print(f"\nPer variant: median step time over its rounds; speed-ups are the median over rounds of (a)'s time / the "
+          f"variant's time in the same round (min-max in brackets); GFLOP/s from wall time ({args.threads} thread(s)).")
+    print(f"{'variant':<52} {'wall s':>7} {'CPU s':>7} {'img/s':>6} {'vs (a), wall':>21} {'vs (a), CPU':>9} "
+          f"{'GFLOP/s':>8} {'% fp32 pk':>9} {'% bf16 pk':>9}")
+    for name in [A, B, *OPTIONS, D]:
+        ms = rounds[name]
+        wall, cpu = (statistics.median(m[name][i] for m in ms) for i in (0, 1))
+        walls = [m[A][0] / m[name][0] for m in ms]
+        flops = unet_flops + (encoder_flops if name == A else 0)
+        gflops = flops / wall / 1e9
+        spread = f"({min(walls):.2f}-{max(walls):.2f})"
+        print(f"{name:<52} {wall:>7.3f} {cpu:>7.3f} {args.batch / wall:>6.1f} {ratio(name, 0):>7.2f}x {spread:>13} "
+              f"{ratio(name, 1):>8.2f}x {gflops:>8.1f} {100 * gflops / peak32:>8.0f}% {100 * gflops / peak16:>8.0f}%")
+    print(f"\n(d) used: {combo}")
+    shutil.rmtree(out)
 
 
 if __name__ == "__main__":
