@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,42 @@ class _TextEncoderGraph(torch.nn.Module):
 
     def forward(self, tokens):  # (B, L) long -> (B, L, D)
         return self.text_encoder._encode_tokens(tokens)[0]
+
+
+class _SharedRowsEmbedding(torch.nn.Module):
+    """An embedding table whose equal rows are stored once: id -> row number -> row.
+
+    A packed bundle's token table (``ldm pack --vocab-from``) has a few thousand rows of its own
+    and ~49k copies of one shared row; stored this way its graph is ~7x smaller, same outputs."""
+
+    def __init__(self, weight: torch.Tensor):  # (V, D)
+        super().__init__()
+        rows, row_of_id = torch.unique(weight.detach(), dim=0, return_inverse=True)  # (K, D), (V,)
+        self.register_buffer("rows", rows)
+        self.register_buffer("row_of_id", row_of_id)
+
+    def forward(self, ids):  # (B, L) long -> (B, L, D)
+        return self.rows[self.row_of_id[ids]]
+
+
+@contextmanager
+def shared_row_embeddings(module: torch.nn.Module, min_rows: int = 1000):
+    """Within the block, every embedding of at least ``min_rows`` rows of which at most half are
+    distinct is a ``_SharedRowsEmbedding`` (for export); the originals are put back after."""
+    swapped = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, torch.nn.Embedding) and child.num_embeddings >= min_rows:
+            shared = _SharedRowsEmbedding(child.weight)
+            if 2 * len(shared.rows) <= child.num_embeddings:
+                parent_name, _, attr = name.rpartition(".")
+                parent = module.get_submodule(parent_name)
+                setattr(parent, attr, shared)
+                swapped.append((parent, attr, child))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, attr, child in swapped:
+            setattr(parent, attr, child)
 
 
 class _DecoderGraph(torch.nn.Module):
@@ -132,9 +169,11 @@ class OnnxGraphs:
         return self.graph(*self._decoder_args(latent_shape))
 
     def text_encoder_graph(self, text_encoder) -> Path:
-        """The text encoder graph tokens (B, L) long -> context (B, L, D)."""
+        """The text encoder graph tokens (B, L) long -> context (B, L, D); a token table with
+        shared rows (a packed bundle's) is stored with each distinct row once."""
         tokens = torch.zeros(2, self.context_shape[0], dtype=torch.long)  # (2, L)
-        return self.graph("text_encoder", _TextEncoderGraph(text_encoder), (tokens,), ["tokens"])
+        with shared_row_embeddings(text_encoder):
+            return self.graph("text_encoder", _TextEncoderGraph(text_encoder), (tokens,), ["tokens"])
 
     def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         sess = self._session(*self._unet_args(tuple(x.shape[1:])))

@@ -80,3 +80,34 @@ def test_pack_cli_reads_the_vocabulary_from_a_data_set(bundle, tmp_path, capsys)
     assert state[TOKEN_TABLE].dtype == torch.float16
     assert main(["pack", str(bundle), "--out", str(bundle)]) == 2
     assert "is the source bundle" in capsys.readouterr().err
+
+
+def test_text_encoder_graph_of_a_packed_table_stores_shared_rows_once(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from ldm import testing
+    from ldm.onnx_backend import OnnxGraphs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where graphs of a bundle-less model go
+    te = testing.text_encoder()
+    embedding = te.model.token_embedding
+    kept = list(range(0, 2000, 3))
+    state = expand_token_table(compact_token_table({TOKEN_TABLE: embedding.weight.detach()}, kept))
+    with torch.no_grad():
+        embedding.weight.copy_(state[TOKEN_TABLE])
+    sizes = {}
+    for name, table in (("packed", state[TOKEN_TABLE]), ("full", None)):
+        if table is None:  # distinct rows everywhere: nothing to share
+            with torch.no_grad():
+                embedding.weight.copy_(torch.randn_like(embedding.weight))
+        path = OnnxGraphs(None, None, (77, 16), None, name).text_encoder_graph(te)
+        assert te.model.token_embedding is embedding  # the live model keeps its table
+        sizes[name] = path.stat().st_size
+        tokens = torch.tensor([[49406, 0, 3, 5, 1999, 40000, 49407] + [0] * 70,
+                               [49406, 6, 300, 2001, 12, 49407] + [0] * 71])  # kept and shared ids
+        got = ort.InferenceSession(str(path)).run(None, {"tokens": tokens.numpy()})[0]
+        with torch.no_grad():
+            expected = te._encode_tokens(tokens)[0]
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
+    # 49,408 x 16 float32 rows (3.2 MB) against 667 kept + 1 shared row and an int64 index (0.4 MB)
+    assert sizes["packed"] < sizes["full"] / 3
