@@ -6,7 +6,9 @@ Chromium per thread count (the page's ?threads=N; 1 is what a page gets without 
 and the same image with the Python pipeline's ONNX backend (intra-op threads = N). Prints seconds
 per sampler step (one batched U-Net call on [uncond, cond] plus the update) and per image (text
 encoder + steps + decode; the page's per-step previews are off) side by side, with the ratio.
-Each figure is the faster of --repeats runs after one warm-up.
+Each figure is the faster of --repeats runs after one warm-up. The browser runs twice: with the
+graphs in onnxruntime-web's worker (the page's default) and on the page's main thread (?proxy=0);
+"longest freeze" is the longest the page's main thread went without running a 4 ms timer.
 
     PYTHONPATH=. python bench/bench_web.py [--model BUNDLE] [--steps 20] [--threads 1,2] [--repeats 2]
 """
@@ -22,15 +24,16 @@ from pathlib import Path
 PROMPT = "koala, twemoji style"
 
 
-def browser_times(site: Path, steps: int, threads: int, repeats: int) -> tuple[float, float, str]:
-    """(seconds per step, seconds per image, provider) in headless Chromium."""
+def browser_times(site: Path, steps: int, threads: int, repeats: int, proxy: bool = True) -> tuple[float, float, float, str]:
+    """(seconds per step, seconds per image, longest main-thread block in seconds, provider) in
+    headless Chromium; ``proxy``: onnxruntime-web runs the graphs in its worker (the page's default)."""
     from ldm.web.browser import Chromium
     from ldm.web.serve import make_server
 
     server = make_server(site, 0, quiet=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/?ep=wasm&preview=0&threads={threads}"
-    best_step, best_image = float("inf"), float("inf")
+    url = f"http://127.0.0.1:{server.server_address[1]}/?ep=wasm&preview=0&threads={threads}&proxy={int(proxy)}"
+    best_step, best_image, longest_block = float("inf"), float("inf"), 0.0
     try:
         with Chromium(timeout=120) as b:
             b.open(url)
@@ -48,11 +51,13 @@ def browser_times(site: Path, steps: int, threads: int, repeats: int) -> tuple[f
                 if k > 0:  # the first run warms up
                     best_step = min(best_step, sum(t["step_ms"]) / len(t["step_ms"]) / 1000)
                     best_image = min(best_image, t["total_ms"] / 1000)
-            provider = f"{b.evaluate('window.ldm.provider')}, {b.evaluate('window.ldm.threads')} thread(s)"
+                    longest_block = max(longest_block, t["longest_block_ms"] / 1000)
+            provider = (f"{b.evaluate('window.ldm.provider')}, {b.evaluate('window.ldm.threads')} thread(s), "
+                        + ("in onnxruntime-web's worker" if b.evaluate("window.ldm.proxy") else "on the main thread"))
     finally:
         server.shutdown()
         server.server_close()
-    return best_step, best_image, provider
+    return best_step, best_image, longest_block, provider
 
 
 def python_times(bundle: Path, steps: int, threads: int, repeats: int) -> tuple[float, float]:
@@ -109,12 +114,14 @@ def main() -> None:
         site = export_site(model, args.site or Path(tmp) / "site", seeds=1, max_steps=args.steps)
         print(f"model {model}, {args.steps} DDIM steps, guidance 4 (batch 2 U-Net calls), one image")
         print(f"{'threads':>7}  {'browser s/step':>14}  {'python s/step':>13}  {'ratio':>6}  "
-              f"{'browser s/image':>15}  {'python s/image':>14}  {'ratio':>6}  browser provider")
+              f"{'browser s/image':>15}  {'python s/image':>14}  {'ratio':>6}  {'longest freeze s':>16}  browser provider")
         for threads in (int(t) for t in args.threads.split(",")):
-            b_step, b_image, provider = browser_times(site, args.steps, threads, args.repeats)
             p_step, p_image = python_times(model, args.steps, threads, args.repeats)
-            print(f"{threads:>7}  {b_step:>14.4f}  {p_step:>13.4f}  {b_step / p_step:>5.2f}x  "
-                  f"{b_image:>15.3f}  {p_image:>14.3f}  {b_image / p_image:>5.2f}x  {provider}", flush=True)
+            for proxy in (True, False):
+                b_step, b_image, block, provider = browser_times(site, args.steps, threads, args.repeats, proxy)
+                print(f"{threads:>7}  {b_step:>14.4f}  {p_step:>13.4f}  {b_step / p_step:>5.2f}x  "
+                      f"{b_image:>15.3f}  {p_image:>14.3f}  {b_image / p_image:>5.2f}x  {block:>16.3f}  {provider}",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def test_page_matches_python_onnxruntime(site, page, sampler, method, eta, seed,
     assert status == "done", message
     assert browser.evaluate("window.ldm.noise") == "python"
     assert browser.evaluate("window.ldm.provider") in ("wasm", "webgpu")
+    if browser.evaluate("window.ldm.provider") == "wasm":  # the graphs run in onnxruntime-web's worker
+        assert browser.evaluate("window.ldm.proxy") is True
+    assert browser.evaluate("window.ldm.timings.longest_block_ms") > 0
     assert "execution provider: " in browser.evaluate("document.getElementById('provider').textContent")
     img = browser.evaluate("window.ldm.image")
     got = np.array(img["rgb"], dtype=np.float64).reshape(img["height"], img["width"], 3)

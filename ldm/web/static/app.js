@@ -8,7 +8,7 @@ import { ClipTokenizer } from "./tokenizer.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const state = { status: "loading", provider: null, threads: null, error: null, image: null, timings: null, noise: null };
+const state = { status: "loading", provider: null, threads: null, proxy: null, error: null, image: null, timings: null, noise: null };
 window.ldm = state;
 
 let model, schedule, tokenizer, sessions, noiseData;
@@ -73,6 +73,10 @@ async function load() {
     : (self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
   ort.env.wasm.numThreads = threads;
   let provider = await pickProvider();
+  // wasm: onnxruntime-web runs the graphs in its own worker, so the page stays responsive during a
+  // U-Net call (params ?proxy=0 turns it off); WebGPU runs on the main thread's device queue
+  const proxy = provider === "wasm" && params.get("proxy") !== "0";
+  ort.env.wasm.proxy = proxy;
   try {
     sessions = await Promise.all([te, unet, dec].map((b) => createSession(b, [provider])));
   } catch (e) {
@@ -83,6 +87,7 @@ async function load() {
   }
   state.provider = provider;
   state.threads = provider === "wasm" ? threads : null;
+  state.proxy = proxy && provider === "wasm";
   $("provider").textContent = provider === "webgpu" ? "execution provider: webgpu"
     : `execution provider: wasm, ${threads} thread${threads === 1 ? "" : "s"}` + (self.crossOriginIsolated ? "" : " (page not cross-origin isolated: serve it with 'ldm serve-web' for threads)");
   for (const [i, s] of schedule.samplers.entries()) $("sampler").add(new Option(s.label, String(i)));
@@ -202,6 +207,13 @@ async function generate() {
   state.status = "running";
   state.error = null;
   $("log").textContent = "";
+  // the longest the main thread went without running a 4 ms timer: what a user feels as a freeze
+  let lastTick = performance.now(), longestBlock = 0;
+  const ticker = setInterval(() => {
+    const now = performance.now();
+    longestBlock = Math.max(longestBlock, now - lastTick);
+    lastTick = now;
+  }, 4);
   try {
     const { prompt, negative, steps, guidance, seed, sampler } = inputs;
     const fields = schedule.fields;
@@ -217,16 +229,17 @@ async function generate() {
     const rows = sampler.by_steps[String(steps)];
     const clip = schedule.clip_x0;
     const timings = { text_ms: textMs, step_ms: [], unet_ms: [], preview_ms: [] };
-    const xIn = new Float32Array(2 * n);
+    const contextData = context.data;
     for (let i = 0; i < rows.length; i++) {
       const r = Object.fromEntries(fields.map((f, j) => [f, rows[i][j]]));
       const ts = performance.now();
+      const xIn = new Float32Array(2 * n);  // fresh buffers each call: the proxy worker takes them over
       for (let j = 0; j < n; j++) xIn[j] = xIn[n + j] = x[j];
       const tt = BigInt(r.t);
       const res = await sessions[1].run({
         x: new ort.Tensor("float32", xIn, [2, c, h, w]),
         t: new ort.Tensor("int64", new BigInt64Array([tt, tt]), [2]),
-        context,
+        context: new ort.Tensor("float32", contextData.slice(), context.dims),
       });
       const unetMs = performance.now() - ts;
       const out = res.out.data;
@@ -263,6 +276,7 @@ async function generate() {
     const rgb = draw(await decode(Float32Array.from(x)));
     timings.decode_ms = performance.now() - td;
     timings.total_ms = performance.now() - t0;
+    timings.longest_block_ms = Math.max(longestBlock, performance.now() - lastTick);
     const mean = timings.step_ms.reduce((a, b) => a + b, 0) / timings.step_ms.length;
     log(`text encoder ${textMs.toFixed(1)} ms, ${mean.toFixed(1)} ms per step, decode ${timings.decode_ms.toFixed(1)} ms, ` +
         `image ${(timings.total_ms / 1000).toFixed(2)} s (${state.provider})`);
@@ -274,6 +288,7 @@ async function generate() {
   } catch (e) {
     fail(`Generation failed: ${e.message}`);
   } finally {
+    clearInterval(ticker);
     $("generate").disabled = false;
   }
 }
