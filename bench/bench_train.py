@@ -302,14 +302,10 @@ def main() -> None:
             medians = {name: run(name, variants[name]) for name in names}
             for name in names:
                 rounds.setdefault(name, []).append(medians)
-            for name in names:
                 print(f"  {label}, round {r + 1}: {name}: wall {medians[name][0]:.3f} s/step, CPU {medians[name][1]:.3f} s/step",
                       flush=True)
 
     play({A: None, B: [], **OPTIONS}, "(a)-(c)")
-
-    def ratio(name, i):  # median over rounds of (a)'s time / name's, measured in the same round
-        return statistics.median(m[A][i] / m[name][i] for m in rounds[name])
 
     combo = config_speed_settings(config)
     D = f"(d) ours with {CONFIG.name}'s settings: " + ", ".join(x.split("=")[-1] for x in combo[:2])
@@ -322,12 +318,13 @@ def main() -> None:
     for name in [A, B, *OPTIONS, D]:
         ms = rounds[name]
         wall, cpu = (statistics.median(m[name][i] for m in ms) for i in (0, 1))
-        walls = [m[A][0] / m[name][0] for m in ms]
+        # speed-ups: (a)'s time / this variant's, in the same round
+        walls, cpus = ([m[A][i] / m[name][i] for m in ms] for i in (0, 1))
         flops = unet_flops + (encoder_flops if name == A else 0)
         gflops = flops / wall / 1e9
         spread = f"({min(walls):.2f}-{max(walls):.2f})"
-        print(f"{name:<52} {wall:>7.3f} {cpu:>7.3f} {args.batch / wall:>6.1f} {ratio(name, 0):>7.2f}x {spread:>13} "
-              f"{ratio(name, 1):>8.2f}x {gflops:>8.1f} {100 * gflops / peak32:>8.0f}% {100 * gflops / peak16:>8.0f}%")
+        print(f"{name:<52} {wall:>7.3f} {cpu:>7.3f} {args.batch / wall:>6.1f} {statistics.median(walls):>7.2f}x {spread:>13} "
+              f"{statistics.median(cpus):>8.2f}x {gflops:>8.1f} {100 * gflops / peak32:>8.0f}% {100 * gflops / peak16:>8.0f}%")
     print(f"\n(d) used: {combo}")
     shutil.rmtree(out)
 

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +78,7 @@ def shared_row_embeddings(module: torch.nn.Module, min_rows: int = 1000):
                 setattr(parent, attr, shared)
                 swapped.append((parent, attr, child))
     try:
-        yield len(swapped)
+        yield
     finally:
         for parent, attr, child in swapped:
             setattr(parent, attr, child)
@@ -136,13 +136,15 @@ class OnnxGraphs:
         self.key = key
         self.sessions: dict[str, object] = {}
 
-    def graph(self, name: str, module, args, input_names) -> Path:
-        """The path of graph ``name``, exported from ``module(*args)`` unless a fresh one is cached."""
+    def graph(self, name: str, module, args, input_names, exporting=nullcontext) -> Path:
+        """The path of graph ``name``, exported from ``module(*args)`` (within the context
+        ``exporting()``) unless a fresh one is cached."""
         path = self.dir / f"{name}.onnx"
         stamp = self.dir / "source.json"
         fresh = path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("bundle_hash") == self.key
         if not fresh:
-            export(module, args, path, input_names)
+            with exporting():
+                export(module, args, path, input_names)
             stamp.write_text(json.dumps({"bundle_hash": self.key}))
         return path
 
@@ -172,8 +174,8 @@ class OnnxGraphs:
         """The text encoder graph tokens (B, L) long -> context (B, L, D); a token table with
         shared rows (a packed bundle's) is stored with each distinct row once."""
         tokens = torch.zeros(2, self.context_shape[0], dtype=torch.long)  # (2, L)
-        with shared_row_embeddings(text_encoder):
-            return self.graph("text_encoder", _TextEncoderGraph(text_encoder), (tokens,), ["tokens"])
+        return self.graph("text_encoder", _TextEncoderGraph(text_encoder), (tokens,), ["tokens"],
+                          exporting=lambda: shared_row_embeddings(text_encoder))
 
     def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         sess = self._session(*self._unet_args(tuple(x.shape[1:])))

@@ -87,7 +87,7 @@ async function load() {
   }
   state.provider = provider;
   state.threads = provider === "wasm" ? threads : null;
-  state.proxy = proxy && provider === "wasm";
+  state.proxy = proxy;  // false after a webgpu -> wasm fallback (set before the first session)
   $("provider").textContent = provider === "webgpu" ? "execution provider: webgpu"
     : `execution provider: wasm, ${threads} thread${threads === 1 ? "" : "s"}` + (self.crossOriginIsolated ? "" : " (page not cross-origin isolated: serve it with 'ldm serve-web' for threads)");
   for (const [i, s] of schedule.samplers.entries()) $("sampler").add(new Option(s.label, String(i)));
