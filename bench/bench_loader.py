@@ -18,7 +18,7 @@ import time
 import torch
 
 from train.data import load_captioned_images
-from train.images import decode_image
+from train.data.images import decode_image
 
 TRAINING_NEEDS = 30.0  # images/s a small U-Net step handles on 2 CPU cores at 64 px (upper end)
 

@@ -44,9 +44,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train.cache import build_cache  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.ldm_config import LDMTrainConfig  # noqa: E402
+from train.unet.cache import build_cache  # noqa: E402
+from train.run.config import load_config  # noqa: E402
+from train.unet.config import LDMTrainConfig  # noqa: E402
 
 CONFIG = ROOT / "configs" / "ldm" / "small-64.yaml"
 
@@ -58,8 +58,8 @@ def frozen_encoders():
     """The project's VQ-VAE and open_clip text encoder as configured for the emoji set, untrained
     (random weights cost the same as trained ones)."""
     from conditioning import build_text_encoder
-    from train.clip_config import load_train_config
-    from train.vae_train_config import VAETrainingConfig
+    from train.clip.config import load_train_config
+    from train.vae.config import VAETrainingConfig
     from vae import build_autoencoder
 
     torch.manual_seed(0)
@@ -115,8 +115,8 @@ def our_steps(config: LDMTrainConfig, ae, te, overrides: list[str], steps: int, 
     """(wall, CPU) seconds per step of LDMTrainer, from its train.csv (checkpoints and validation excluded)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    from train.ldm_trainer import build_trainer
-    from train.run_log import read_csv
+    from train.unet.trainer import build_trainer
+    from train.run.log import read_csv
 
     for state in (AcceleratorState, GradientState, PartialState):
         state._reset_state(*((True,) if state is AcceleratorState else ()))
@@ -269,7 +269,7 @@ def main() -> None:
     print(f"cache: {'built' if built else 'reused'} in {time.perf_counter() - t0:.1f} s (paid once per data set and encoders)")
 
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    from train.ldm_trainer import build_trainer
+    from train.unet.trainer import build_trainer
 
     out = Path(tempfile.mkdtemp(prefix="bench-train-"))  # the runs' folders, each removed when read
     unet = build_trainer(load_config(LDMTrainConfig, CONFIG, BASE_OVERRIDES(config, out, 1)),

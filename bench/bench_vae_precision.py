@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from train.config import load_config
-from train.vae_train_config import VAETrainingConfig
+from train.run.config import load_config
+from train.vae.config import VAETrainingConfig
 from vae import build_autoencoder
 from vae.vq import CodebookTrainer
 

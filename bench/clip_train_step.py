@@ -18,8 +18,8 @@ import time
 import torch
 from open_clip.loss import ClipLoss
 
-from train.clip_config import load_train_config
-from train.clip_trainer import ContrastivePair, encode_text_trimmed, param_groups
+from train.clip.config import load_train_config
+from train.clip.trainer import ContrastivePair, encode_text_trimmed, param_groups
 from conditioning.clip_model import build_open_clip_model
 
 

@@ -4,90 +4,81 @@ Errors the user can fix (bad arguments, missing files) are printed as one line
 ``ldm <command>: error: ...`` with exit code 2 and no traceback.
 
 Each subcommand lives in a module with two functions, ``add_arguments(parser)``
-and ``run(args) -> exit code``, registered in ``_IMPLEMENTED`` below. Those
-modules import torch and friends inside ``run`` so that ``ldm --help`` stays
-instant. This file is the application's entry point and the one place in
-``ldm`` that may reach into ``train`` (to dispatch the training commands).
+and ``run(args) -> exit code``. The library's own subcommands are listed in
+``LIBRARY_COMMANDS``; the training subcommands are the table ``train.commands``
+owns, read only when a command line is parsed, so that ``import ldm`` (and this
+module) never imports ``train``. Only the chosen subcommand's module is
+imported, and those modules import torch and friends inside ``run``, so
+``ldm --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from types import ModuleType
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from ldm import __version__
 from ldm.errors import UsageError  # noqa: F401  (re-exported: command modules raise it)
 
-from ldm import generate_cli, sweep_cli  # noqa: E402,I001  (after UsageError: command modules import it from here)
-from ldm.web import export_cli as web_export_cli, serve_cli as web_serve_cli  # noqa: E402
-from train import clip_cli, data_cli, finetune_cli, ldm_cli as train_cli, pack_cli, vae_cli, vae_eval_cli  # noqa: E402
-
-
-# name -> one-line description, in the order `ldm --help` lists them.
-SUBCOMMANDS = {
-    "generate": "generate images from a prompt",
-    "sweep": "sweep the guidance weight over prompts and seeds; grid, metrics and plot",
-    "data": "build (emoji, shapes) or check a captioned image data set",
-    "train-vae": "train the autoencoder (VQ-VAE) from a YAML config",
-    "eval-vae": "evaluate an autoencoder on held-out images: PSNR, SSIM, codebook use; PNG of reconstructions",
-    "train-clip": "train a small CLIP text/image encoder from a YAML config",
-    "train": "train the latent diffusion U-Net from a YAML config",
-    "finetune": "fine-tune a model bundle on your own captioned images",
-    "pack": "pack a trained bundle for shipping: fp16 weights, token table cut to the training vocabulary",
-    "export-web": "export a model as a static web page that generates images in the browser",
-    "serve-web": "serve an exported web page on 127.0.0.1 (with the headers wasm threads need)",
+# name -> (module, one-line description) of the subcommands that need no training code.
+LIBRARY_COMMANDS = {
+    "generate": ("ldm.generate_cli", "generate images from a prompt"),
+    "sweep": ("ldm.sweep_cli", "sweep the guidance weight over prompts and seeds; grid, metrics and plot"),
+    "export-web": ("ldm.web.export_cli", "export a model as a static web page that generates images in the browser"),
+    "serve-web": ("ldm.web.serve_cli", "serve an exported web page on 127.0.0.1 (with the headers wasm threads need)"),
 }
 
-# Subcommands that exist: name -> module with add_arguments(parser) and run(args) -> exit code.
-_IMPLEMENTED: dict[str, ModuleType] = {
-    "generate": generate_cli,
-    "sweep": sweep_cli,
-    "data": data_cli,
-    "train-vae": vae_cli,
-    "eval-vae": vae_eval_cli,
-    "train-clip": clip_cli,
-    "train": train_cli,
-    "finetune": finetune_cli,
-    "pack": pack_cli,
-    "export-web": web_export_cli,
-    "serve-web": web_serve_cli,
-}
+# The order `ldm --help` lists them in.
+ORDER = ["generate", "sweep", "data", "train-vae", "eval-vae", "train-clip", "train", "finetune", "pack",
+         "export-web", "serve-web"]
 
 
-def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise UsageError(f"'ldm {name}' is not available yet in ldm-toolkit {__version__}")
+def commands() -> dict[str, tuple[str, str]]:
+    """Every subcommand: name -> (module, description), in ``ORDER``."""
+    from train.commands import COMMANDS  # the training half's own table
 
-    return run
+    table = {**LIBRARY_COMMANDS, **COMMANDS}
+    return {name: table[name] for name in ORDER if name in table} | table
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str], names) -> Optional[str]:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in names else None
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its module imported and its arguments."""
     parser = argparse.ArgumentParser(
         prog="ldm",
         description="Latent text-to-image diffusion toolkit: data, training, generation, guidance sweeps.",
     )
     parser.add_argument("--version", action="version", version=f"ldm-toolkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, summary in SUBCOMMANDS.items():
-        if name in _IMPLEMENTED:
-            module = _IMPLEMENTED[name]
-            p = sub.add_parser(name, help=summary, description=module.__doc__ or summary,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-            module.add_arguments(p)
-            run = module.run
-        else:
-            p = sub.add_parser(name, help=f"{summary} (not available yet)", description=f"{summary} (not available yet)")
-            run = _not_available(name)
-        p.set_defaults(run=run)
+    table = commands()
+    chosen = _chosen(argv, table)
+    for name, (module_name, summary) in table.items():
+        if name != chosen:
+            sub.add_parser(name, help=summary, description=summary)
+            continue
+        module: ModuleType = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=summary, description=module.__doc__ or summary,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command in _IMPLEMENTED:
+    if extra:
         if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra  # key=value overrides given after an option (argparse leaves them over)
         else:

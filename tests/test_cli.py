@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from ldm.cli import SUBCOMMANDS, main
+from ldm.cli import commands, main
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -12,7 +12,21 @@ def test_help_lists_every_subcommand(capsys):
     except SystemExit as exit:
         assert exit.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in SUBCOMMANDS)
+    assert all(name in out for name in commands())
+
+
+def test_import_ldm_never_imports_train():
+    """The library stays apart from training: the CLI reads train's command table only when it parses."""
+    code = "import ldm, ldm.cli, sys; print(sorted(m for m in sys.modules if m == 'train' or m.startswith('train.')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_help_imports_no_command_module():
+    code = ("import sys\nfrom ldm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.endswith('_cli') or m.endswith('.cli') and m != 'ldm.cli'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_user_error_is_a_one_line_error_exit_2(tmp_path):
@@ -23,7 +37,7 @@ def test_a_user_error_is_a_one_line_error_exit_2(tmp_path):
 
 
 def test_overrides_after_an_option_are_kept(monkeypatch):
-    from train import ldm_cli
+    from train.unet import cli as ldm_cli
 
     seen = []
     monkeypatch.setattr(ldm_cli, "run", lambda args: seen.append((args.overrides, args.resume)) or 0)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ldm.cli import main
 from train.data import CaptionedImages, clip_token_count, load_captioned_images, load_captions
-from train.images import ImageTransform, decode_image, to_rgb
+from train.data.images import ImageTransform, decode_image, to_rgb
 
 
 def words(caption: str) -> int:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ldm.cli import main
-from train import emoji
+from train.data import emoji
 from train.data import load_captioned_images
 
 FIXTURE = Path(__file__).parent / "fixtures" / "emoji_mini.json"

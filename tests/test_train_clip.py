@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from conditioning import load_clip_scorer, load_text_encoder
 from conditioning.clip_model import build_open_clip_model
 from ldm.cli import main
-from train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from train.clip_config import load_train_config
-from train.clip_data import load_pair_sets
-from train.clip_eval import retrieval_metrics
-from train.clip_trainer import encode_text_trimmed
+from train.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.clip.config import load_train_config
+from train.clip.data import load_pair_sets
+from train.clip.eval import retrieval_metrics
+from train.clip.trainer import encode_text_trimmed
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/clip/tiny.yaml")
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}

@@ -1,4 +1,4 @@
-"""train.config: dataclasses from YAML with overrides; unknown keys and wrong types are errors that
+"""train.run.config: dataclasses from YAML with overrides; unknown keys and wrong types are errors that
 name the key and what is allowed; a saved config loads back equal."""
 
 import dataclasses
@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from train.config import apply_overrides, from_dict, load_config, parse_override, save_config
+from train.run.config import apply_overrides, from_dict, load_config, parse_override, save_config
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from train.cache import LatentCache, build_cache, open_data
+from train.unet.cache import LatentCache, build_cache, open_data
 from train_fakes import (TrainFakeAutoencoder, count_calls, make_imagefolder, tiny_config, tiny_text_encoder,  # noqa: F401
                          one_thread)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ldm.unet import UNetConfig, build_unet
-from train.config import load_config
-from train.ldm_config import FinetuneConfig, LDMTrainConfig
+from train.run.config import load_config
+from train.unet.config import FinetuneConfig, LDMTrainConfig
 from train_fakes import ROOT, one_thread  # noqa: F401  (one_thread: autouse fixture)
 
 CONFIGS = ROOT / "configs" / "ldm"

@@ -28,7 +28,7 @@ def worker(rank: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     from pathlib import Path
 
-    from train.ldm_trainer import build_trainer
+    from train.unet.trainer import build_trainer
     from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, tiny_config
 
     tmp = Path(tmp)
@@ -76,7 +76,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         f"sys.path[:0] = [{str(os.getcwd())!r}, {os.path.join(os.getcwd(), 'tests')!r}]\n"
         "torch.set_num_threads(1)\n"
         "from pathlib import Path\n"
-        "from train.ldm_trainer import build_trainer\n"
+        "from train.unet.trainer import build_trainer\n"
         "from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, tiny_config\n"
         f"tmp = Path({str(tmp_path)!r})\n"
         "t = build_trainer(tiny_config(tmp, 'validation.prompts=[]', data=tmp / 'data'), autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder())\n"

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from ldm.cli import main
 from ldm.pipeline import Text2ImagePipeline
 from ldm.testing import build_bundle, build_sd_folder
-from train.run_log import read_csv
+from train.run.log import read_csv
 from train_fakes import TINY, make_imagefolder, read_checkpoint, reset_accelerate, one_thread  # noqa: F401
 
 
@@ -99,9 +99,9 @@ def test_lora_finetune_of_a_stable_diffusion_folder_round_trips_through_the_bund
 
 
 def test_full_finetune_continues_our_bundle(encoders, data, tmp_path):
-    from train.config import load_config
-    from train.finetune import finetune
-    from train.ldm_config import FinetuneConfig
+    from train.run.config import load_config
+    from train.unet.finetune import finetune
+    from train.unet.config import FinetuneConfig
 
     config = load_config(FinetuneConfig, None, [f"data.path={data}", f"train.output_dir={tmp_path / 'ft'}",
                                                 f"cache.dir={tmp_path / 'cache'}", "lora.method=full", "train.max_steps=2",
@@ -115,9 +115,9 @@ def test_full_finetune_continues_our_bundle(encoders, data, tmp_path):
 
 
 def test_finetune_keeps_the_models_prediction_type(encoders, data, tmp_path):
-    from train.config import load_config
-    from train.finetune import finetune
-    from train.ldm_config import FinetuneConfig
+    from train.run.config import load_config
+    from train.unet.finetune import finetune
+    from train.unet.config import FinetuneConfig
 
     config = load_config(FinetuneConfig, None, [f"data.path={data}", "objective.prediction=v"])
     with pytest.raises(ValueError, match="predicts eps"):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from train import checkpoint as ckpt
+from train.run import checkpoint as ckpt
 from train_fakes import ROOT, make_imagefolder, read_checkpoint, one_thread  # noqa: F401
 
 SCRIPT = """
@@ -19,8 +19,8 @@ import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
 torch.set_num_threads(1)
 from pathlib import Path
-from train import checkpoint as ckpt
-from train.ldm_trainer import train_from_config
+from train.run import checkpoint as ckpt
+from train.unet.trainer import train_from_config
 from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, tiny_config
 tmp = Path({tmp!r})
 config = tiny_config(tmp, *{overrides!r}, data=tmp.parent / "data")

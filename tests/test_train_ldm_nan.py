@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from train import checkpoint as ckpt
-from train import ldm_trainer
-from train.ldm_trainer import TrainingDiverged, train_from_config
-from train.run_log import read_csv
+from train.run import checkpoint as ckpt
+from train.unet import trainer as ldm_trainer
+from train.unet.trainer import TrainingDiverged, train_from_config
+from train.run.log import read_csv
 from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 

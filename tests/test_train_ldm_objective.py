@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ldm.schedule import NoiseSchedule
-from train.objective import min_snr_weight, noised_batch, weighted_mse
+from train.unet.objective import min_snr_weight, noised_batch, weighted_mse
 from train_fakes import one_thread  # noqa: F401  (autouse fixture)
 
 S = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)

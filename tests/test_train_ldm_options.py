@@ -6,7 +6,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ldm.unet import FP32AttentionProcessor
-from train.ldm_trainer import build_trainer
+from train.unet.trainer import build_trainer
 from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 BASE = ["validation.prompts=[]", "train.max_steps=3", "checkpoint.every=3"]

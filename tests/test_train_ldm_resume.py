@@ -12,9 +12,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train import checkpoint as ckpt
-from train.ldm_trainer import train_from_config
-from train.run_log import read_csv
+from train.run import checkpoint as ckpt
+from train.unet.trainer import train_from_config
+from train.run.log import read_csv
 from train_fakes import (TrainFakeAutoencoder, tiny_text_encoder, make_imagefolder, read_checkpoint, reset_accelerate,
                          tiny_config, one_thread)  # noqa: F401  (one_thread: autouse fixture)
 

@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ldm.cli import main
-from train.config import load_config
-from train.vae_train_config import VAETrainingConfig
-from train.vae_trainer import list_checkpoints, train_vae
+from train.run.config import load_config
+from train.vae.config import VAETrainingConfig
+from train.vae.trainer import list_checkpoints, train_vae
 from vae import load_autoencoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def test_train_writes_a_vae_folder_with_its_scaling_factor(tmp_path):
     ae = load_autoencoder(folder)
     assert ae.kind == "vq" and ae.downsample_factor == 4 and ae.num_embeddings == 32
     # scaling_factor is 1 / std of the unscaled latents over the sampled training images
-    from train.vae_data import read_imagefolder, to_model_range
+    from train.vae.data import read_imagefolder, to_model_range
 
     imgs = to_model_range(read_imagefolder(cfg.data.path, "train"))
     perm = torch.randperm(len(imgs), generator=torch.Generator().manual_seed(cfg.train.seed))[:20]
@@ -164,7 +164,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     grid = Image.open(tmp_path / "run" / "eval-vae.png")
     assert grid.size == (4 * 16, 2 * 16)  # originals above reconstructions
     top = np.asarray(grid)[:16, :16]
-    from train.vae_data import read_imagefolder
+    from train.vae.data import read_imagefolder
 
     assert np.array_equal(top, read_imagefolder(tmp_path / "data", "test")[0].permute(1, 2, 0).numpy())
 

@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from safetensors.torch import load_file, save_file
 
-from train.config import load_config
-from train.vae_train_config import VAETrainingConfig
+from train.run.config import load_config
+from train.vae.config import VAETrainingConfig
 from vae import AutoencoderConfig, build_autoencoder, compute_scaling_factor, load_autoencoder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "vae"

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline_fakes import FakeAutoencoder
-from train.config import load_config
-from train.ldm_config import LDMTrainConfig
+from train.run.config import load_config
+from train.unet.config import LDMTrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "ldm" / "tiny.yaml"

@@ -24,8 +24,8 @@ from typing import Optional, Union
 import torch
 import yaml
 
-from train.vae_data import read_imagefolder, to_model_range
-from train.vae_train_config import VAETrainingConfig
+from train.vae.data import read_imagefolder, to_model_range
+from train.vae.config import VAETrainingConfig
 from vae.autoencoder import Autoencoder, build_autoencoder, compute_scaling_factor
 from vae.losses import adaptive_weight, build_discriminator, gan_active, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vae.lpips import LPIPS

@@ -1,7 +1,7 @@
 """The ``ldm train-clip`` config: typed sections model, data, optim and run, loaded from YAML.
 
 ``load_train_config(path, ["optim.lr=5e-4", ...])`` reads a YAML file through
-``train.config`` (unknown keys and wrong types are errors) and applies
+``train.run.config`` (unknown keys and wrong types are errors) and applies
 ``key=value`` overrides. The model section is ``conditioning.ClipModelConfig``.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 from typing import Literal, Optional, Sequence
 
 from conditioning.clip_model import ClipModelConfig
-from train.config import load_config
+from train.run.config import load_config
 
 
 @dataclasses.dataclass

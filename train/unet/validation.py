@@ -17,8 +17,8 @@ from PIL import Image
 from ldm.pipeline import Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
 from ldm.sweep import labelled_grid, run_sweep
-from train.cache import LatentCache
-from train.objective import noised_batch, weighted_mse
+from train.unet.cache import LatentCache
+from train.unet.objective import noised_batch, weighted_mse
 
 HELDOUT_SEED = 1234  # the held-out loss's own fixed t and noise
 

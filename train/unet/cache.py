@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from train.ldm_config import CacheConfig, DataConfig
+from train.unet.config import CacheConfig, DataConfig
 
 if TYPE_CHECKING:
     from train.data import CaptionedImages

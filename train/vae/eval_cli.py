@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from train.vae_data import read_imagefolder, to_model_range
+    from train.vae.data import read_imagefolder, to_model_range
     from vae.autoencoder import load_autoencoder
     from vae.metrics import code_histogram, codebook_usage, perplexity, psnr, ssim, to_unit
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional
 
 import conditioning
-from train.ldm_config import FinetuneConfig
-from train.ldm_trainer import LDMTrainer, TrainResult
+from train.unet.config import FinetuneConfig
+from train.unet.trainer import LDMTrainer, TrainResult
 
 
 def add_lora(unet, config) -> None:

@@ -51,8 +51,8 @@ from typing import Iterable, Optional
 
 from tqdm import tqdm
 
-from train import emoji_licences
-from train.imagefolder import atomic_output_dir, write_metadata
+from train.data import emoji_licences
+from train.data.imagefolder import atomic_output_dir, write_metadata
 
 VERSION = "16.0.0"
 HELD_OUT_FRACTION = 0.05

@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ldm import shapes
-from train.imagefolder import atomic_output_dir, write_metadata
+from train.data.imagefolder import atomic_output_dir, write_metadata
 
 SIDES = (32, 64)
 

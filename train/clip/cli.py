@@ -1,7 +1,7 @@
 """Train a small CLIP (open_clip architecture, contrastive loss) on a captioned image folder.
 
 CONFIG is a YAML file with the sections model, data, optim and run (see
-configs/clip/*.yaml; every key is documented in train/clip_trainer.py and
+configs/clip/*.yaml; every key is documented in train/clip/trainer.py and
 conditioning/clip_model.py). Unknown keys and wrong types are errors. Any key
 can be overridden on the command line as section.key=value, e.g.
 
@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.clip_config import load_train_config
-    from train.clip_trainer import train
+    from train.clip.config import load_train_config
+    from train.clip.trainer import train
 
     config = load_train_config(args.config, args.overrides)
     train(config, resume=args.resume)

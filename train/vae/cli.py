@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.config import load_config
-    from train.vae_train_config import VAETrainingConfig
-    from train.vae_trainer import train_vae
+    from train.run.config import load_config
+    from train.vae.config import VAETrainingConfig
+    from train.vae.trainer import train_vae
 
     config = load_config(VAETrainingConfig, args.config, args.overrides)
     folder = train_vae(config, resume=args.resume, progress=not args.quiet)

@@ -4,7 +4,7 @@ captioned images.
 By default LoRA adapters (rank lora.rank) are trained on the U-Net's attention projections and
 saved in the output bundle's unet_lora/ beside the unchanged base weights; lora.method=full trains
 every U-Net weight instead. The data folder is an imagefolder (images + metadata.jsonl with
-file_name and text). Settings are FinetuneConfig's fields (train/ldm_config.py), set with
+file_name and text). Settings are FinetuneConfig's fields (train/unet/config.py), set with
 --config YAML and/or key=value.
 
 examples:
@@ -28,10 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.config import load_config
-    from train.finetune import finetune
-    from train.ldm_config import FinetuneConfig
-    from train.ldm_cli import report
+    from train.run.config import load_config
+    from train.unet.finetune import finetune
+    from train.unet.config import FinetuneConfig
+    from train.unet.cli import report
 
     if args.config is not None and not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config} does not exist")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.clip_config import ClipDataConfig, ClipTrainConfig
+from train.clip.config import ClipDataConfig, ClipTrainConfig
 from train.data import CaptionedImages, load_captioned_images
 
 

@@ -112,7 +112,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             hint = " (YAML reads yes/no/on/off as booleans; quote the value)" if isinstance(value, bool) else ""
             raise ValueError(f"{where}: expected a string, got {type(value).__name__} {value!r}{hint}")
         return value
-    raise TypeError(f"{where}: field type {_type_name(tp)} is not supported by train.config")
+    raise TypeError(f"{where}: field type {_type_name(tp)} is not supported by train.run.config")
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:

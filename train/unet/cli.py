@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from train.config import load_config
-    from train.ldm_config import LDMTrainConfig
-    from train.ldm_trainer import train_from_config
+    from train.run.config import load_config
+    from train.unet.config import LDMTrainConfig
+    from train.unet.trainer import train_from_config
 
     if not args.config.is_file():
         raise FileNotFoundError(f"config {args.config} does not exist; see configs/ldm/ for examples")
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
 def report(command: str, fit) -> int:
     """Run ``fit()`` (a training run); print where the bundle went, or why training stopped (exit 1)."""
-    from train.ldm_trainer import TrainingDiverged
+    from train.unet.trainer import TrainingDiverged
 
     try:
         result = fit()

@@ -10,13 +10,13 @@
         for images, captions in loader: ...
     for pil_image, caption in data.pairs(): ...   # the raw stream: RGB PIL images, no transform
 
-Formats (see ``train.data_sources``): imagefolder with metadata.jsonl/csv, kohya-style .txt or
+Formats (see ``train.data.sources``): imagefolder with metadata.jsonl/csv, kohya-style .txt or
 .caption sidecars, a CSV or JSONL file of (path, caption), a ``save_to_disk`` folder, parquet.
 
 Loading scans every row once: a row is skipped, and counted under its reason, when its caption
 is missing or empty, its image is missing, empty, not an image, truncated or corrupt, or smaller
 than ``min_size`` on its shorter side. Every kept image has decoded fully, so a training step
-never meets a bad file. Images of any mode become RGB (``train.images.to_rgb``).
+never meets a bad file. Images of any mode become RGB (``train.data.images.to_rgb``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train.data_sources import MISSING_CAPTION, Source, caption_list, open_source
-from train.images import ImageError, ImageTransform, decode_image
+from train.data.sources import MISSING_CAPTION, Source, caption_list, open_source
+from train.data.images import ImageError, ImageTransform, decode_image
 
 __all__ = ["CaptionedImages", "DataSummary", "ImageTransform", "clip_token_count", "load_captioned_images"]
 
@@ -179,7 +179,7 @@ def load_captioned_images(
     """Load a captioned image data set from ``path``, checking every row once.
 
     Args:
-        path: a folder or file in one of ``train.data_sources.FORMATS``.
+        path: a folder or file in one of ``train.data.sources.FORMATS``.
         caption_column: the column holding captions (a string or a list of strings per row);
             sidecar folders ignore it.
         image_column: the column holding images or paths (default: the first ``datasets.Image``

@@ -36,11 +36,11 @@ from torch import nn
 from conditioning.clip_model import CLIP_MEAN, CLIP_STD, build_open_clip_model
 from conditioning.files import atomic_path
 from conditioning.open_clip_backend import OpenCLIPTextEncoder
-from train.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from train.clip_config import ClipOptimConfig, ClipTrainConfig
-from train.clip_data import PairSet, augment, epoch_order, load_pair_sets
-from train.clip_eval import retrieval_metrics
-from train.config import save_config
+from train.run.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from train.clip.config import ClipOptimConfig, ClipTrainConfig
+from train.clip.data import PairSet, augment, epoch_order, load_pair_sets
+from train.clip.eval import retrieval_metrics
+from train.run.config import save_config
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def lr_at(step: int, config: ClipOptimConfig) -> float:
 
 @torch.no_grad()
 def evaluate(module: ContrastivePair, pairs: PairSet, batch_size: int, autocast) -> dict[str, float]:
-    """Held-out retrieval metrics (``train.clip_eval``) of the module's CLIP on ``pairs``."""
+    """Held-out retrieval metrics (``train.clip.eval``) of the module's CLIP on ``pairs``."""
     if not len(pairs):
         return {}
     was_training = module.training

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _emoji(args: argparse.Namespace) -> int:
-    from train.emoji import build_emoji_dataset
+    from train.data.emoji import build_emoji_dataset
 
     counts = build_emoji_dataset(args.out, cache_dir=args.cache, overwrite=args.overwrite)
     print(f"wrote {counts['total']} images to {args.out}: {counts['twemoji']} twemoji, {counts['noto']} noto; "
@@ -50,7 +50,7 @@ def _emoji(args: argparse.Namespace) -> int:
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    from train.shapes_data import build_shapes_dataset
+    from train.data.shapes import build_shapes_dataset
 
     n = build_shapes_dataset(args.out, side=args.size, n=args.n, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {n} shapes images ({args.size} px, seed {args.seed}) to {args.out}")

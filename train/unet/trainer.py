@@ -4,7 +4,7 @@
                          output_dir="runs/x")
     result = trainer.fit(resume="latest")      # -> TrainResult(step, bundle, ...)
 
-The frozen autoencoder and text encoder build the cache (``train.cache``) and draw validation
+The frozen autoencoder and text encoder build the cache (``train.unet.cache``) and draw validation
 images; every training step reads only the cache. One optimizer step is
 ``gradient_accumulation_steps`` micro-batches of ``batch_size`` per process (accelerate's
 ``accumulate`` / ``backward`` / ``clip_grad_norm_``).
@@ -40,14 +40,14 @@ import conditioning
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
 from ldm.unet import FP32AttentionProcessor
-from train import checkpoint as ckpt
-from train.config import save_config
-from train.cache import LatentCache, build_cache
-from train.ema import build_ema, ema_state, load_ema_state
-from train.ldm_config import TrainingSections
-from train.objective import noised_batch, weighted_mse
-from train.run_log import RunLog
-from train.validation import heldout_loss, sample_grid
+from train.run import checkpoint as ckpt
+from train.run.config import save_config
+from train.unet.cache import LatentCache, build_cache
+from train.run.ema import build_ema, ema_state, load_ema_state
+from train.unet.config import TrainingSections
+from train.unet.objective import noised_batch, weighted_mse
+from train.run.log import RunLog
+from train.unet.validation import heldout_loss, sample_grid
 
 
 class TrainingDiverged(RuntimeError):

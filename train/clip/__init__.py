@@ -1,0 +1,1 @@
+"""The small CLIP text/image encoder (``ldm train-clip``)."""

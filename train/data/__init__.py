@@ -1,0 +1,12 @@
+"""Every data source of training: captioned images in any layout (``captioned``, ``sources``,
+``images``), the data-set builders (``emoji``, ``shapes``, written through ``imagefolder``) and
+``ldm data`` (``cli``)."""
+
+from train.data.captioned import (  # noqa: F401  (the package's public API)
+    CaptionedImages,
+    DataSummary,
+    ImageTransform,
+    clip_token_count,
+    load_captioned_images,
+    load_captions,
+)

@@ -1,0 +1,1 @@
+"""Stage 1: the autoencoder (``ldm train-vae``, ``ldm eval-vae``)."""
