@@ -5,9 +5,20 @@ import json
 import pytest
 import torch
 
-from train.unet.cache import LatentCache, build_cache, open_data
+from train.data.split import load_split
+from train.unet.cache import LatentCache, build_cache
 from train_fakes import (TrainFakeAutoencoder, count_calls, make_imagefolder, tiny_config, tiny_text_encoder,  # noqa: F401
                          one_thread)
+
+
+def split_of(config):
+    return load_split(config.data.path, config.data.holdout_fraction, size=config.data.resolution, progress=False)
+
+
+def cache_rows(config):
+    """(dataset, index, held out) for every cache row, in cache order: training rows, then held-out rows."""
+    s = split_of(config)
+    return [(s.train, i, False) for i in s.train_rows] + [(s.heldout, i, True) for i in s.heldout_rows]
 
 
 def test_cache_holds_what_the_encoders_give(tmp_path):
@@ -15,7 +26,7 @@ def test_cache_holds_what_the_encoders_give(tmp_path):
     ae, te = TrainFakeAutoencoder(), tiny_text_encoder()
     folder, built = build_cache(config.cache, config.data, ae, te, progress=False)
     cache = LatentCache(folder)
-    rows = list(open_data(config.data, progress=False).rows())  # (dataset, index, held out)
+    rows = cache_rows(config)  # (dataset, index, held out)
     assert built and len(cache) == len(rows) == 28
     idx = [5, 0, 27]
     images = torch.stack([rows[i][0][rows[i][1]][0] for i in idx])  # (3, 3, 32, 32)
@@ -85,9 +96,9 @@ def test_data_without_split_column_holds_out_a_fixed_fraction(tmp_path):
     rows = [json.loads(r) for r in (data / "metadata.jsonl").read_text().splitlines()]
     (data / "metadata.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "split"}) + "\n" for r in rows))
     config = tiny_config(tmp_path, "data.holdout_fraction=0.1", data=data)
-    parts = open_data(config.data, progress=False)
-    assert parts.heldout is None and len(parts.train) == 200
-    assert 8 <= sum(parts.heldout_flags) <= 35 and parts.heldout_flags == open_data(config.data, progress=False).heldout_flags
+    parts = split_of(config)
+    assert parts.heldout is parts.train and len(parts.train) == 200
+    assert 8 <= len(parts.heldout_rows) <= 35 and parts.heldout_rows == split_of(config).heldout_rows
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path):

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from train.data.sources import MISSING_CAPTION, Source, caption_list, open_source
+from train.data.split import caption_index
 from train.data.images import ImageError, ImageTransform, decode_image
 
 __all__ = ["CaptionedImages", "DataSummary", "ImageTransform", "clip_token_count", "load_captioned_images"]
@@ -116,14 +116,23 @@ class CaptionedImages:
         """All captions of kept row ``index``."""
         return list(self._captions[index])
 
+    def key(self, index: int) -> str:
+        """Row ``index``'s identity for the held-out and caption rules (``train.data.split``): its
+        image's path relative to the data set, or its row number in the table that holds its bytes."""
+        ref = self._refs[index]
+        if ref is None:
+            return f"row {self._rows[index]}"
+        try:
+            return Path(ref).relative_to(self.source.base_dir).as_posix()
+        except ValueError:
+            return Path(ref).as_posix()
+
     def caption(self, index: int, epoch: Optional[int] = None) -> str:
-        """The caption of row ``index`` for ``epoch`` (default: the current one): with several, one
-        drawn by a generator seeded with (seed, epoch, index), so every worker agrees."""
+        """The caption of row ``index`` for ``epoch`` (default: the current one): with several, the
+        one ``train.data.split.caption_index`` draws, so every trainer, worker and process agrees."""
         options = self._captions[index]
-        if len(options) == 1:
-            return options[0]
         epoch = self.epoch if epoch is None else epoch
-        return options[int(np.random.default_rng((self.seed, epoch, index)).integers(len(options)))]
+        return options[caption_index(len(options), self.seed, epoch, self.key(index))]
 
     def image(self, index: int) -> Image.Image:
         """The RGB PIL image of kept row ``index``."""

@@ -264,7 +264,7 @@ def _open_rows_file(path: Path, fmt: str, caption_column: str, image_column: Opt
         if not isinstance(value, str) or not value:
             skipped[BAD_ROW] += 1
             continue
-        images.append(resolve_image(value, path.parent))
+        images.append(value)  # resolved against base_dir when read (Source.rows), once
         captions.append(row.get(caption_column))
     return Source(path, fmt, _table(images, captions), "image", "captions", path.parent, skipped)
 

@@ -3,8 +3,12 @@
     <run>/checkpoints/step-00001000/
         model.safetensors        the model's state dict (or the tensors the trainer gives)
         optimizer.safetensors    the optimizer's tensors; its param_groups and scalars in the metadata
-        <name>.safetensors       any further tensor groups (the U-Net trainer's EMA weights)
-        state.json               step, position in the data, RNG states, anything else the trainer needs
+        <name>.safetensors       any further tensor groups (the U-Net trainer's EMA weights, the VAE
+                                 trainer's discriminator and codebook) and further optimizers
+        state.json               step, position in the data, RNG states, LR schedule, anything else
+                                 the trainer needs
+
+Every trainer (``ldm train-vae``, ``train-clip``, ``train``, ``finetune``) writes this one format.
 
 A checkpoint folder is built under a temporary name, its files fsync'ed, and renamed into place,
 so a process killed at any moment leaves the previous checkpoints intact and never a half-written
@@ -74,11 +78,14 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
     extra: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+    extra_optimizers: Optional[dict[str, torch.optim.Optimizer]] = None,
 ) -> Path:
     """Write ``checkpoint_dir/step-NNNNNNNN/`` atomically; keep only the ``keep_last`` newest.
 
     ``model``: a module (its state dict is saved) or the tensors to save as model.safetensors;
-    ``extra``: further tensor groups, each saved as ``<name>.safetensors``.
+    ``extra``: further tensor groups, each saved as ``<name>.safetensors``;
+    ``extra_optimizers``: further optimizers, each saved as ``<name>.safetensors`` (read back with
+    ``load_optimizer(path, optimizer, name)``).
     """
     from safetensors.torch import save_file
 
@@ -87,9 +94,10 @@ def save_checkpoint(
     with atomic_directory(path) as tmp:
         weights = model if isinstance(model, dict) else model.state_dict()
         save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        if optimizer is not None:
-            tensors, metadata = optimizer_to_tensors(optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"), metadata=metadata)
+        for name, opt in ({"optimizer": optimizer} | (extra_optimizers or {})).items():
+            if opt is not None:
+                tensors, metadata = optimizer_to_tensors(opt)
+                save_file(tensors, str(tmp / f"{name}.safetensors"), metadata=metadata)
         for name, group in (extra or {}).items():
             save_file({k: v.detach().to("cpu").contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
@@ -151,12 +159,14 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     return json.loads((path / "state.json").read_text(encoding="utf-8"))
 
 
-def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
-    """Restore ``optimizer`` from a checkpoint folder's optimizer.safetensors."""
+def load_optimizer(path: str | os.PathLike, optimizer: torch.optim.Optimizer, name: str = "optimizer") -> None:
+    """Restore ``optimizer`` from a checkpoint folder's ``<name>.safetensors``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    opt_path = Path(path) / "optimizer.safetensors"
+    opt_path = Path(path) / f"{name}.safetensors"
+    if not opt_path.is_file():
+        raise ValueError(f"checkpoint {path} lacks {opt_path.name}; was it written by another trainer or config?")
     with safe_open(str(opt_path), framework="pt") as f:
         metadata = f.metadata()
     optimizer_from_tensors(optimizer, load_file(str(opt_path)), metadata)

@@ -125,9 +125,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ValueError(
-            f"{_join(where, unknown[0])}: unknown key; allowed keys{' in ' + where if where else ''}: {', '.join(fields)}"
-        )
+        raise ValueError(_unknown_key(_join(where, unknown[0]), where, fields))
     kwargs = {name: _convert(value, hints[name], _join(where, name)) for name, value in data.items()}
     missing = [
         n for n, f in fields.items()
@@ -139,6 +137,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         return cls(**kwargs)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
+
+
+def _unknown_key(key: str, where: str, allowed, what: str = ": unknown key") -> str:
+    """The error for an unknown key: its new name when an older dialect used it, else the allowed keys."""
+    from train.run.sections import RENAMED
+
+    if key in RENAMED:
+        return f"{key} was renamed; use {RENAMED[key]}"
+    return f"{key}{what}; allowed keys{' in ' + where if where else ''}: {', '.join(allowed)}"
 
 
 def _join(where: str, key: str) -> str:
@@ -186,8 +193,7 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -
             hints = typing.get_type_hints(node_cls)
             names = [f.name for f in dataclasses.fields(node_cls) if f.init]
             if part not in names:
-                raise ValueError(f"override {text!r}: {_join(where, part)} is not a key; allowed keys"
-                                 f"{' in ' + where if where else ''}: {', '.join(names)}")
+                raise ValueError(f"override {text!r}: " + _unknown_key(_join(where, part), where, names, " is not a key"))
             where = _join(where, part)
             if i == len(path) - 1:
                 node[part] = value

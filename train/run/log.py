@@ -1,18 +1,22 @@
-"""Training logs on local disk: one CSV per stream and TensorBoard event files (offline).
+"""The run log of every trainer, on local disk: one CSV per stream, TensorBoard event files
+(offline) and a text log of messages.
 
     log = RunLog(run_dir / "logs", resume_step=0)
     log.scalars("train", step, {"loss": 0.12, "lr": 1e-4})   # logs/train.csv + TensorBoard train/loss, ...
     log.image("val/samples", step, pil_image)
+    log.message("resumed from ...")                           # logs/log.txt, and shown above the progress bar
     log.close()
 
-On resume, CSV rows and TensorBoard events after the checkpoint's step are dropped, so a resumed
-run's logs read as one run. TensorBoard is used when the ``tensorboard`` package is installed;
+Every trainer writes ``train`` (its loss and the learning rate, every ``train.log_every`` steps)
+and ``val`` (held-out metrics). On resume, CSV rows and TensorBoard events after the checkpoint's
+step are dropped, so a resumed run's logs read as one run. TensorBoard is used when the ``tensorboard`` package is installed;
 ``tensorboard --logdir RUN/logs`` shows it (nothing is uploaded anywhere).
 """
 
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +24,8 @@ import numpy as np
 
 
 class RunLog:
-    def __init__(self, folder: Path, resume_step: Optional[int] = None):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, resume_step: Optional[int] = None, show: bool = True):
+        self.folder, self.show = Path(folder), show
         self.folder.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             for f in self.folder.glob("*.csv"):
@@ -44,6 +48,15 @@ class RunLog:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"{stream}/{k}", v, step)
+
+    def message(self, text: str) -> None:
+        """A line in logs/log.txt (time-stamped), also printed above any progress bar."""
+        with open(self.folder / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        if self.show:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text)
 
     def image(self, tag: str, step: int, image) -> None:
         if self.tb is not None:

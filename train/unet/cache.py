@@ -19,7 +19,8 @@ Files: ``latents.npy`` (N, C, h, w) float32; ``caption_offsets.npy`` (N + 1,) an
 ``caption_rows[caption_offsets[i]:caption_offsets[i + 1]]`` of the sorted distinct captions, whose
 contexts live in the text encoder's own embedding cache (``conditioning.EmbeddingCache``, in
 ``<cache.dir>/contexts/``, keyed by the encoder's hash and the captions); ``empty.npy`` (1, L, D);
-``heldout.npy`` (N,) bool; ``meta.json`` (key, captions, the contexts file, the loader's summary).
+``heldout.npy`` (N,) bool (``train.data.split``: the held-out rule of every trainer); ``meta.json``
+(key, captions, row keys, the contexts file, the loader's summary).
 For a VQ autoencoder the latents are the continuous pre-quantisation ones its ``encode`` returns.
 """
 
@@ -31,19 +32,17 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
+from train.data.split import Split, caption_index, load_split
 from train.unet.config import CacheConfig, DataConfig
 
-if TYPE_CHECKING:
-    from train.data import CaptionedImages
-
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 CONTEXT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -94,48 +93,6 @@ def cache_key(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder) -
     }
 
 
-# -- reading the data set ------------------------------------------------------------------------
-
-
-@dataclass
-class DataParts:
-    """The data set as loaded by ``train.data``: the training rows, then the held-out rows."""
-
-    train: "CaptionedImages"
-    heldout: Optional["CaptionedImages"]  # None: held-out rows are picked from ``train`` by ``heldout_flags``
-    heldout_flags: Optional[list[bool]] = None
-
-    def rows(self):
-        """(dataset, index, held out) for every row of the cache, in cache order."""
-        for i in range(len(self.train)):
-            yield self.train, i, bool(self.heldout_flags[i]) if self.heldout_flags else False
-        if self.heldout is not None:
-            for i in range(len(self.heldout)):
-                yield self.heldout, i, True
-
-
-def open_data(data: DataConfig, progress: bool = True) -> DataParts:
-    """The data set at ``data.path`` (any format ``train.data`` reads), resized and centre-cropped to
-    ``data.resolution``. Held out: the "test" split when the data has one, else a fixed
-    ``holdout_fraction`` of the rows chosen by a hash of their index."""
-    from train.data import load_captioned_images
-
-    kw = dict(caption_column=data.caption_column, size=data.resolution, crop="center",
-              min_size=min(32, data.resolution), progress=progress)
-    train = load_captioned_images(data.path, split="train", **kw)
-    if len(train):
-        test = load_captioned_images(data.path, split="test", **kw)
-        if len(test):
-            return DataParts(train, test)
-    else:
-        train = load_captioned_images(data.path, split=None, **kw)
-    if not len(train):
-        raise ValueError(f"data.path={data.path}: no usable (image, caption) pair; see `ldm data check {data.path}`")
-    flags = [int(hashlib.sha256(f"row {i}".encode()).hexdigest()[:8], 16) / 16**8 < data.holdout_fraction
-             for i in range(len(train))]
-    return DataParts(train, None, flags)
-
-
 # -- the cache -------------------------------------------------------------------------------------
 
 
@@ -157,6 +114,7 @@ class LatentCache:
         self.train_indices = np.flatnonzero(~heldout)
         self.heldout_indices = np.flatnonzero(heldout)
         self.captions: list[list[str]] = self.meta["captions"]  # per image, its caption options
+        self.keys: list[str] = self.meta["keys"]  # per image, its key (train.data.split)
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -171,10 +129,10 @@ class LatentCache:
 
     def contexts(self, indices: Sequence[int], epoch: int = 0, seed: int = 0) -> torch.Tensor:
         """(B, L, D) float32 contexts of images ``indices``; an image with several captions gets the one
-        drawn for (seed, epoch, image) as ``train.data.CaptionedImages.caption`` draws it."""
+        ``train.data.split.caption_index`` draws for (seed, epoch, its key), as every trainer does."""
         indices = np.asarray(indices)
         starts, counts = self._offsets[indices], np.diff(self._offsets)[indices]  # (B,), (B,)
-        pick = [0 if n == 1 else int(np.random.default_rng((seed, epoch, int(i))).integers(n)) for i, n in zip(indices, counts)]
+        pick = [caption_index(int(n), seed, epoch, self.keys[int(i)]) for i, n in zip(indices, counts)]
         return self._contexts.batch(self._options[starts + np.array(pick, dtype=np.int64)])[0].float()  # (B, L, D)
 
 
@@ -184,14 +142,14 @@ def cache_folder(cache: CacheConfig, key: dict) -> Path:
 
 
 @torch.no_grad()
-def write_cache(folder: Path, key: dict, data: DataParts, autoencoder, text_encoder, *,
+def write_cache(folder: Path, key: dict, data: Split, autoencoder, text_encoder, *,
                 batch_size: int, context_dtype: str, device, progress: bool = True) -> Path:
     """Encode every image and distinct caption and write the cache folder atomically."""
     from tqdm import tqdm
 
     from conditioning import EmbeddingCache
 
-    rows = list(data.rows())  # (dataset, index, held out)
+    rows = [(data.train, i, False) for i in data.train_rows] + [(data.heldout, i, True) for i in data.heldout_rows]
     n = len(rows)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
@@ -218,8 +176,8 @@ def write_cache(folder: Path, key: dict, data: DataParts, autoencoder, text_enco
         np.save(tmp / "caption_rows.npy", np.array([row[c] for o in captions for c in o], dtype=np.int64))
         np.save(tmp / "empty.npy", text_encoder.empty_context(1).float().cpu().numpy())
         np.save(tmp / "heldout.npy", np.array([h for _, _, h in rows], dtype=bool))
-        meta = {"key": key, "captions": captions, "distinct_captions": distinct, "contexts": contexts.path.name,
-                "summary": [str(data.train.summary())] + ([str(data.heldout.summary())] if data.heldout is not None else [])}
+        meta = {"key": key, "captions": captions, "keys": [ds.key(i) for ds, i, _ in rows], "distinct_captions": distinct,
+                "contexts": contexts.path.name, "summary": data.summary()}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -241,9 +199,10 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
     folder = cache_folder(cache, key)
     if (folder / "meta.json").is_file():
         return folder, False
-    parts = open_data(data, progress=progress)
+    parts = load_split(data.path, data.holdout_fraction, caption_column=data.caption_column, size=data.resolution,
+                       crop="center", min_size=min(32, data.resolution), progress=progress)
     if progress:
-        print(parts.train.summary(), file=sys.stderr)
+        print(parts.summary(), file=sys.stderr)
     write_cache(folder, key, parts, autoencoder, text_encoder, batch_size=cache.batch_size,
                 context_dtype=cache.context_dtype, device=device, progress=progress)
     return folder, True

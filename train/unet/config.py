@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ldm.unet import UNetConfig
+from train.run.sections import CheckpointConfig, OptimConfig, RunConfig
 
 DEFAULT_VALIDATION_PROMPTS = ["koala, twemoji style", "red apple, noto style"]
 
@@ -82,47 +83,21 @@ class ObjectiveConfig:
 
 
 @dataclass
-class OptimConfig:
-    """AdamW and its learning-rate schedule."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm; null = no clipping
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = 500  # optimizer steps of linear warm-up
-    # AdamW kernel: fused (one kernel for all parameters), foreach (batched ops) or for-loop (per parameter).
-    # Same maths; bench/bench_train.py measures them (fused is the fastest on this CPU and on GPUs).
-    implementation: Literal["fused", "foreach", "for-loop"] = "fused"
-
-
-@dataclass
-class RunConfig:
-    """The loop: batch, precision, memory layout, length, outputs."""
+class UNetRunConfig(RunConfig):
+    """The loop (``train``): the shared settings plus what the U-Net's trainer adds."""
 
     output_dir: str = "runs/ldm"  # checkpoints/, logs/, samples/, bundle/
-    batch_size: int = 32  # samples per process per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_steps: int = 10000  # optimizer steps
-    seed: int = 0
-    # autocast: fp32 (none), bf16, fp16 (GPU only, with loss scaling); not "no", which YAML reads as false
-    mixed_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    channels_last: bool = False  # NHWC memory layout for the U-Net and latents
     # attention product (softmax(QK^T)V) in float32 under bf16 autocast (ldm.unet.FP32AttentionProcessor):
     # null = on a CPU only, where torch's bf16 attention kernels are slower than its float32 ones
     fp32_attention: Optional[bool] = None
-    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
-    num_threads: Optional[int] = None  # CPU threads per process for torch (torch.set_num_threads); null = torch's default
-    log_every: int = 10  # optimizer steps between log rows (loss averaged over them and over processes)
     # non-finite losses in a row after which training stops (each such step is skipped and counted)
     max_consecutive_nonfinite: int = 10
 
     def __post_init__(self):
-        for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "max_consecutive_nonfinite"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        super().__post_init__()
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"train.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
 
 
 @dataclass
@@ -141,18 +116,6 @@ class EMAConfig:
     def __post_init__(self):
         if not 0 <= self.min_decay <= self.decay <= 1:
             raise ValueError(f"need 0 <= ema.min_decay <= ema.decay <= 1; got {self.min_decay}, {self.decay}")
-
-
-@dataclass
-class CheckpointConfig:
-    """Atomic training checkpoints (model, EMA, optimizer, LR schedule, data position, RNG states)."""
-
-    every: int = 500  # optimizer steps between checkpoints (and one at the end)
-    keep_last: int = 3  # older checkpoints are deleted once a newer one is complete
-
-    def __post_init__(self):
-        if self.every < 1 or self.keep_last < 1:
-            raise ValueError(f"checkpoint.every={self.every} and checkpoint.keep_last={self.keep_last} must be >= 1")
 
 
 @dataclass
@@ -187,7 +150,7 @@ class TrainingSections:
     cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: RunConfig = field(default_factory=RunConfig)
+    train: UNetRunConfig = field(default_factory=UNetRunConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

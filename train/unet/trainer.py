@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -41,6 +39,8 @@ from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
 from ldm.unet import FP32AttentionProcessor
 from train.run import checkpoint as ckpt
+from train.run.lr import build_lr_scheduler, build_optimizer
+from train.run.start import make_accelerator, open_run_folder
 from train.run.config import save_config
 from train.unet.cache import LatentCache, build_cache
 from train.run.ema import build_ema, ema_state, load_ema_state
@@ -82,15 +82,6 @@ class DataOrder:
         return perm[start : start + self.batch_size]
 
 
-def _optimizer(params, config) -> torch.optim.Optimizer:
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=config.eps)
-    if config.implementation == "fused":
-        kwargs["fused"] = True
-    else:
-        kwargs["foreach"] = config.implementation == "foreach"
-    return torch.optim.AdamW(params, **kwargs)
-
-
 class LDMTrainer:
     """Trains ``unet`` (all of its parameters that require grad) on the cached data set.
 
@@ -121,31 +112,9 @@ class LDMTrainer:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _accelerator(self):
-        from accelerate import Accelerator
-
-        run = self.config.train
-        # several processes and no GPU (torchrun, or accelerate launch --multi_gpu on a CPU machine): gloo on CPU
-        cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        precision = {"fp32": "no"}.get(run.mixed_precision, run.mixed_precision)  # accelerate's names
-        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=run.gradient_accumulation_steps, cpu=cpu)
-
     def _setup(self):
         cfg = self.config
-        acc = self.accelerator = self._accelerator()
-        kind = acc.distributed_type.value
-        if kind != "NO" and not kind.startswith("MULTI_"):  # DEEPSPEED, FSDP, XLA, MEGATRON_LM
-            raise ValueError(
-                f"accelerate's {kind} is not supported: the checkpoints hold full, unsharded "
-                "optimizer states; launch plain data parallel instead (accelerate launch --multi_gpu)"
-            )
-        if cfg.train.mixed_precision == "fp16" and acc.device.type == "cpu":
-            raise ValueError("train.mixed_precision=fp16 needs a GPU (loss scaling); on CPU use bf16 or fp32")
-        if cfg.train.num_threads is not None:
-            torch.set_num_threads(cfg.train.num_threads)
-        if acc.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
-            torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
+        acc = self.accelerator = make_accelerator(cfg.train)
         self.device = acc.device
         for m in (self.autoencoder, self.text_encoder):
             if isinstance(m, torch.nn.Module):
@@ -166,7 +135,7 @@ class LDMTrainer:
             unet.to(memory_format=torch.channels_last)
         fp32_attention = cfg.train.fp32_attention
         if fp32_attention is None:
-            fp32_attention = cfg.train.mixed_precision == "bf16" and self.device.type == "cpu"
+            fp32_attention = acc.precision == "bf16" and self.device.type == "cpu"
         if fp32_attention:
             unet.set_attn_processor(FP32AttentionProcessor())
         unet.train()
@@ -174,11 +143,8 @@ class LDMTrainer:
         params = [p for p in unet.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the U-Net has no trainable parameters")
-        optimizer = _optimizer(params, cfg.optim)
-        from diffusers.optimization import get_scheduler
-
-        self.lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                                          num_training_steps=cfg.train.max_steps)
+        optimizer = build_optimizer(params, cfg.optim)
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.model, self.optimizer = acc.prepare(unet, optimizer)  # the LR scheduler is stepped by hand, once per step
         self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad]
         self.ema = build_ema(cfg.ema, self.params) if cfg.ema.enabled else None
@@ -317,135 +283,157 @@ class LDMTrainer:
         """Train to ``train.max_steps`` (or stop after ``stop_at_step``), then write the bundle.
 
         Args:
-            resume: ``"latest"`` or a checkpoint folder; None starts afresh.
+            resume: ``"latest"`` or a checkpoint folder; None starts afresh (refused in a folder that
+                already holds checkpoints).
             stop_at_step: stop after this optimizer step (its checkpoint written first when due),
                 as if the process had been killed there; no bundle is written.
             record_rows: keep the cache rows this process trained on in ``TrainResult.seen``.
         """
+        checkpoint = open_run_folder(self.output_dir, resume)
         self._setup()
-        cfg, acc = self.config, self.accelerator
-        run = cfg.train
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_partial(self.checkpoint_root)
-            save_config(self.saved_config, self.output_dir / "config.yaml")
-        acc.wait_for_everyone()
-
-        pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
-        last_ckpt = None
-        if resume is not None:
-            last_ckpt = ckpt.resolve_resume(resume, self.checkpoint_root)
-            pos = self._load_checkpoint(last_ckpt)
-            acc.print(f"resumed from {last_ckpt} at step {pos['step']}")
-        log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if resume else None) if acc.is_main_process else None
-        seen: list[int] = []
+        acc, run = self.accelerator, self.config.train
+        pos = self._start(checkpoint)
+        log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if checkpoint else None) if acc.is_main_process else None
+        if log is not None and checkpoint is not None:
+            log.message(f"resumed from {checkpoint} at step {pos['step']}")
+        self.last_checkpoint, self.checkpoint_due = checkpoint, False
+        seen: Optional[list[int]] = [] if record_rows else None
         bar = None
         if acc.is_main_process:
             from tqdm import tqdm
 
             bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train", unit="step")
         sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "cpu0": time.process_time(), "images": 0, "steps": 0}
-        window_bad = ckpt_due = False
-        diverged = None
         try:
             while pos["step"] < run.max_steps:
-                if pos["batch_in_epoch"] >= self.order.batches_per_epoch:
-                    pos["epoch"] += 1
-                    pos["batch_in_epoch"] = 0
-                rows = self.order.batch(pos["epoch"], pos["batch_in_epoch"])
-                pos["batch_in_epoch"] += 1
-                if record_rows:
-                    seen.extend(int(r) for r in rows)
-                z0 = self.cache.latents(rows).to(self.device)  # (B, C, h, w)
-                ctx = self.cache.contexts(rows, pos["epoch"], run.seed).to(self.device)  # (B, L, D)
-                if run.channels_last:
-                    z0 = z0.contiguous(memory_format=torch.channels_last)
-                ctx = conditioning.apply_caption_dropout(ctx, self.empty, cfg.objective.p_uncond, self.generator)  # (B, L, D)
-                with acc.accumulate(self.model):
-                    batch = noised_batch(z0, self.schedule, prediction=self.sampling.prediction,
-                                         min_snr_gamma=cfg.objective.min_snr_gamma, noise_offset=cfg.objective.noise_offset,
-                                         generator=self.generator)
-                    with acc.autocast():
-                        pred = self.model(batch.z_t, batch.t, encoder_hidden_states=ctx).sample  # (B, C, h, w)
-                    loss = weighted_mse(pred, batch)
-                    bad = not bool(torch.isfinite(loss))
-                    if acc.num_processes > 1:  # every process must take the same branch
-                        bad = bool(acc.reduce(torch.tensor([float(bad)], device=self.device), "sum") > 0)
-                    if bad:
-                        window_bad = True
-                    else:
-                        acc.backward(loss)
-                        sums["loss"] += float(loss.detach())
-                        sums["n"] += 1
-                    grad_norm = float("nan")
-                    if acc.sync_gradients:
-                        if not window_bad:
-                            max_norm = cfg.optim.max_grad_norm or float("inf")
-                            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
-                        grads_ok = not window_bad and math.isfinite(grad_norm)
-                        if grads_ok or (run.mixed_precision == "fp16" and not window_bad):
-                            self.optimizer.step()  # under fp16 the GradScaler skips inf gradients itself
-                        self.optimizer.zero_grad(set_to_none=True)
-                sums["images"] += len(rows) * acc.num_processes
-                if not acc.sync_gradients:
-                    continue
-
-                # -- one optimizer step done ----------------------------------------------------
-                self.lr_scheduler.step()
-                pos["step"] += 1
-                sums["steps"] += 1
-                step = pos["step"]
-                if window_bad or not grads_ok:
-                    pos["skipped_steps"] += 1
-                    pos["nonfinite_streak"] += 1
-                    acc.print(f"step {step}: non-finite {'loss' if window_bad else 'gradient'}; step skipped "
-                              f"({pos['nonfinite_streak']} in a row, {pos['skipped_steps']} in all)")
-                else:
-                    pos["nonfinite_streak"] = 0
-                    if self.ema is not None:
-                        self.ema.step(self.params)
-                window_bad = False
-                if pos["nonfinite_streak"] >= run.max_consecutive_nonfinite:
-                    good = (ckpt.list_checkpoints(self.checkpoint_root) or [None])[-1]
-                    diverged = TrainingDiverged(
-                        f"training stopped at step {step}: {pos['nonfinite_streak']} non-finite losses in a row "
-                        f"(train.max_consecutive_nonfinite={run.max_consecutive_nonfinite}). The last good checkpoint is "
-                        f"{good if good else '(none written yet)'}; lower optim.lr, set optim.max_grad_norm, or try "
-                        "train.mixed_precision=fp32, then resume from it."
-                    )
-                    break
-                if bar is not None:
-                    bar.update(1)
-                if step % run.log_every == 0 or step == run.max_steps:
-                    self._log_train(step, pos, sums, log, bar)
-                busy, busy_cpu = time.perf_counter(), time.process_time()  # checkpoints and validation do not count in the speed
-                # a checkpoint due during a run of non-finite steps waits for the next good step
-                ckpt_due = ckpt_due or step % cfg.checkpoint.every == 0 or step == run.max_steps
-                if ckpt_due and pos["nonfinite_streak"] == 0:
-                    last_ckpt = self._save_checkpoint(pos) or last_ckpt
-                    ckpt_due = False
-                every = cfg.validation.every
-                if (every and step % every == 0) or step == run.max_steps:
-                    if acc.is_main_process:
-                        self._validate(step, log)
-                    acc.wait_for_everyone()
-                sums["t0"] += time.perf_counter() - busy
-                sums["cpu0"] += time.process_time() - busy_cpu
-                if stop_at_step is not None and step >= stop_at_step:
+                problem = self._optimizer_step(pos, sums, seen)
+                self._after_step(pos, problem, sums, log, bar)
+                if stop_at_step is not None and pos["step"] >= stop_at_step:
                     break
         finally:
             if bar is not None:
                 bar.close()
             if log is not None:
                 log.close()
-        if diverged is not None:
-            raise diverged
         bundle = None
         if pos["step"] >= run.max_steps:
             if acc.is_main_process:
                 bundle = self._save_bundle()
             acc.wait_for_everyone()
-        return TrainResult(pos["step"], pos["epoch"], pos["skipped_steps"], bundle, last_ckpt, seen)
+        return TrainResult(pos["step"], pos["epoch"], pos["skipped_steps"], bundle, self.last_checkpoint, seen or [])
+
+    def _start(self, checkpoint: Optional[Path]) -> dict:
+        """The run folder's config written; the position in training, from ``checkpoint`` when resuming."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.saved_config, self.output_dir / "config.yaml")
+        acc.wait_for_everyone()
+        if checkpoint is None:
+            return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
+        return self._load_checkpoint(checkpoint)
+
+    def _next_rows(self, pos: dict) -> np.ndarray:
+        """This process's cache rows for the next micro-batch; advances the position in the data."""
+        if pos["batch_in_epoch"] >= self.order.batches_per_epoch:
+            pos["epoch"] += 1
+            pos["batch_in_epoch"] = 0
+        rows = self.order.batch(pos["epoch"], pos["batch_in_epoch"])
+        pos["batch_in_epoch"] += 1
+        return rows
+
+    def _loss(self, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        """The objective on cache rows ``rows``: caption dropout, noise, one U-Net call."""
+        cfg, acc = self.config, self.accelerator
+        z0 = self.cache.latents(rows).to(self.device)  # (B, C, h, w)
+        ctx = self.cache.contexts(rows, epoch, cfg.train.seed).to(self.device)  # (B, L, D)
+        if cfg.train.channels_last:
+            z0 = z0.contiguous(memory_format=torch.channels_last)
+        ctx = conditioning.apply_caption_dropout(ctx, self.empty, cfg.objective.p_uncond, self.generator)  # (B, L, D)
+        batch = noised_batch(z0, self.schedule, prediction=self.sampling.prediction,
+                             min_snr_gamma=cfg.objective.min_snr_gamma, noise_offset=cfg.objective.noise_offset,
+                             generator=self.generator)
+        with acc.autocast():
+            pred = self.model(batch.z_t, batch.t, encoder_hidden_states=ctx).sample  # (B, C, h, w)
+        return weighted_mse(pred, batch)
+
+    def _optimizer_step(self, pos: dict, sums: dict, seen: Optional[list[int]]) -> Optional[str]:
+        """One optimizer step: micro-batches until accelerate syncs the gradients, then clip and step.
+
+        Returns None, or what was non-finite ("loss" or "gradient"); then the weights are left as they
+        were (under fp16 the GradScaler skips inf gradients itself).
+        """
+        acc = self.accelerator
+        window_bad = False
+        while True:
+            rows = self._next_rows(pos)
+            if seen is not None:
+                seen.extend(int(r) for r in rows)
+            with acc.accumulate(self.model):
+                loss = self._loss(rows, pos["epoch"])
+                bad = not bool(torch.isfinite(loss))
+                if acc.num_processes > 1:  # every process must take the same branch
+                    bad = bool(acc.reduce(torch.tensor([float(bad)], device=self.device), "sum") > 0)
+                if bad:
+                    window_bad = True
+                else:
+                    acc.backward(loss)
+                    sums["loss"] += float(loss.detach())
+                    sums["n"] += 1
+                if acc.sync_gradients:
+                    grad_norm = float("nan")
+                    if not window_bad:
+                        max_norm = self.config.optim.max_grad_norm or float("inf")
+                        grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+                    grads_ok = not window_bad and math.isfinite(grad_norm)
+                    if grads_ok or (acc.precision == "fp16" and not window_bad):
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            sums["images"] += len(rows) * acc.num_processes
+            if acc.sync_gradients:
+                return None if grads_ok else ("loss" if window_bad else "gradient")
+
+    def _after_step(self, pos: dict, problem: Optional[str], sums: dict, log: Optional[RunLog], bar) -> None:
+        """Count the step; EMA, the non-finite streak, logging, checkpoints and validation."""
+        cfg, acc, run = self.config, self.accelerator, self.config.train
+        self.lr_scheduler.step()
+        pos["step"] += 1
+        sums["steps"] += 1
+        step = pos["step"]
+        if problem:
+            pos["skipped_steps"] += 1
+            pos["nonfinite_streak"] += 1
+            acc.print(f"step {step}: non-finite {problem}; step skipped "
+                      f"({pos['nonfinite_streak']} in a row, {pos['skipped_steps']} in all)")
+        else:
+            pos["nonfinite_streak"] = 0
+            if self.ema is not None:
+                self.ema.step(self.params)
+        if pos["nonfinite_streak"] >= run.max_consecutive_nonfinite:
+            good = (ckpt.list_checkpoints(self.checkpoint_root) or [None])[-1]
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {pos['nonfinite_streak']} non-finite losses in a row "
+                f"(train.max_consecutive_nonfinite={run.max_consecutive_nonfinite}). The last good checkpoint is "
+                f"{good if good else '(none written yet)'}; lower optim.lr, set optim.max_grad_norm, or try "
+                "train.mixed_precision=fp32, then resume from it."
+            )
+        if bar is not None:
+            bar.update(1)
+        if step % run.log_every == 0 or step == run.max_steps:
+            self._log_train(step, pos, sums, log, bar)
+        busy, busy_cpu = time.perf_counter(), time.process_time()  # checkpoints and validation do not count in the speed
+        # a checkpoint due during a run of non-finite steps waits for the next good step
+        self.checkpoint_due = self.checkpoint_due or step % cfg.checkpoint.every == 0 or step == run.max_steps
+        if self.checkpoint_due and pos["nonfinite_streak"] == 0:
+            self.last_checkpoint = self._save_checkpoint(pos) or self.last_checkpoint
+            self.checkpoint_due = False
+        every = cfg.validation.every
+        if (every and step % every == 0) or step == run.max_steps:
+            if acc.is_main_process:
+                self._validate(step, log)
+            acc.wait_for_everyone()
+        sums["t0"] += time.perf_counter() - busy
+        sums["cpu0"] += time.process_time() - busy_cpu
 
     def _log_train(self, step: int, pos: dict, sums: dict, log: Optional[RunLog], bar) -> None:
         acc = self.accelerator
