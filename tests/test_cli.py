@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from ldm.cli import commands, main
 
 
@@ -46,3 +48,18 @@ def test_overrides_after_an_option_are_kept(monkeypatch):
     proc = subprocess.run([sys.executable, "-m", "ldm.cli", "train", "missing.yaml", "a=1", "--resume", "latest", "--bogus"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["default", "shapes"])
+def test_finetune_takes_the_packaged_models_by_name_as_generate_does(name, tmp_path, monkeypatch):
+    from ldm.bundle import PACKAGED_MODELS
+    from train.unet import finetune
+
+    seen = []
+    monkeypatch.setattr(finetune, "finetune", lambda model, config, resume=None: seen.append(model) or _Done())
+    assert main(["finetune", "--model", name, "--data", str(tmp_path), f"train.output_dir={tmp_path / 'run'}"]) == 0
+    assert seen == [PACKAGED_MODELS[name]]
+
+
+class _Done:
+    bundle = None

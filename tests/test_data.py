@@ -4,6 +4,7 @@ per-epoch captions, the transform, the summary and ``ldm data check``."""
 import io
 import json
 import struct
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -318,3 +319,12 @@ def test_check_command_prints_the_summary_and_exits_0_or_2(tmp_path, capsys):
     last = captured.err.strip().splitlines()[-1]  # after the progress bar, one error line
     assert last.startswith("ldm data: error:") and "no usable image-caption pair" in last
     assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize("make", [make_csv, make_jsonl])
+def test_a_rows_file_given_by_a_relative_path_outside_the_working_directory(tmp_path, make, monkeypatch):
+    """`ldm data check tab/pairs.csv` from tab's parent: image paths join the file's folder once."""
+    path = make(tmp_path / "tab")
+    monkeypatch.chdir(tmp_path)
+    data = load(Path("tab") / path.name)
+    assert data.summary().total_skipped == 0 and pairs_of(data) == EXPECTED

@@ -20,7 +20,8 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="bundle folder to start from")
+    p.add_argument("--model", required=True, metavar="DIR|default|shapes",
+                   help="bundle folder to start from, or a packaged model's name (default, shapes)")
     p.add_argument("--data", type=Path, required=True, help="captioned image folder (metadata.jsonl)")
     p.add_argument("--config", type=Path, default=None, help="YAML with FinetuneConfig sections (default: built-in defaults)")
     p.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from a checkpoint of train.output_dir")
@@ -28,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldm.generate_cli import model_path
     from train.run.config import load_config
     from train.unet.finetune import finetune
     from train.unet.config import FinetuneConfig
@@ -36,4 +38,5 @@ def run(args: argparse.Namespace) -> int:
     if args.config is not None and not args.config.is_file():
         raise FileNotFoundError(f"--config {args.config} does not exist")
     config = load_config(FinetuneConfig, args.config, [*args.overrides, f"data.path={args.data}"])
-    return report("ldm finetune", lambda: finetune(args.model, config, resume=args.resume))
+    model = model_path(Path(args.model))  # the packaged models by name, as `ldm generate` takes them
+    return report("ldm finetune", lambda: finetune(model, config, resume=args.resume))
