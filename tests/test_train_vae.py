@@ -191,3 +191,85 @@ def test_cli_errors_are_one_line(tmp_path):
     assert proc.stderr.strip() == f"ldm eval-vae: error: {tmp_path / 'none' / 'config.json'} not found: an autoencoder " \
         "folder needs config.json and diffusion_pytorch_model.safetensors (diffusers layout, _class_name VQModel or " \
         "AutoencoderKL)"
+
+
+def final_files(run: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """(tensor groups by file stem, state.json) of a run's newest checkpoint."""
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    return {f.stem: load_file(f) for f in sorted(newest.glob("*.safetensors"))}, json.loads((newest / "state.json").read_text())
+
+
+CURVE = ("loss", "psnr", "codebook_usage", "perplexity", "lr", "restarted_codes")
+
+
+@pytest.mark.parametrize("setup", [
+    # VQ with dead-code restarts and the GAN switching on at step 3 (after the first stop)
+    ["loss.disc_weight=0.5", "loss.disc_start=3", "loss.disc_layers=2", "loss.disc_channels=8"],
+    ["model.kind=kl"],  # the posterior sample draws from torch's global generator
+], ids=["vq-gan", "kl"])
+def test_stopped_and_resumed_twice_equals_uninterrupted(tmp_path, setup):
+    # 3 micro-batches of 8 per epoch, 2 per step: steps 2 and 4 end mid-epoch
+    common = ["train.max_steps=6", "train.gradient_accumulation_steps=2", "train.log_every=1", "checkpoint.every=2",
+              "checkpoint.keep_last=5", *setup]
+    straight = train_vae(config(tmp_path, *common, f"train.output_dir={tmp_path / 'a'}"), progress=False)
+    cfg = config(tmp_path, *common, f"train.output_dir={tmp_path / 'b'}")
+    assert train_vae(cfg, progress=False, stop_at_step=2) is None
+    torch.manual_seed(123), np.random.seed(7)  # whatever happens in between is undone by resume
+    assert train_vae(cfg, resume="latest", progress=False, stop_at_step=4) is None
+    torch.manual_seed(321)
+    resumed = train_vae(cfg, resume="latest", progress=False)
+
+    (a, state_a), (b, state_b) = final_files(tmp_path / "a"), final_files(tmp_path / "b")
+    assert a.keys() == b.keys() and ("discriminator_optimizer" in a) == ("loss.disc_weight=0.5" in setup)
+    for group in a:
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            torch.testing.assert_close(a[group][k], b[group][k], rtol=0, atol=0, msg=f"{group} {k}")
+    for key in ("step", "micro_batches", "epoch", "batch_in_epoch", "lr_scheduler", "rng"):
+        assert state_a[key] == state_b[key], key
+    assert (state_b["epoch"], state_b["batch_in_epoch"]) == (4, 0)
+    rows_a, rows_b = read_csv(tmp_path / "a" / "logs" / "train.csv"), read_csv(tmp_path / "b" / "logs" / "train.csv")
+    assert [int(r["step"]) for r in rows_b] == [1, 2, 3, 4, 5, 6]  # each step once
+    assert [[r[k] for k in CURVE] for r in rows_a] == [[r[k] for k in CURVE] for r in rows_b]
+    va = load_file(straight / "diffusion_pytorch_model.safetensors")
+    vb = load_file(resumed / "diffusion_pytorch_model.safetensors")
+    for k in va:
+        torch.testing.assert_close(va[k], vb[k], rtol=0, atol=0, msg=k)
+    assert json.loads((straight / "config.json").read_text()) == json.loads((resumed / "config.json").read_text())
+
+
+def test_old_keys_name_their_new_key(tmp_path):
+    for old, new in (("train.out_dir=x", "train.output_dir"), ("train.lr=1e-3", "optim.lr"),
+                     ("train.checkpoint_every=5", "checkpoint.every"), ("train.keep_checkpoints=2", "checkpoint.keep_last"),
+                     ("train.grad_accum=2", "train.gradient_accumulation_steps"), ("data.split=test", "data.holdout_fraction")):
+        with pytest.raises(ValueError, match=f"{old.split('=')[0]} was renamed; use {new}"):
+            load_config(VAETrainingConfig, TINY, [old])
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text(TINY.read_text().replace("  output_dir:", "  out_dir:"))
+    with pytest.raises(ValueError, match=r"old.yaml: train.out_dir was renamed; use train.output_dir"):
+        load_config(VAETrainingConfig, old_file)
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    train_vae(config(tmp_path, "train.max_steps=2", "checkpoint.every=2"), progress=False)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"already holds checkpoints of a run; continue it with --resume latest"):
+        train_vae(config(tmp_path, "train.max_steps=4"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    with pytest.raises(ValueError, match=r"data.path is empty; give the data set to train on"):
+        train_vae(load_config(VAETrainingConfig, TINY, [f"train.output_dir={tmp_path / 'other'}"]), progress=False)
+
+
+def test_trains_on_the_training_rows_of_the_shared_split(tmp_path):
+    # no split column: the held-out rule (a hash of each path) picks the rows, the same for every trainer
+    data = make_data(tmp_path / "data", n_train=32, n_test=0)
+    split = load_vae_split(data, 0.2, progress=False)
+    assert split.heldout is split.train and split.heldout_rows and len(split.train_rows) + len(split.heldout_rows) == 32
+    from train.data.split import heldout_keys, load_split
+
+    assert heldout_keys(split) == heldout_keys(load_split(data, 0.2, progress=False, min_size=1))
+    train_vae(config(tmp_path, "train.max_steps=1", "data.holdout_fraction=0.2"), progress=False)
+    assert f"training on {len(split.train_rows)}" in (tmp_path / "run" / "logs" / "log.txt").read_text()
+    assert main(["eval-vae", "--vae", str(tmp_path / "run" / "vae"), "--data", str(data), "--grid", "0",
+                 "--json", str(tmp_path / "m.json")]) == 0  # the run's data.holdout_fraction, read from its config.yaml
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == len(split.heldout_rows)
