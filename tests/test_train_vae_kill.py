@@ -57,12 +57,11 @@ def check_newest_loads(run: Path, data: Path) -> None:
     assert newest.name == ckpt.checkpoint_name(state["step"])
     assert all(torch.isfinite(t.float()).all() for group in tensors.values() for t in group.values())
     reset_accelerate()
-    model = VAETrainer(config, progress=False)
-    model._open("latest")  # the same checks as --resume latest, and the same loading
-    model._setup_data()
-    model._setup_models()
-    assert model._load_checkpoint(newest, state)["step"] == state["step"]
-    model.log.close()
+    trainer = VAETrainer(config, progress=False)
+    try:
+        assert trainer.prepare("latest")["step"] == state["step"]  # what --resume latest checks and loads
+    finally:
+        trainer.close()
 
 
 @pytest.mark.slow  # three training processes, each ~10 s of imports on 2 shared cores

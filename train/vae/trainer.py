@@ -325,11 +325,8 @@ class VAETrainer:
         """
         from tqdm.auto import tqdm
 
-        checkpoint, state = self._open(resume)
         try:
-            self._setup_data()
-            self._setup_models()
-            pos = self._load_checkpoint(checkpoint, state) if checkpoint else {"step": 0, "micro_batches": 0}
+            pos = self.prepare(resume)
             t, self.out_of_time = self.config.train, False
             self.start, self.start_step = time.time(), pos["step"]
             window = {"loss": 0.0, "psnr": 0.0, "n": 0}
@@ -343,8 +340,19 @@ class VAETrainer:
             self.message(f"trained {pos['step'] - self.start_step} steps in {time.time() - self.start:.0f} s")
             return self._finish() if pos["step"] >= t.max_steps or self.out_of_time else None
         finally:
-            if self.log is not None:
-                self.log.close()
+            self.close()
+
+    def prepare(self, resume: Optional[str] = None) -> dict:
+        """Run folder, log, data, models and optimizers, restored from ``resume`` when given; returns the
+        position (step, micro_batches) to train from. ``fit`` calls it; call ``close`` after it alone."""
+        checkpoint, state = self._open(resume)
+        self._setup_data()
+        self._setup_models()
+        return self._load_checkpoint(checkpoint, state) if checkpoint else {"step": 0, "micro_batches": 0}
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
     def _finish(self) -> Path:
         """Scaling factor over a sample of the training images, then the final ``vae/`` folder."""
