@@ -33,7 +33,7 @@ emoji() {
     stage "emoji CLIP" "$RUNS/clip-emoji/text_encoder" ldm train-clip configs/clip/emoji.yaml \
         data.folder="$DATA/emoji" run.output_dir="$RUNS/clip-emoji" $(resume_flag "$RUNS/clip-emoji")
     stage "emoji VQ-VAE" "$RUNS/vae-emoji-f4/vae" ldm train-vae configs/vae/vq-f4-64.yaml \
-        data.path="$DATA/emoji" train.out_dir="$RUNS/vae-emoji-f4" $(resume_flag "$RUNS/vae-emoji-f4")
+        data.path="$DATA/emoji" train.output_dir="$RUNS/vae-emoji-f4" $(resume_flag "$RUNS/vae-emoji-f4")
     stage "emoji U-Net" "$RUNS/ldm-emoji/bundle" ldm train configs/ldm/emoji-64.yaml \
         data.path="$DATA/emoji" encoders.autoencoder="$RUNS/vae-emoji-f4/vae" encoders.text_encoder="$RUNS/clip-emoji" \
         cache.dir="$RUNS/cache" train.output_dir="$RUNS/ldm-emoji" $(resume_flag "$RUNS/ldm-emoji")
@@ -45,7 +45,7 @@ shapes() {
     stage "shapes CLIP" "$RUNS/clip-shapes/text_encoder" ldm train-clip configs/clip/shapes.yaml \
         data.folder="$DATA/shapes32" run.output_dir="$RUNS/clip-shapes" $(resume_flag "$RUNS/clip-shapes")
     stage "shapes VQ-VAE" "$RUNS/vae-shapes/vae" ldm train-vae configs/vae/vq-f4-32-shapes.yaml \
-        data.path="$DATA/shapes32" train.out_dir="$RUNS/vae-shapes" $(resume_flag "$RUNS/vae-shapes")
+        data.path="$DATA/shapes32" train.output_dir="$RUNS/vae-shapes" $(resume_flag "$RUNS/vae-shapes")
     stage "shapes U-Net" "$RUNS/ldm-shapes/bundle" ldm train configs/ldm/shapes-32.yaml \
         data.path="$DATA/shapes32" encoders.autoencoder="$RUNS/vae-shapes/vae" encoders.text_encoder="$RUNS/clip-shapes" \
         cache.dir="$RUNS/cache" train.output_dir="$RUNS/ldm-shapes" $(resume_flag "$RUNS/ldm-shapes")

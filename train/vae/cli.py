@@ -1,11 +1,11 @@
 """Train the autoencoder (VQ-VAE, or a KL autoencoder) from a YAML config.
 
-    ldm train-vae configs/vae/vq-f4-64.yaml train.out_dir=runs/vae-emoji train.max_steps=3000
-    ldm train-vae configs/vae/vq-f4-64.yaml train.out_dir=runs/vae-emoji --resume latest
+    ldm train-vae configs/vae/vq-f4-64.yaml data.path=data/emoji train.output_dir=runs/vae-emoji train.max_steps=3000
+    ldm train-vae configs/vae/vq-f4-64.yaml data.path=data/emoji train.output_dir=runs/vae-emoji --resume latest
 
-Overrides are dotted section.key=value pairs (sections: model, quantizer, loss, data, train).
-The run folder gets config.yaml, log.txt, metrics.jsonl, checkpoints/step-N/ and, at the end, vae/
-(diffusers layout, scaling_factor = 1 / std of latents over a sample of the training images).
+Overrides are dotted section.key=value pairs (sections: model, quantizer, loss, data, train, optim,
+checkpoint). The run folder gets config.yaml, logs/ (train.csv, log.txt), checkpoints/step-NNNNNNNN/ and,
+at the end, vae/ (diffusers layout, scaling_factor = 1 / std of latents over a sample of the training images).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (configs/vae/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=2e-4")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
     parser.add_argument("--resume", metavar="latest|DIR", default=None,
-                        help="continue from the newest checkpoint of train.out_dir, or from a checkpoint folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar (the log file is still written)")
+                        help="continue from the newest checkpoint of train.output_dir, or from a checkpoint folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (the run log is still written)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,55 +1,66 @@
-"""The config of ``ldm train-vae``: one YAML file with sections model, quantizer, loss, data, train."""
+"""The config of ``ldm train-vae``: the autoencoder's own sections (model, quantizer, loss, data) and the
+run core's (train, optim, checkpoint, ``train.run.sections``) with this stage's defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
-from vae.config import AutoencoderConfig, LossConfig, QuantizerConfig, check_choice
-
-MIXED_PRECISION = ("fp32", "bf16", "fp16")
+from train.run.sections import CheckpointConfig, OptimConfig, RunConfig
+from vae.config import AutoencoderConfig, LossConfig, QuantizerConfig
 
 
 @dataclass
-class DataConfig:
-    """Where the training images are (an imagefolder with metadata.jsonl)."""
+class VAEDataConfig:
+    """The training images: any data set ``train.data`` reads, split by its one held-out rule."""
 
-    path: str = "/work/data/emoji"  # folder with metadata.jsonl (file_name, text, optional split)
-    split: str = "train"  # rows whose split is this (rows without a split count as "train")
+    path: str = ""  # a data set folder or file (e.g. made by `ldm data emoji --out data/emoji`); required
+    # share of images held out (for `ldm eval-vae`) when the data set has no test split; the same rows
+    # the CLIP and U-Net trainers hold out (train.data.split)
+    holdout_fraction: float = 0.05
     flip: bool = True  # random horizontal flips
-    max_images: int = 0  # use at most this many images (0: all)
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation loop."""
-
-    out_dir: str = "runs/vae"  # run folder: checkpoints/, log.txt, vae/ (the final autoencoder)
-    batch_size: int = 32  # images per step (per process)
-    grad_accum: int = 1  # steps accumulated per optimiser update
-    lr: float = 4.0e-4  # Adam learning rate of the autoencoder
-    lr_min: float = 4.0e-5  # cosine decay from lr to this over max_steps (after warmup)
-    warmup_steps: int = 100  # linear warmup
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    weight_decay: float = 0.0
-    max_steps: int = 5000  # optimiser updates
-    max_minutes: float = 0.0  # also stop (with a checkpoint) after this much wall time; 0: no limit
-    mixed_precision: str = "fp32"  # "fp32", "bf16" (autocast; CPU AMX or GPU) or "fp16" (autocast; GPU)
-    channels_last: bool = False  # NHWC memory format for the convolutions
-    seed: int = 0
-    log_every: int = 50  # steps between log lines
-    checkpoint_every: int = 500  # steps between checkpoints
-    keep_checkpoints: int = 2  # newest checkpoints kept
-    scaling_images: int = 1024  # training images used to compute the latent scaling factor at the end
-    num_threads: int = 0  # torch CPU threads (0: torch's default)
+    max_images: int = 0  # train on at most this many images (0: all training rows)
 
     def __post_init__(self) -> None:
-        check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"train.adam_betas must have two values; got {self.adam_betas}")
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1; got {getattr(self, name)}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
+        if self.max_images < 0:
+            raise ValueError(f"data.max_images={self.max_images} must be >= 0 (0: all)")
+
+
+@dataclass
+class VAERunConfig(RunConfig):
+    """The loop (``train``): the shared settings plus what the autoencoder's trainer adds."""
+
+    output_dir: str = "runs/vae"  # config.yaml, checkpoints/, logs/, and vae/ (the final autoencoder)
+    max_steps: int = 5000  # optimizer steps
+    log_every: int = 50  # optimizer steps between rows of logs/train.csv (averaged over them)
+    max_minutes: float = 0.0  # also stop (with a checkpoint) after this much wall time; 0: no limit
+    scaling_images: int = 1024  # training images used to compute the latent scaling factor at the end
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_minutes < 0 or self.scaling_images < 1:
+            raise ValueError(f"train.max_minutes={self.max_minutes} must be >= 0 and "
+                             f"train.scaling_images={self.scaling_images} >= 1")
+
+
+@dataclass
+class VAEOptimConfig(OptimConfig):
+    """Adam (AdamW without weight decay) with warm-up and cosine decay to lr_min: this stage's defaults."""
+
+    lr: float = 4.0e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = None  # clip the global gradient norm; null = no clipping
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 100
+    lr_min: float = 4.0e-5
+
+
+@dataclass
+class VAECheckpointConfig(CheckpointConfig):
+    keep_last: int = 2
 
 
 @dataclass
@@ -59,6 +70,8 @@ class VAETrainingConfig:
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
+    train: VAERunConfig = field(default_factory=VAERunConfig)
+    optim: VAEOptimConfig = field(default_factory=VAEOptimConfig)
+    checkpoint: VAECheckpointConfig = field(default_factory=VAECheckpointConfig)
     description: Optional[str] = None  # free text: what this recipe is for

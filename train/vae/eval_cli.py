@@ -1,10 +1,12 @@
 """Evaluate an autoencoder on held-out images: PSNR, SSIM, codebook usage and perplexity, and a PNG grid.
 
-    ldm eval-vae --vae /work/models/vae-emoji-f4/vae --data /work/data/emoji
+    ldm eval-vae --vae runs/vae-emoji-f4/vae --data data/emoji
 
-Reads the rows of DATA/metadata.jsonl whose split is --split (default "test"), reconstructs them
-(encode, then decode; VQ quantises), prints the mean metrics and writes a PNG with --grid originals
-in the top row and their reconstructions below (default: VAE_DIR/../eval-vae.png).
+Reads DATA through ``train.data`` and cuts it by the held-out rule every trainer shares
+(``train.data.split``: the data set's test split, else a hash of each image's path): --split test (the
+default) evaluates the held-out rows, --split train the rows the trainers train on. It reconstructs them
+(encode, then decode; VQ quantises), prints the mean metrics and writes a PNG with --grid originals in
+the top row and their reconstructions below (default: VAE_DIR/../eval-vae.png).
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", required=True, metavar="DIR", help="autoencoder folder (diffusers VQModel/AutoencoderKL)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="imagefolder with metadata.jsonl")
-    parser.add_argument("--split", default="test", choices=("train", "test"), help="rows to evaluate (default test)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="data set (any format train.data reads)")
+    parser.add_argument("--split", default="test", choices=("train", "test"),
+                        help="test: the held-out rows (default); train: the training rows")
+    parser.add_argument("--holdout-fraction", type=float, default=None, metavar="F",
+                        help="held-out share when the data has no test split (default: data.holdout_fraction of the "
+                             "run's VAE_DIR/../config.yaml when there is one, else 0.05)")
     parser.add_argument("--max-images", type=int, default=0, help="evaluate at most this many images (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--grid", type=int, default=8, help="images shown in the PNG")
@@ -30,14 +36,19 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from train.vae.data import read_imagefolder, to_model_range
+    from train.vae.images import load_vae_split, pixels, to_model_range
     from vae.autoencoder import load_autoencoder
     from vae.metrics import code_histogram, codebook_usage, perplexity, psnr, ssim, to_unit
 
     if args.batch_size < 1 or args.grid < 0 or args.max_images < 0:
         raise ValueError("--batch-size must be >= 1, --grid and --max-images >= 0")
     ae = load_autoencoder(args.vae, sample_posterior=args.sample_posterior)
-    images = read_imagefolder(args.data, args.split, max_images=args.max_images)  # (N, 3, H, W) uint8
+    split = load_vae_split(args.data, holdout_fraction(args), progress=False)
+    data, rows = (split.heldout, split.heldout_rows) if args.split == "test" else (split.train, split.train_rows)
+    if not rows:
+        raise ValueError(f"{args.data} has no {'held-out' if args.split == 'test' else 'training'} rows "
+                         "(give --holdout-fraction above 0, or use a data set with a test split)")
+    images = pixels(data, rows[: args.max_images or None])  # (N, 3, H, W) uint8
     psnrs, ssims, originals, recons = [], [], [], []
     counts = torch.zeros(ae.num_embeddings or 1)
     with torch.no_grad():
@@ -65,6 +76,22 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
+
+
+def holdout_fraction(args: argparse.Namespace) -> float:
+    """--holdout-fraction, else the training run's data.holdout_fraction, else the config default."""
+    import yaml
+
+    from train.vae.config import VAEDataConfig
+
+    if args.holdout_fraction is not None:
+        return args.holdout_fraction
+    run_config = Path(args.vae).resolve().parent / "config.yaml"
+    if run_config.is_file():
+        data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
+        if "holdout_fraction" in data:
+            return float(data["holdout_fraction"])
+    return VAEDataConfig.holdout_fraction
 
 
 def write_grid(top, bottom, path: Path) -> None:

@@ -1,329 +1,380 @@
-"""The autoencoder training loop (accelerate): reconstruction, codebook, perceptual and GAN losses,
-codebook health, atomic checkpoints with resume, and the final ``vae/`` folder with its scaling factor.
+"""The autoencoder training loop (``ldm train-vae``) on the run core (``train.run``): reconstruction,
+codebook, perceptual and GAN losses, codebook health, and the final ``vae/`` folder with its scaling factor.
 
-Run folder (``train.out_dir``):
+    folder = train_vae(config, resume="latest")       # -> the vae/ folder (None when stopped early)
 
-    config.yaml            the resolved config of the run
-    log.txt                log lines (also shown above the progress bar); metrics.jsonl, one JSON per log line
-    checkpoints/step-N/    accelerate state (models, optimisers, scheduler, RNG) + codebook.safetensors
-                           + trainer_state.json; written to a temporary folder and renamed into place
-    vae/                   the final autoencoder, diffusers layout, scaling_factor set
+Run folder (``train.output_dir``):
+
+    config.yaml                 the resolved config of the run
+    logs/train.csv              step, loss, psnr, codebook_usage, perplexity, lr, restarted_codes, steps_per_s,
+                                elapsed_s (every ``train.log_every`` steps); TensorBoard events beside it
+    logs/log.txt                messages: the data, LPIPS and discriminator on or off, resumes, the scaling factor
+    checkpoints/step-NNNNNNNN/  the one checkpoint format (``train.run.checkpoint``): model.safetensors (the
+                                autoencoder), optimizer.safetensors, codebook.safetensors (VQ: the codebook
+                                trainer's buffers), discriminator.safetensors and discriminator_optimizer.safetensors
+                                (GAN on), state.json (step, position in the data, RNG states, LR schedule, config)
+    vae/                        the final autoencoder, diffusers layout, scaling_factor set
+
+Data: the training rows of ``train.data.split`` (the held-out rule every trainer shares), decoded once into
+a uint8 tensor. Each epoch is the U-Net trainer's ``DataOrder``: a permutation drawn from (seed, epoch),
+process r taking the r-th slice of each global batch. Micro-batch m draws its flips, and the codebook's
+k-means init and restarts, from a generator seeded by (seed, m); the position m and every global RNG
+state are in the checkpoint, so a resumed run continues exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
+import numpy as np
 import torch
-import yaml
 
-from train.vae.data import read_imagefolder, to_model_range
+from train.run import checkpoint as ckpt
+from train.run.config import save_config, to_dict
+from train.run.log import RunLog
+from train.run.lr import build_lr_scheduler, build_optimizer
+from train.run.start import make_accelerator, open_run_folder
+from train.unet.trainer import DataOrder
 from train.vae.config import VAETrainingConfig
+from train.vae.images import load_vae_split, pixels, to_model_range
 from vae.autoencoder import Autoencoder, build_autoencoder, compute_scaling_factor
 from vae.losses import adaptive_weight, build_discriminator, gan_active, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from vae.lpips import LPIPS
 from vae.metrics import psnr, to_unit
 from vae.vq import CodebookTrainer
 
-CHECKPOINT_PREFIX = "step-"
-STATE_NAME = "trainer_state.json"
-CODEBOOK_NAME = "codebook.safetensors"
+CODEBOOK = "codebook"  # <name>.safetensors in a checkpoint
+DISCRIMINATOR = "discriminator"
+DISCRIMINATOR_OPTIMIZER = "discriminator_optimizer"
+
+# Config keys that change the shapes or the set of tensors in a checkpoint, or the data order.
+_STATE_KEYS = {"quantizer": ("update",), "loss": ("disc_weight", "disc_layers", "disc_channels"),
+               "train": ("batch_size", "gradient_accumulation_steps")}
 
 
-class RunLog:
-    """Appends lines to log.txt (and shows them) and metrics to metrics.jsonl."""
-
-    def __init__(self, out_dir: Path, show: bool) -> None:
-        self.text, self.jsonl, self.show = out_dir / "log.txt", out_dir / "metrics.jsonl", show
-
-    def __call__(self, message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        with self.text.open("a") as fh:
-            fh.write(line + "\n")
-        if self.show:
-            from tqdm.auto import tqdm
-
-            tqdm.write(line)
-
-    def metrics(self, record: dict) -> None:
-        with self.jsonl.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-
-# --- checkpoints -------------------------------------------------------------------------------------------------
-def list_checkpoints(out_dir: Union[str, Path]) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a folder counts once its trainer_state.json is in it)."""
-    folder = Path(out_dir) / "checkpoints"
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_NAME).is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(out_dir: Path, resume: str) -> Path:
-    """``latest`` -> the newest complete checkpoint of the run; otherwise a checkpoint folder path."""
-    if resume == "latest":
-        found = list_checkpoints(out_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {out_dir / 'checkpoints'} "
-                                    f"(expected folders {CHECKPOINT_PREFIX}N with {STATE_NAME})")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"--resume {resume}: {path / STATE_NAME} not found; expected a checkpoint folder "
-                                f"written by ldm train-vae ({CHECKPOINT_PREFIX}N) or 'latest'")
-    return path
-
-
-# Config keys that change the shapes or the set of tensors in a checkpoint.
-_STATE_KEYS = {"quantizer": ("update",), "loss": ("disc_weight", "disc_layers", "disc_channels")}
-
-
-def check_compatible(checkpoint: Path, config: VAETrainingConfig) -> dict:
-    """The checkpoint's trainer state, after checking it was written for the same architecture (every model
-    key but scaling_factor) and the same codebook update and discriminator."""
-    state = json.loads((checkpoint / STATE_NAME).read_text())
-    saved = state.get("config", {})
-    keys = {"model": [k for k in asdict(config.model) if k != "scaling_factor"], **_STATE_KEYS}
-    diff = []
-    for section, names in keys.items():
-        ours, theirs = asdict(getattr(config, section)), saved.get(section, {})
-        diff += [f"{section}.{k} is {theirs.get(k)!r} there but {ours[k]!r} here" for k in names
-                 if theirs.get(k) != ours[k]]
+def check_compatible(checkpoint: Path, config: VAETrainingConfig, num_processes: int = 1) -> dict:
+    """The checkpoint's state.json, after checking it was written for the same architecture (every model
+    key but scaling_factor), codebook update, discriminator, batch settings and number of processes."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    saved, ours = state.get("config", {}), to_dict(config)
+    keys = {"model": [k for k in ours["model"] if k != "scaling_factor"], **_STATE_KEYS}
+    diff = [f"{section}.{k} is {saved.get(section, {}).get(k)!r} there but {ours[section][k]!r} here"
+            for section, names in keys.items() for k in names if saved.get(section, {}).get(k) != ours[section][k]]
+    if state.get("num_processes") != num_processes:
+        diff.append(f"num_processes is {state.get('num_processes')!r} there but {num_processes} here")
     if diff:
-        raise ValueError(f"checkpoint {checkpoint / STATE_NAME} was written for a different setup: " + "; ".join(diff))
+        raise ValueError(f"checkpoint {checkpoint / 'state.json'} was written for a different setup: " + "; ".join(diff))
     return state
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, codebook: Optional[CodebookTrainer],
-                    config: VAETrainingConfig, keep: int) -> Path:
-    """accelerate's save_state + codebook buffers + trainer state, into a temporary folder renamed into place."""
-    from safetensors.torch import save_file
-
-    folder = out_dir / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        if codebook is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in codebook.state_dict().items()}, tmp / CODEBOOK_NAME)
-        (tmp / STATE_NAME).write_text(json.dumps({"step": step, "config": asdict(config)}, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
+def expected_files(config: VAETrainingConfig) -> list[str]:
+    """The files a checkpoint of ``config``'s run holds."""
+    names = ["model", "optimizer"] + ([CODEBOOK] if config.model.kind == "vq" else [])
+    names += [DISCRIMINATOR, DISCRIMINATOR_OPTIMIZER] if build_discriminator(config.loss) is not None else []
+    return [f"{name}.safetensors" for name in names] + ["state.json"]
 
 
-def load_checkpoint(accelerator, checkpoint: Path, codebook: Optional[CodebookTrainer]) -> None:
-    """accelerate's load_state (weights_only loads) plus the codebook buffers; a missing or damaged file is
-    an error naming it and what was expected."""
-    from safetensors.torch import load_file
+class VAETrainer:
+    """Trains the autoencoder ``config`` describes; ``fit`` runs it."""
 
-    expected = ["model.safetensors", "optimizer.bin", "scheduler.bin"] + ([CODEBOOK_NAME] if codebook else [])
-    missing = [name for name in expected if not (checkpoint / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint {checkpoint} lacks {', '.join(missing)}; expected {', '.join(expected)} "
-                                "as written by ldm train-vae")
-    try:
-        accelerator.load_state(str(checkpoint))
-        if codebook is not None:
-            codebook.load_state_dict(load_file(checkpoint / CODEBOOK_NAME, device=str(accelerator.device)))
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise ValueError(f"checkpoint {checkpoint} does not match this config's model: {str(exc)[:300]}") from exc
+    def __init__(self, config: VAETrainingConfig, progress: bool = True):
+        self.config, self.progress = config, progress
+        self.output_dir = Path(config.train.output_dir)
+        self.log: Optional[RunLog] = None
 
+    def message(self, text: str) -> None:
+        if self.log is not None:
+            self.log.message(text)
 
-# --- the loop ----------------------------------------------------------------------------------------------------
-def _lr_lambda(config: VAETrainingConfig):
-    t = config.train
+    # -- setup ---------------------------------------------------------------------------------
 
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return (t.lr_min + (t.lr - t.lr_min) * 0.5 * (1 + math.cos(math.pi * progress))) / t.lr
+    def _open(self, resume: Optional[str]) -> tuple[Optional[Path], Optional[dict]]:
+        """Accelerator, run folder, config.yaml and the run log; the checkpoint to resume and its state."""
+        cfg = self.config
+        quiet = not self.progress
+        acc = self.accelerator = make_accelerator(cfg.train, log=(lambda _: None) if quiet else print)
+        checkpoint = open_run_folder(self.output_dir, resume, acc.is_main_process)
+        state = check_compatible(checkpoint, cfg, acc.num_processes) if checkpoint is not None else None
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+            self.log = RunLog(self.output_dir / "logs", resume_step=state["step"] if state else None, show=not quiet)
+        acc.wait_for_everyone()
+        return checkpoint, state
 
-    return factor
+    def _setup_data(self) -> None:
+        """The training rows of the held-out rule, decoded once; their order."""
+        cfg, acc = self.config, self.accelerator
+        size = cfg.model.resolution if cfg.model.resize_input else None
+        split = load_vae_split(cfg.data.path, cfg.data.holdout_fraction, size, progress=self.progress and acc.is_main_process)
+        rows = split.train_rows[: cfg.data.max_images or None]
+        self.images = pixels(split.train, rows)  # (N, 3, H, W) uint8
+        self.order = DataOrder(np.arange(len(self.images)), cfg.train.batch_size, acc.num_processes, acc.process_index,
+                               cfg.train.seed)
+        self.message(split.summary())
 
+    def _setup_models(self) -> None:
+        """Autoencoder, codebook trainer, LPIPS, discriminator, optimizers and the LR schedule."""
+        from accelerate.utils import set_seed
 
-def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress: bool = True) -> Path:
-    """Train the autoencoder ``config`` describes; returns the final ``vae/`` folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from tqdm.auto import tqdm
+        cfg, acc = self.config, self.accelerator
+        set_seed(cfg.train.seed)  # the initial weights
+        autoencoder = build_autoencoder(cfg.model)
+        autoencoder.check_images(self.images[:1].float())  # sizes not divisible by f: a clear error here, not in a conv
+        model = autoencoder.model
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        broadcast = (lambda x: torch.distributed.broadcast(x, 0)) if acc.num_processes > 1 else None
+        self.reduce = (lambda x: acc.reduce(x, "sum")) if acc.num_processes > 1 else None
+        self.codebook = CodebookTrainer(model.quantize.embedding, cfg.quantizer, broadcast) if autoencoder.kind == "vq" else None
+        self.lpips = None
+        if cfg.loss.lpips_weights:
+            self.lpips = LPIPS(cfg.loss.lpips_weights, cfg.loss.vgg_weights).to(acc.device)
+        optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim)
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)  # the LR scheduler is stepped by hand, once per step
+        self.unwrapped = acc.unwrap_model(self.model)
+        self.params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        self.discriminator = build_discriminator(cfg.loss)
+        if self.discriminator is not None:  # Adam(0.5, 0.9) at a constant loss.disc_lr, as VQGAN's
+            d_optim = dataclasses.replace(cfg.optim, lr=cfg.loss.disc_lr, betas=(0.5, 0.9), weight_decay=0.0, lr_min=0.0)
+            d_optimizer = build_optimizer(self.discriminator.parameters(), d_optim)
+            self.discriminator, self.d_optimizer = acc.prepare(self.discriminator, d_optimizer)
+        if self.codebook is not None:
+            self.codebook.to(acc.device)
+        self._describe(autoencoder)
 
-    t = config.train
-    out_dir = Path(t.out_dir)
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(t.mixed_precision, t.mixed_precision),
-                              gradient_accumulation_steps=t.grad_accum,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    checkpoint = resolve_resume(out_dir, resume) if resume else None
-    state = check_compatible(checkpoint, config) if checkpoint else {"step": 0}
-    set_seed(t.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out_dir, show=progress and accelerator.is_main_process)
-    if accelerator.is_main_process:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    def _describe(self, autoencoder: Autoencoder) -> None:
+        cfg, acc, t = self.config, self.accelerator, self.config.train
+        if self.lpips is not None:
+            self.message(f"LPIPS on: weight {cfg.loss.lpips_weight}, weights {cfg.loss.lpips_weights} + {cfg.loss.vgg_weights}")
+        else:
+            self.message("LPIPS off: loss.lpips_weights / loss.vgg_weights not given (LPIPS needs local weight files)")
+        self.message("discriminator " + (f"on from step {cfg.loss.disc_start}, weight {cfg.loss.disc_weight}, adaptive "
+                                         f"{cfg.loss.adaptive_weight}" if self.discriminator else "off (loss.disc_weight = 0)"))
+        n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        self.message(f"{len(self.images)} training images {tuple(self.images.shape[1:])}, {self.order.batches_per_epoch} "
+                     f"batches of {t.batch_size} per epoch and process; {autoencoder.kind} autoencoder "
+                     f"f={autoencoder.downsample_factor}, {n_params / 1e6:.2f}M parameters; mixed_precision="
+                     f"{acc.precision} channels_last={t.channels_last} threads={torch.get_num_threads()}")
 
-    # data (INTEGRATION: train.data replaces read_imagefolder)
-    images = read_imagefolder(config.data.path, config.data.split,
-                              size=config.model.resolution if config.model.resize_input else None,
-                              max_images=config.data.max_images)  # (N, 3, H, W) uint8
-    if len(images) < t.batch_size:
-        raise ValueError(f"train.batch_size={t.batch_size} is larger than the {len(images)} images in "
-                         f"{config.data.path} ({config.data.split})")
-    loader = torch.utils.data.DataLoader(images, batch_size=t.batch_size, shuffle=True, drop_last=True)
+    # -- checkpoints -----------------------------------------------------------------------------
 
-    # models and losses
-    autoencoder = build_autoencoder(config.model)
-    autoencoder.check_images(images[:1].float())  # sizes not divisible by f: a clear error here, not in a conv
-    model = autoencoder.model
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    broadcast = (lambda x: torch.distributed.broadcast(x, 0)) if accelerator.num_processes > 1 else None
-    codebook = CodebookTrainer(model.quantize.embedding, config.quantizer, broadcast) if autoencoder.kind == "vq" else None
-    discriminator = build_discriminator(config.loss)
-    if config.loss.lpips_weights:
-        lpips = LPIPS(config.loss.lpips_weights, config.loss.vgg_weights).to(accelerator.device)
-        log(f"LPIPS on: weight {config.loss.lpips_weight}, weights {config.loss.lpips_weights} + {config.loss.vgg_weights}")
-    else:
-        lpips = None
-        log("LPIPS off: loss.lpips_weights / loss.vgg_weights not given (LPIPS needs local weight files)")
-    log("discriminator " + (f"on from step {config.loss.disc_start}, weight {config.loss.disc_weight}, "
-                            f"adaptive {config.loss.adaptive_weight}" if discriminator else "off (loss.disc_weight = 0)"))
+    def _save_checkpoint(self, pos: dict) -> Optional[Path]:
+        from accelerate.utils import gather_object
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
-    if discriminator is not None:
-        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=config.loss.disc_lr, betas=(0.5, 0.9))
-        discriminator, d_optimizer = accelerator.prepare(discriminator, d_optimizer)
-    if codebook is not None:
-        codebook.to(accelerator.device)
-    step = int(state["step"])
-    if checkpoint is not None:
-        load_checkpoint(accelerator, checkpoint, codebook)
-        log(f"resumed from {checkpoint} at step {step}")
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    log(f"{len(images)} images {tuple(images.shape[1:])}, {len(loader)} batches of {t.batch_size} per epoch; "
-        f"{autoencoder.kind} autoencoder f={autoencoder.downsample_factor}, {n_params / 1e6:.2f}M parameters; "
-        f"{t.mixed_precision=} {t.channels_last=} threads={torch.get_num_threads()}")
+        acc, cfg = self.accelerator, self.config
+        rngs = gather_object([ckpt.rng_state({})])  # one per process, in rank order
+        path = None
+        if acc.is_main_process:
+            epoch, batch_in_epoch = divmod(pos["micro_batches"], self.order.batches_per_epoch)
+            state = dict(pos, epoch=epoch, batch_in_epoch=batch_in_epoch, lr_scheduler=self.lr_scheduler.state_dict(),
+                         rng=rngs, num_processes=acc.num_processes, config=to_dict(cfg))
+            extra, optimizers = {}, {}
+            if self.codebook is not None:
+                extra[CODEBOOK] = self.codebook.state_dict()
+            if self.discriminator is not None:
+                extra[DISCRIMINATOR] = acc.unwrap_model(self.discriminator).state_dict()
+                optimizers[DISCRIMINATOR_OPTIMIZER] = self.d_optimizer
+            path = ckpt.save_checkpoint(self.output_dir / "checkpoints", pos["step"], self.unwrapped, self.optimizer, state,
+                                        cfg.checkpoint.keep_last, extra=extra, extra_optimizers=optimizers)
+            self.message(f"checkpoint {path}")
+        acc.wait_for_everyone()
+        return path
 
-    unwrapped = accelerator.unwrap_model(model)
-    last_layer = unwrapped.decoder.conv_out.weight
-    reduce = (lambda x: accelerator.reduce(x, "sum")) if accelerator.num_processes > 1 else None
-    bar = tqdm(total=t.max_steps, initial=step, desc="train-vae", disable=not (progress and accelerator.is_main_process),
-               dynamic_ncols=True)
-    micro = step * t.grad_accum  # micro-batches seen
-    start, start_step, window = time.time(), step, {"loss": 0.0, "psnr": 0.0, "n": 0}
-    while step < t.max_steps:
-        epoch, skip = divmod(micro, len(loader))
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            x = to_model_range(batch)  # (B, 3, H, W)
-            # This micro-batch's own random stream: a resumed run draws exactly what the straight one did.
-            rng = torch.Generator(x.device).manual_seed(t.seed * 1_000_003 + micro)
-            if config.data.flip:
-                flip = torch.rand(x.shape[0], device=x.device, generator=rng) < 0.5  # (B,)
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            if t.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            use_gan = discriminator is not None and gan_active(config.loss, step)
-            with accelerator.accumulate(model):
-                model.train()
-                with accelerator.autocast():
-                    if codebook is not None:
-                        h = unwrapped.quant_conv(unwrapped.encoder(x))  # (B, D, h, w)
-                        q = codebook(h, reduce, rng)
-                        x_rec = unwrapped.decoder(unwrapped.post_quant_conv(q.z_q))  # (B, 3, H, W)
-                        reg = config.loss.codebook_weight * (q.codebook_loss + q.commitment_loss)
-                    else:
-                        posterior = unwrapped.encode(x).latent_dist
-                        x_rec = unwrapped.decode(posterior.sample()).sample  # (B, 3, H, W)
-                        reg = config.loss.kl_weight * posterior.kl().mean()
-                    rec = reconstruction_loss(x, x_rec, config.loss)
-                    if lpips is not None:
-                        rec = rec + config.loss.lpips_weight * lpips(x_rec.float(), x.float()).mean()
-                    loss = rec + reg
-                    if use_gan:
-                        g_loss = hinge_g_loss(discriminator(x_rec))
-                        weight = adaptive_weight(rec, g_loss, last_layer) if config.loss.adaptive_weight else 1.0
-                        loss = loss + config.loss.disc_weight * weight * g_loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+    def _load_checkpoint(self, path: Path, state: dict) -> dict:
+        """Weights, optimizers, codebook, LR schedule and RNG states from ``path``; returns the position."""
+        from safetensors.torch import load_file
+
+        acc = self.accelerator
+        expected = expected_files(self.config)
+        missing = [name for name in expected if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {path} lacks {', '.join(missing)}; expected {', '.join(expected)} "
+                                    "as written by ldm train-vae")
+        try:
+            ckpt.load_checkpoint(path, self.unwrapped, self.optimizer)
+            if self.codebook is not None:
+                self.codebook.load_state_dict(load_file(path / f"{CODEBOOK}.safetensors", device=str(acc.device)))
+            if self.discriminator is not None:
+                acc.unwrap_model(self.discriminator).load_state_dict(load_file(path / f"{DISCRIMINATOR}.safetensors"))
+                ckpt.load_optimizer(path, self.d_optimizer, DISCRIMINATOR_OPTIMIZER)
+        except (RuntimeError, KeyError) as exc:
+            raise ValueError(f"checkpoint {path} does not match this config's model: {str(exc)[:300]}") from exc
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        ckpt.set_rng_state(state["rng"][acc.process_index], {})
+        self.message(f"resumed from {path} at step {state['step']}")
+        return {"step": state["step"], "micro_batches": state["micro_batches"]}
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def _next_batch(self, pos: dict) -> tuple[torch.Tensor, torch.Generator]:
+        """This process's next micro-batch in [-1, 1], flipped, and the generator of its random choices."""
+        cfg, device = self.config, self.accelerator.device
+        epoch, i = divmod(pos["micro_batches"], self.order.batches_per_epoch)
+        x = to_model_range(self.images[self.order.batch(epoch, i)]).to(device)  # (B, 3, H, W)
+        # This micro-batch's own random stream: a resumed run draws exactly what the straight one did.
+        rng = torch.Generator(device).manual_seed(cfg.train.seed * 1_000_003 + pos["micro_batches"])
+        pos["micro_batches"] += 1
+        if cfg.data.flip:
+            flip = torch.rand(x.shape[0], device=device, generator=rng) < 0.5  # (B,)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, rng
+
+    def _loss(self, x: torch.Tensor, rng: torch.Generator, use_gan: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the autoencoder's total loss, the reconstruction (B, 3, H, W)) of images ``x`` (B, 3, H, W)."""
+        loss_cfg, u = self.config.loss, self.unwrapped
+        with self.accelerator.autocast():
+            if self.codebook is not None:
+                h = u.quant_conv(u.encoder(x))  # (B, D, h, w)
+                q = self.codebook(h, self.reduce, rng)
+                x_rec = u.decoder(u.post_quant_conv(q.z_q))  # (B, 3, H, W)
+                reg = loss_cfg.codebook_weight * (q.codebook_loss + q.commitment_loss)
+            else:
+                posterior = u.encode(x).latent_dist
+                x_rec = u.decode(posterior.sample()).sample  # (B, 3, H, W)
+                reg = loss_cfg.kl_weight * posterior.kl().mean()
+            rec = reconstruction_loss(x, x_rec, loss_cfg)
+            if self.lpips is not None:
+                rec = rec + loss_cfg.lpips_weight * self.lpips(x_rec.float(), x.float()).mean()
+            loss = rec + reg
             if use_gan:
-                with accelerator.accumulate(discriminator), accelerator.autocast():
-                    d_loss = hinge_d_loss(discriminator(x.detach()), discriminator(x_rec.detach()))
-                    accelerator.backward(d_loss)
-                    d_optimizer.step()
-                    d_optimizer.zero_grad(set_to_none=True)
-            micro += 1
+                g_loss = hinge_g_loss(self.discriminator(x_rec))
+                weight = adaptive_weight(rec, g_loss, u.decoder.conv_out.weight) if loss_cfg.adaptive_weight else 1.0
+                loss = loss + loss_cfg.disc_weight * weight * g_loss
+        return loss, x_rec
+
+    def _optimizer_step(self, pos: dict, window: dict) -> None:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-batches (accelerate's ``accumulate``),
+        the autoencoder's update, and the discriminator's on each micro-batch once the GAN is on."""
+        acc, cfg = self.accelerator, self.config
+        models = [self.model] + ([self.discriminator] if self.discriminator is not None else [])
+        use_gan = self.discriminator is not None and gan_active(cfg.loss, pos["step"])
+        while True:
+            x, rng = self._next_batch(pos)
+            with acc.accumulate(*models):
+                self.model.train()
+                loss, x_rec = self._loss(x, rng, use_gan)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if use_gan:
+                    with acc.autocast():
+                        d_loss = hinge_d_loss(self.discriminator(x.detach()), self.discriminator(x_rec.detach()))
+                    acc.backward(d_loss)
+                    self.d_optimizer.step()
+                    self.d_optimizer.zero_grad(set_to_none=True)
             window["loss"] += float(loss.detach())
             window["psnr"] += float(psnr(to_unit(x_rec.detach()), to_unit(x)).mean())
             window["n"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            bar.update(1)
-            usage, ppl = codebook.usage() if codebook is not None else (float("nan"), float("nan"))
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{window['psnr'] / window['n']:.2f}",
-                            usage=f"{usage:.0%}", refresh=False)
-            if step % t.log_every == 0 or step == t.max_steps:
-                elapsed = time.time() - start
-                record = {"step": step, "loss": window["loss"] / window["n"], "psnr": window["psnr"] / window["n"],
-                          "codebook_usage": usage, "perplexity": ppl, "lr": scheduler.get_last_lr()[0],
-                          "restarted_codes": int(codebook.restarted) if codebook is not None else 0,
-                          "steps_per_s": (step - start_step) / max(elapsed, 1e-9), "elapsed_s": elapsed}
-                if accelerator.is_main_process:
-                    log.metrics(record)
-                    log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                window = {"loss": 0.0, "psnr": 0.0, "n": 0}
-            out_of_time = t.max_minutes > 0 and time.time() - start > 60 * t.max_minutes
-            if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
-                path = save_checkpoint(accelerator, out_dir, step, codebook, config, t.keep_checkpoints)
-                log(f"checkpoint {path}")
-            if out_of_time:
-                log(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
-                break
-            if step >= t.max_steps:
-                break
-        if t.max_minutes > 0 and time.time() - start > 60 * t.max_minutes:
-            break
-    bar.close()
-    log(f"trained {step - start_step} steps in {time.time() - start:.0f} s")
-    return finish(accelerator, Autoencoder(accelerator.unwrap_model(model), resize_input=config.model.resize_input),
-                  images, config, log)
+            if acc.sync_gradients:
+                return
+
+    # -- after a step: log, checkpoint, stop -----------------------------------------------------
+
+    def _after_step(self, pos: dict, window: dict, bar, stop_at_step: Optional[int]) -> bool:
+        """Count the step, log and checkpoint as due; whether to stop."""
+        t, acc = self.config.train, self.accelerator
+        self.lr_scheduler.step()
+        pos["step"] += 1
+        step = pos["step"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{window['loss'] / window['n']:.4f}", psnr=f"{window['psnr'] / window['n']:.2f}", refresh=False)
+        if step % t.log_every == 0 or step == t.max_steps:
+            self._log_train(step, window)
+        out_of_time = t.max_minutes > 0 and time.time() - self.start > 60 * t.max_minutes
+        if t.max_minutes > 0 and acc.num_processes > 1:  # every process must stop at the same step
+            out_of_time = bool(acc.reduce(torch.tensor([float(out_of_time)], device=acc.device), "sum") > 0)
+        if step % self.config.checkpoint.every == 0 or step == t.max_steps or out_of_time:
+            self._save_checkpoint(pos)
+        if out_of_time:
+            self.out_of_time = True
+            self.message(f"stopping at step {step}: train.max_minutes={t.max_minutes} reached")
+        return out_of_time or step >= t.max_steps or (stop_at_step is not None and step >= stop_at_step)
+
+    def _log_train(self, step: int, window: dict) -> None:
+        usage, ppl = self.codebook.usage() if self.codebook is not None else (math.nan, math.nan)
+        elapsed = time.time() - self.start
+        if self.log is not None:
+            self.log.scalars("train", step, {
+                "loss": window["loss"] / window["n"], "psnr": window["psnr"] / window["n"], "codebook_usage": usage,
+                "perplexity": ppl, "lr": self.lr_scheduler.get_last_lr()[0],
+                "restarted_codes": int(self.codebook.restarted) if self.codebook is not None else 0,
+                "steps_per_s": (step - self.start_step) / max(elapsed, 1e-9), "elapsed_s": elapsed})
+        window.update(loss=0.0, psnr=0.0, n=0)
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def fit(self, resume: Optional[str] = None, stop_at_step: Optional[int] = None) -> Optional[Path]:
+        """Train to ``train.max_steps`` (or ``train.max_minutes``), then write ``vae/``; returns that folder.
+
+        Args:
+            resume: ``"latest"`` or a checkpoint folder; None starts afresh (refused in a run folder that
+                already holds checkpoints).
+            stop_at_step: stop after this optimizer step (its checkpoint written first when due), as if
+                the process had been killed there; no ``vae/`` is written and None is returned.
+        """
+        from tqdm.auto import tqdm
+
+        try:
+            pos = self.prepare(resume)
+            t, self.out_of_time = self.config.train, False
+            self.start, self.start_step = time.time(), pos["step"]
+            window = {"loss": 0.0, "psnr": 0.0, "n": 0}
+            bar = tqdm(total=t.max_steps, initial=pos["step"], desc="train-vae", dynamic_ncols=True,
+                       disable=not (self.progress and self.accelerator.is_main_process))
+            with bar:
+                while pos["step"] < t.max_steps:
+                    self._optimizer_step(pos, window)
+                    if self._after_step(pos, window, bar, stop_at_step):
+                        break
+            self.message(f"trained {pos['step'] - self.start_step} steps in {time.time() - self.start:.0f} s")
+            return self._finish() if pos["step"] >= t.max_steps or self.out_of_time else None
+        finally:
+            self.close()
+
+    def prepare(self, resume: Optional[str] = None) -> dict:
+        """Run folder, log, data, models and optimizers, restored from ``resume`` when given; returns the
+        position (step, micro_batches) to train from. ``fit`` calls it; call ``close`` after it alone."""
+        checkpoint, state = self._open(resume)
+        self._setup_data()
+        self._setup_models()
+        return self._load_checkpoint(checkpoint, state) if checkpoint else {"step": 0, "micro_batches": 0}
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def _finish(self) -> Path:
+        """Scaling factor over a sample of the training images, then the final ``vae/`` folder."""
+        cfg, acc = self.config, self.accelerator
+        autoencoder = Autoencoder(self.unwrapped, resize_input=cfg.model.resize_input)
+        n = min(len(self.images), cfg.train.scaling_images)
+        sample = self.images[torch.randperm(len(self.images), generator=torch.Generator().manual_seed(cfg.train.seed))[:n]]
+        autoencoder.eval()
+        batches = (to_model_range(sample[i:i + cfg.train.batch_size]).to(acc.device)
+                   for i in range(0, n, cfg.train.batch_size))
+        factor = compute_scaling_factor(autoencoder, batches, max_images=n)
+        self.message(f"scaling_factor = 1 / std(latents) = {factor:.6g} over {n} training images")
+        folder = self.output_dir / "vae"
+        if acc.is_main_process:
+            autoencoder.model.to(memory_format=torch.contiguous_format)
+            autoencoder.save_pretrained(folder)
+            self.message(f"wrote {folder}")
+        acc.wait_for_everyone()
+        return folder
 
 
-def finish(accelerator, autoencoder: Autoencoder, images: torch.Tensor, config: VAETrainingConfig, log) -> Path:
-    """Scaling factor over a sample of the training images, then the final ``vae/`` folder."""
-    n = min(len(images), config.train.scaling_images)
-    sample = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(config.train.seed))[:n]]
-    autoencoder.eval()
-    batches = (to_model_range(sample[i:i + config.train.batch_size]).to(accelerator.device)
-               for i in range(0, n, config.train.batch_size))
-    factor = compute_scaling_factor(autoencoder, batches, max_images=n)
-    log(f"scaling_factor = 1 / std(latents) = {factor:.6g} over {n} training images")
-    folder = Path(config.train.out_dir) / "vae"
-    if accelerator.is_main_process:
-        autoencoder.model.to(memory_format=torch.contiguous_format)
-        autoencoder.save_pretrained(folder)
-        log(f"wrote {folder}")
-    accelerator.wait_for_everyone()
-    return folder
+def train_vae(config: VAETrainingConfig, resume: Optional[str] = None, progress: bool = True,
+              stop_at_step: Optional[int] = None) -> Optional[Path]:
+    """Train the autoencoder ``config`` describes; returns the final ``vae/`` folder (see ``VAETrainer.fit``)."""
+    return VAETrainer(config, progress).fit(resume, stop_at_step)
