@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -16,6 +17,8 @@ from conditioning import load_clip_scorer, load_text_encoder
 from conditioning.clip_model import build_open_clip_model
 from ldm.cli import main
 from train.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.run.log import read_csv
+from train_fakes import read_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from train.clip.config import load_train_config
 from train.clip.data import load_pair_sets
 from train.clip.eval import retrieval_metrics
@@ -80,17 +83,42 @@ def test_retrieval_on_shapes_beats_chance_by_a_wide_margin(shapes, tmp_path):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000050", "step-00000060"]  # keep 2
 
 
-def test_stopped_and_resumed_run_ends_with_the_same_weights(shapes, tmp_path):
+def test_stopped_and_resumed_twice_ends_with_the_same_weights(shapes, tmp_path):
+    # 48 pairs in micro-batches of 16, two per optimizer step: 6 steps cross 3 epochs; crops and flips
+    # draw from the augmentation generator, so every position and random state must come back on resume
     common = [CONFIG, f"data.path={shapes}", "train.max_steps=6", "train.batch_size=16", "optim.warmup_steps=2",
-              "checkpoint.every=2", "train.progress=false", "data.min_crop_scale=0.7", "data.flip=true"]
-    assert main(["train-clip", *common, f"train.output_dir={tmp_path / 'straight'}"]) == 0
-    assert main(["train-clip", *common, f"train.output_dir={tmp_path / 'stopped'}", "train.stop_at=3"]) == 0
+              "checkpoint.every=2", "train.progress=false", "data.min_crop_scale=0.7", "data.flip=true",
+              "data.max_images=48", "train.gradient_accumulation_steps=2", "train.log_every=1"]
+    stopped = [*common, f"train.output_dir={tmp_path / 'stopped'}"]
+    # the uninterrupted run also evaluates after every step: that must not touch training's randomness
+    assert main(["train-clip", *common, f"train.output_dir={tmp_path / 'straight'}", "validation.every=1"]) == 0
+    assert main(["train-clip", *stopped, "train.stop_at=3"]) == 0
     assert not (tmp_path / "stopped/text_encoder").exists()
     assert [p.name for p in list_checkpoints(tmp_path / "stopped/checkpoints")] == ["step-00000002", "step-00000003"]
-    assert main(["train-clip", *common, f"train.output_dir={tmp_path / 'stopped'}", "--resume", "latest"]) == 0
+    torch.manual_seed(123), random.seed(5), np.random.seed(7)  # whatever happens in between is undone by resume
+    assert main(["train-clip", *stopped, "train.stop_at=5", "--resume", "latest"]) == 0
+    assert not (tmp_path / "stopped/text_encoder").exists()
+    assert main(["train-clip", *stopped, "--resume", "latest"]) == 0
     a = load_file(tmp_path / "straight/text_encoder/model.safetensors")
     b = load_file(tmp_path / "stopped/text_encoder/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (ta, sa), (tb, sb) = (read_checkpoint(tmp_path / run / "checkpoints/step-00000006") for run in ("straight", "stopped"))
+    for group in ("model", "optimizer"):
+        assert ta[group].keys() == tb[group].keys() and all(torch.equal(ta[group][k], tb[group][k]) for k in ta[group])
+    for key in ("epoch", "batch_in_epoch", "lr_scheduler", "rng"):
+        assert sa[key] == sb[key], key
+    assert sa["epoch"] == 3 and sa["lr_scheduler"]["last_epoch"] == 6
+    # one training curve, each step once, equal step by step; held-out retrieval in logs/val.csv
+    rows_a, rows_b = (read_csv(tmp_path / run / "logs/train.csv") for run in ("straight", "stopped"))
+    assert [int(r["step"]) for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    for column in ("loss", "lr", "logit_scale"):
+        assert [r[column] for r in rows_a] == [r[column] for r in rows_b], column
+    assert float(rows_b[0]["lr"]) == 0 and float(rows_b[2]["lr"]) == pytest.approx(2e-3)  # warm-up, then the peak
+    assert [int(r["step"]) for r in read_csv(tmp_path / "straight/logs/val.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in read_csv(tmp_path / "stopped/logs/val.csv")] == [6]
+    assert "resumed from" in (tmp_path / "stopped/logs/log.txt").read_text()
+    assert json.loads((tmp_path / "stopped/metrics.json").read_text())["step"] == 6
 
 
 def test_cli_errors_are_one_line(shapes, tmp_path, capsys):

@@ -68,6 +68,8 @@ class ClipTrainer:
         self.model_cfg = cfg.model.to_open_clip()
         clip = build_open_clip_model(self.model_cfg)
         module = ContrastivePair(clip)
+        if run.channels_last:  # the image tower's patch (or ResNet) convolutions in NHWC
+            module.to(memory_format=torch.channels_last)
         optimizer = build_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, run.max_steps)
         self.module, self.optimizer = acc.prepare(module, optimizer)  # the LR scheduler is stepped by hand
@@ -173,14 +175,21 @@ class ClipTrainer:
         pos["batch_in_epoch"] += 1
         return torch.from_numpy(self.order.batch(pos["epoch"], pos["batch_in_epoch"] - 1))
 
+    def _batch(self, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented images (B, 3, S, S) in [0, 1] and the token ids (B, L) of their captions for ``epoch``."""
+        acc, cfg = self.accelerator, self.config
+        images = augment(self.train_set.images[rows].float() / 255, cfg.data, self.generator).to(acc.device)  # (B, 3, S, S)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, self.train_set.tokens(rows, epoch).to(acc.device)  # (B, L)
+
     def _optimizer_step(self, pos: dict, window: dict) -> float:
         """One optimizer step (micro-batches until accelerate syncs the gradients); returns its learning rate."""
         acc, cfg = self.accelerator, self.config
         lr = self.lr_scheduler.get_last_lr()[0]
         while True:
             rows = self._next_rows(pos)
-            images = augment(self.train_set.images[rows].float() / 255, cfg.data, self.generator).to(acc.device)  # (B, 3, S, S)
-            tokens = self.train_set.tokens(rows, pos["epoch"]).to(acc.device)  # (B, L)
+            images, tokens = self._batch(rows, pos["epoch"])
             with acc.accumulate(self.module):
                 with acc.autocast():
                     image_features, text_features, logit_scale = self.module(images, tokens)
