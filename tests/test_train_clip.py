@@ -17,6 +17,7 @@ from conditioning import load_clip_scorer, load_text_encoder
 from conditioning.clip_model import build_open_clip_model
 from ldm.cli import main
 from train.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.data.split import heldout_keys, load_split
 from train.run.log import read_csv
 from train_fakes import read_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from train.clip.config import load_train_config
@@ -205,6 +206,8 @@ def test_pairs_come_through_train_data_with_a_caption_drawn_per_epoch(tmp_path):
     train, test = load_pair_sets(cfg, open_clip.tokenize, progress=False, log=lines.append)
     assert "kept: 40" in lines[0]
     assert len(train) + len(test) == 40 and 4 <= len(test) <= 16  # a fixed fraction held out: no split in the data
+    # the one held-out rule: the images the VAE and the U-Net of this data set hold out
+    assert [test.data.key(r) for r in test.rows] == heldout_keys(load_split(tmp_path, 0.25, progress=False))
     assert train.images.shape == (len(train), 3, 32, 32) and train.images.dtype == torch.uint8  # resized, centre-cropped
     held = {c for c in test.first_captions()}
     assert not held & {c for c in train.first_captions()}
