@@ -19,7 +19,7 @@ import torch
 from open_clip.loss import ClipLoss
 
 from train.clip.config import load_train_config
-from train.clip.trainer import ContrastivePair, encode_text_trimmed, param_groups
+from train.clip.model import ContrastivePair, encode_text_trimmed, param_groups
 from conditioning.clip_model import build_open_clip_model
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    cfg = load_train_config(args.config, ["data.folder=unused"])
+    cfg = load_train_config(args.config, ["data.path=unused"])
     torch.manual_seed(0)
     module = ContrastivePair(build_open_clip_model(cfg.model.to_open_clip()))
     clip = module.clip

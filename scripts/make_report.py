@@ -46,10 +46,10 @@ def loss_curves(runs: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [
-        ("emoji CLIP: contrastive loss", [runs / "clip-emoji" / "train_log.csv"], "loss"),
+        ("emoji CLIP: contrastive loss", [runs / "clip-emoji" / "logs" / "train.csv"], "loss"),
         ("emoji VQ-VAE: train PSNR (dB)", [runs / "vae-emoji-f4" / "logs" / "train.csv"], "psnr"),
         ("emoji U-Net: loss", [runs / "ldm-emoji" / "logs" / "train.csv"], "loss"),
-        ("shapes CLIP: contrastive loss", [runs / "clip-shapes" / "train_log.csv"], "loss"),
+        ("shapes CLIP: contrastive loss", [runs / "clip-shapes" / "logs" / "train.csv"], "loss"),
         ("shapes VQ-VAE: train PSNR (dB)", [runs / "vae-shapes" / "logs" / "train.csv"], "psnr"),
         ("shapes U-Net: loss", [runs / "ldm-shapes" / "logs" / "train.csv"], "loss"),
     ]

@@ -31,7 +31,7 @@ stage() {  # stage NAME DONE_PATH COMMAND...: run COMMAND unless DONE_PATH exist
 emoji() {
     stage "emoji data" "$DATA/emoji/metadata.jsonl" ldm data emoji --out "$DATA/emoji"
     stage "emoji CLIP" "$RUNS/clip-emoji/text_encoder" ldm train-clip configs/clip/emoji.yaml \
-        data.folder="$DATA/emoji" run.output_dir="$RUNS/clip-emoji" $(resume_flag "$RUNS/clip-emoji")
+        data.path="$DATA/emoji" train.output_dir="$RUNS/clip-emoji" $(resume_flag "$RUNS/clip-emoji")
     stage "emoji VQ-VAE" "$RUNS/vae-emoji-f4/vae" ldm train-vae configs/vae/vq-f4-64.yaml \
         data.path="$DATA/emoji" train.output_dir="$RUNS/vae-emoji-f4" $(resume_flag "$RUNS/vae-emoji-f4")
     stage "emoji U-Net" "$RUNS/ldm-emoji/bundle" ldm train configs/ldm/emoji-64.yaml \
@@ -43,7 +43,7 @@ emoji() {
 shapes() {
     stage "shapes data" "$DATA/shapes32/metadata.jsonl" ldm data shapes --size 32 --out "$DATA/shapes32"
     stage "shapes CLIP" "$RUNS/clip-shapes/text_encoder" ldm train-clip configs/clip/shapes.yaml \
-        data.folder="$DATA/shapes32" run.output_dir="$RUNS/clip-shapes" $(resume_flag "$RUNS/clip-shapes")
+        data.path="$DATA/shapes32" train.output_dir="$RUNS/clip-shapes" $(resume_flag "$RUNS/clip-shapes")
     stage "shapes VQ-VAE" "$RUNS/vae-shapes/vae" ldm train-vae configs/vae/vq-f4-32-shapes.yaml \
         data.path="$DATA/shapes32" train.output_dir="$RUNS/vae-shapes" $(resume_flag "$RUNS/vae-shapes")
     stage "shapes U-Net" "$RUNS/ldm-shapes/bundle" ldm train configs/ldm/shapes-32.yaml \

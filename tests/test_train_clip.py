@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -16,10 +17,13 @@ from conditioning import load_clip_scorer, load_text_encoder
 from conditioning.clip_model import build_open_clip_model
 from ldm.cli import main
 from train.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from train.data.split import heldout_keys, load_split
+from train.run.log import read_csv
+from train_fakes import read_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from train.clip.config import load_train_config
 from train.clip.data import load_pair_sets
 from train.clip.eval import retrieval_metrics
-from train.clip.trainer import encode_text_trimmed
+from train.clip.model import encode_text_trimmed
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs/clip/tiny.yaml")
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
@@ -59,8 +63,8 @@ def shapes(tmp_path_factory):
 
 def test_retrieval_on_shapes_beats_chance_by_a_wide_margin(shapes, tmp_path):
     out = tmp_path / "run"
-    assert main(["train-clip", CONFIG, f"data.folder={shapes}", f"run.output_dir={out}", "optim.max_steps=60",
-                 "run.progress=false"]) == 0
+    assert main(["train-clip", CONFIG, f"data.path={shapes}", f"train.output_dir={out}", "train.max_steps=60",
+                 "train.progress=false"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     print({k: round(v, 3) for k, v in metrics.items()})
     assert metrics["n"] == 48
@@ -80,17 +84,42 @@ def test_retrieval_on_shapes_beats_chance_by_a_wide_margin(shapes, tmp_path):
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-00000050", "step-00000060"]  # keep 2
 
 
-def test_stopped_and_resumed_run_ends_with_the_same_weights(shapes, tmp_path):
-    common = [CONFIG, f"data.folder={shapes}", "optim.max_steps=6", "optim.batch_size=16", "optim.warmup_steps=2",
-              "run.checkpoint_every=2", "run.progress=false", "data.min_crop_scale=0.7", "data.hflip=true"]
-    assert main(["train-clip", *common, f"run.output_dir={tmp_path / 'straight'}"]) == 0
-    assert main(["train-clip", *common, f"run.output_dir={tmp_path / 'stopped'}", "run.stop_at=3"]) == 0
+def test_stopped_and_resumed_twice_ends_with_the_same_weights(shapes, tmp_path):
+    # 48 pairs in micro-batches of 16, two per optimizer step: 6 steps cross 3 epochs; crops and flips
+    # draw from the augmentation generator, so every position and random state must come back on resume
+    common = [CONFIG, f"data.path={shapes}", "train.max_steps=6", "train.batch_size=16", "optim.warmup_steps=2",
+              "checkpoint.every=2", "train.progress=false", "data.min_crop_scale=0.7", "data.flip=true",
+              "data.max_images=48", "train.gradient_accumulation_steps=2", "train.log_every=1"]
+    stopped = [*common, f"train.output_dir={tmp_path / 'stopped'}"]
+    # the uninterrupted run also evaluates after every step: that must not touch training's randomness
+    assert main(["train-clip", *common, f"train.output_dir={tmp_path / 'straight'}", "validation.every=1"]) == 0
+    assert main(["train-clip", *stopped, "train.stop_at=3"]) == 0
     assert not (tmp_path / "stopped/text_encoder").exists()
     assert [p.name for p in list_checkpoints(tmp_path / "stopped/checkpoints")] == ["step-00000002", "step-00000003"]
-    assert main(["train-clip", *common, f"run.output_dir={tmp_path / 'stopped'}", "--resume", "latest"]) == 0
+    torch.manual_seed(123), random.seed(5), np.random.seed(7)  # whatever happens in between is undone by resume
+    assert main(["train-clip", *stopped, "train.stop_at=5", "--resume", "latest"]) == 0
+    assert not (tmp_path / "stopped/text_encoder").exists()
+    assert main(["train-clip", *stopped, "--resume", "latest"]) == 0
     a = load_file(tmp_path / "straight/text_encoder/model.safetensors")
     b = load_file(tmp_path / "stopped/text_encoder/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    (ta, sa), (tb, sb) = (read_checkpoint(tmp_path / run / "checkpoints/step-00000006") for run in ("straight", "stopped"))
+    for group in ("model", "optimizer"):
+        assert ta[group].keys() == tb[group].keys() and all(torch.equal(ta[group][k], tb[group][k]) for k in ta[group])
+    for key in ("epoch", "batch_in_epoch", "lr_scheduler", "rng"):
+        assert sa[key] == sb[key], key
+    assert sa["epoch"] == 3 and sa["lr_scheduler"]["last_epoch"] == 6
+    # one training curve, each step once, equal step by step; held-out retrieval in logs/val.csv
+    rows_a, rows_b = (read_csv(tmp_path / run / "logs/train.csv") for run in ("straight", "stopped"))
+    assert [int(r["step"]) for r in rows_b] == [1, 2, 3, 4, 5, 6]
+    for column in ("loss", "lr", "logit_scale"):
+        assert [r[column] for r in rows_a] == [r[column] for r in rows_b], column
+    assert float(rows_b[0]["lr"]) == 0 and float(rows_b[2]["lr"]) == pytest.approx(2e-3)  # warm-up, then the peak
+    assert [int(r["step"]) for r in read_csv(tmp_path / "straight/logs/val.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in read_csv(tmp_path / "stopped/logs/val.csv")] == [6]
+    assert "resumed from" in (tmp_path / "stopped/logs/log.txt").read_text()
+    assert json.loads((tmp_path / "stopped/metrics.json").read_text())["step"] == 6
 
 
 def test_cli_errors_are_one_line(shapes, tmp_path, capsys):
@@ -98,28 +127,32 @@ def test_cli_errors_are_one_line(shapes, tmp_path, capsys):
         code = main(["train-clip", CONFIG, *args])
         return code, capsys.readouterr().err.strip()
 
-    code, err = run(f"data.folder={shapes}", "optim.lr=fast")
+    code, err = run(f"data.path={shapes}", "optim.lr=fast")
     assert code == 2 and "optim.lr: expected a number, got str 'fast'" in err and "\n" not in err
-    code, err = run(f"data.folder={shapes}", "optim.momentum=0.9")
+    code, err = run(f"data.path={shapes}", "optim.momentum=0.9")
     assert code == 2 and "optim.momentum is not a key" in err
-    code, err = run(f"data.folder={tmp_path}")
+    code, err = run(f"data.path={tmp_path}", f"train.output_dir={tmp_path / 'run'}")
     assert code == 2 and "holds no images" in err
-    code, err = run(f"data.folder={shapes}", f"run.output_dir={tmp_path}", "--resume", "latest")
+    code, err = run(f"data.path={shapes}", f"train.output_dir={tmp_path}", "--resume", "latest")
     assert code == 2 and "no checkpoint in" in err
     (tmp_path / "checkpoints/step-00000001").mkdir(parents=True)
     (tmp_path / "checkpoints/step-00000001/state.json").write_text("{}")
-    code, err = run(f"data.folder={shapes}", f"run.output_dir={tmp_path}")
-    assert code == 2 and "already holds checkpoints; continue it with --resume latest" in err
+    code, err = run(f"data.path={shapes}", f"train.output_dir={tmp_path}")
+    assert code == 2 and "already holds checkpoints of a run; continue it with --resume latest" in err
+    code, err = run(f"data.path={shapes}", f"run.output_dir={tmp_path}")  # the old dialect's key
+    assert code == 2 and "was renamed; use train" in err and "train.output_dir" in err
+    code, err = run(f"data.folder={shapes}")
+    assert code == 2 and "data.folder was renamed; use data.path" in err
 
 
 def test_config_needs_a_data_folder():
-    with pytest.raises(ValueError, match="data.folder is not set"):
+    with pytest.raises(ValueError, match="data.path is not set"):
         load_train_config(CONFIG)
 
 
 def test_trimmed_text_encoding_equals_open_clip_encode_text():
     torch.manual_seed(0)
-    cfg = load_train_config(CONFIG, ["data.folder=x"]).model.to_open_clip()
+    cfg = load_train_config(CONFIG, ["data.path=x"]).model.to_open_clip()
     model = build_open_clip_model(cfg).eval()
     tokens = open_clip.tokenize(["a red circle", "koala, twemoji style with a much longer caption", "hi!!"])
     with torch.no_grad():
@@ -168,11 +201,13 @@ def test_pairs_come_through_train_data_with_a_caption_drawn_per_epoch(tmp_path):
         rows.append({"file_name": f"{k}.png", "text": [f"image {k}", f"picture {k}"]})
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "broken.png").write_bytes(b"not a png")  # skipped and counted by train.data
-    cfg = load_train_config(CONFIG, [f"data.folder={tmp_path}", "optim.batch_size=8", "data.test_fraction=0.25"])
+    cfg = load_train_config(CONFIG, [f"data.path={tmp_path}", "train.batch_size=8", "data.holdout_fraction=0.25"])
     lines = []
     train, test = load_pair_sets(cfg, open_clip.tokenize, progress=False, log=lines.append)
     assert "kept: 40" in lines[0]
     assert len(train) + len(test) == 40 and 4 <= len(test) <= 16  # a fixed fraction held out: no split in the data
+    # the one held-out rule: the images the VAE and the U-Net of this data set hold out
+    assert [test.data.key(r) for r in test.rows] == heldout_keys(load_split(tmp_path, 0.25, progress=False))
     assert train.images.shape == (len(train), 3, 32, 32) and train.images.dtype == torch.uint8  # resized, centre-cropped
     held = {c for c in test.first_captions()}
     assert not held & {c for c in train.first_captions()}

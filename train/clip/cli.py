@@ -1,16 +1,17 @@
-"""Train a small CLIP (open_clip architecture, contrastive loss) on a captioned image folder.
+"""Train a small CLIP (open_clip architecture, contrastive loss) on a captioned image set.
 
-CONFIG is a YAML file with the sections model, data, optim and run (see
-configs/clip/*.yaml; every key is documented in train/clip/trainer.py and
-conditioning/clip_model.py). Unknown keys and wrong types are errors. Any key
-can be overridden on the command line as section.key=value, e.g.
+CONFIG is a YAML file with the sections model, data, train, optim, checkpoint and validation (see
+configs/clip/*.yaml; every key is documented in train/clip/config.py, train/run/sections.py and
+conditioning/clip_model.py). Unknown keys and wrong types are errors; keys of the old dialect
+(run.*, optim.batch_size, data.folder, ...) name their new key. Any key can be overridden on the
+command line as section.key=value, e.g.
 
-    ldm train-clip configs/clip/emoji.yaml run.output_dir=runs/clip-emoji optim.max_steps=3000
+    ldm train-clip configs/clip/emoji.yaml train.output_dir=runs/clip-emoji train.max_steps=3000
 
-Checkpoints go to <run.output_dir>/checkpoints every run.checkpoint_every steps,
-written atomically; continue a stopped run with --resume latest. At the end
-<run.output_dir> holds text_encoder/ and tokenizer/ (a bundle's text encoder,
-also usable as the CLIP scorer) and metrics.json with held-out retrieval.
+Checkpoints go to <train.output_dir>/checkpoints every checkpoint.every steps, written atomically;
+continue a stopped run with --resume latest. The run log is <train.output_dir>/logs (train.csv,
+val.csv with held-out retrieval, log.txt). At the end <train.output_dir> holds text_encoder/ and
+tokenizer/ (a bundle's text encoder, also usable as the CLIP scorer) and metrics.json.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config file (configs/clip/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=5e-4")
     parser.add_argument("--resume", metavar="latest|DIR", default=None,
-                        help="continue from the newest checkpoint of run.output_dir ('latest') or from a checkpoint folder")
+                        help="continue from the newest checkpoint of train.output_dir ('latest') or from a checkpoint folder")
 
 
 def run(args: argparse.Namespace) -> int:

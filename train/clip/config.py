@@ -1,7 +1,8 @@
-"""The ``ldm train-clip`` config: typed sections model, data, optim and run, loaded from YAML.
+"""The ``ldm train-clip`` config: the run core's sections (``train``, ``optim``, ``checkpoint``) plus
+the CLIP's own (``model``, ``data``, ``validation``), loaded from YAML.
 
-``load_train_config(path, ["optim.lr=5e-4", ...])`` reads a YAML file through
-``train.run.config`` (unknown keys and wrong types are errors) and applies
+``load_train_config(path, ["optim.lr=5e-4", ...])`` reads a YAML file through ``train.run.config``
+(unknown keys and wrong types are errors, keys of the old dialect name their new key) and applies
 ``key=value`` overrides. The model section is ``conditioning.ClipModelConfig``.
 """
 
@@ -12,6 +13,7 @@ from typing import Literal, Optional, Sequence
 
 from conditioning.clip_model import ClipModelConfig
 from train.run.config import load_config
+from train.run.sections import CheckpointConfig, OptimConfig, RunConfig
 
 
 @dataclasses.dataclass
@@ -19,98 +21,96 @@ class ClipDataConfig:
     """The captioned image set."""
 
     # A captioned image set in any layout train.data reads (e.g. an image folder with metadata.jsonl
-    # rows {"file_name", "text", "split"}). Its "test" split is held out for retrieval.
-    folder: str = ""
-    # Held-out fraction when the data has no train/test split (rows chosen by a hash of their index).
-    test_fraction: float = 0.05
+    # rows {"file_name", "text", "split"}); required.
+    path: str = ""
+    # Held-out share when the data has no test split (train.data.split: the rows every trainer holds out).
+    holdout_fraction: float = 0.05
     # Random horizontal flips in training (off by default: flips break "left"/"right" captions).
-    hflip: bool = False
+    flip: bool = False
     # Random resized crops in training: each crop keeps at least this fraction of the image area
     # (aspect ratio kept), resized back to the input size. 1.0 turns it off.
     min_crop_scale: float = 1.0
-    # Use at most this many training pairs (0: all), for quick experiments.
-    max_train: int = 0
+    # Train on at most this many pairs (0: all), for quick experiments.
+    max_images: int = 0
 
     def __post_init__(self):
-        if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"data.test_fraction={self.test_fraction} must be in [0, 1)")
+        if not 0 <= self.holdout_fraction < 1:
+            raise ValueError(f"data.holdout_fraction={self.holdout_fraction} must be in [0, 1)")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"data.min_crop_scale={self.min_crop_scale} must be in (0, 1]")
+        if self.max_images < 0:
+            raise ValueError(f"data.max_images={self.max_images} must be >= 0 (0: all)")
 
 
 @dataclasses.dataclass
-class ClipOptimConfig:
-    """AdamW with linear warm-up and cosine decay, as open_clip's trainer."""
+class ClipRunConfig(RunConfig):
+    """The loop (``train``): the shared settings plus what the CLIP's trainer adds."""
 
-    # Peak learning rate.
-    lr: float = 1e-3
-    # Decoupled weight decay, on weight matrices only (not on gains, biases, embeddings or the temperature).
-    weight_decay: float = 0.1
-    # AdamW betas and eps (open_clip's defaults for ViT models).
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
-    # Linear warm-up steps, then cosine decay to zero at max_steps.
-    warmup_steps: int = 100
-    # Pairs per micro-batch per process (also the number of contrastive negatives + 1).
-    batch_size: int = 128
-    # Micro-batches per optimizer step.
-    grad_accum: int = 1
-    # Optimizer steps in the whole run (the learning-rate schedule's length).
-    max_steps: int = 2000
-    # Clip the gradient norm to this value (0: off).
-    grad_clip: float = 1.0
-
-    def __post_init__(self):
-        if self.lr <= 0 or self.batch_size < 2 or self.grad_accum < 1 or self.max_steps < 1 or self.warmup_steps < 0:
-            raise ValueError("optim needs lr > 0, batch_size >= 2, grad_accum >= 1, max_steps >= 1, warmup_steps >= 0")
-
-
-@dataclasses.dataclass
-class ClipRunConfig:
-    """Where the run writes, how often, and at what precision."""
-
-    # Run folder: checkpoints/, logs, config.yaml, and at the end the bundle parts text_encoder/ + tokenizer/.
-    output_dir: str = "runs/clip"
-    # Seed of the initial weights, the data order and the augmentation.
-    seed: int = 0
-    # accelerate mixed precision: "no" (fp32), "bf16" (CPU and GPU autocast) or "fp16" (GPU).
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    # Force the CPU even when a GPU is present.
-    cpu: bool = False
-    # Checkpoint every N optimizer steps (and always at the end), keeping the newest keep_checkpoints.
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    # Held-out retrieval every N steps (0: only at the end).
-    eval_every: int = 500
-    # Log a line to train_log.csv every N steps.
+    output_dir: str = "runs/clip"  # checkpoints/, logs/, config.yaml; at the end text_encoder/, tokenizer/, metrics.json
+    batch_size: int = 128  # pairs per process per micro-batch: the contrastive negatives + 1 (>= 2)
+    max_steps: int = 2000  # optimizer steps (the learning-rate schedule's length)
     log_every: int = 10
     # Stop after this step with a checkpoint, to continue later with --resume (0: run to max_steps).
     stop_at: int = 0
     # Which text layer the saved text encoder gives as context: "final" or "penultimate" (SD 2).
     context_layer: Literal["final", "penultimate"] = "final"
-    # torch CPU threads (0: torch's default).
-    threads: int = 0
-    # Show a progress bar.
-    progress: bool = True
+    cpu: bool = False  # train on the CPU even when a GPU is present
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self):
-        if self.checkpoint_every < 1 or self.log_every < 1 or self.eval_every < 0 or self.stop_at < 0:
-            raise ValueError("run needs checkpoint_every >= 1, log_every >= 1, eval_every >= 0, stop_at >= 0")
+        super().__post_init__()
+        if self.batch_size < 2:
+            raise ValueError(f"train.batch_size={self.batch_size} must be >= 2 (a contrastive batch needs negatives)")
+        if self.stop_at < 0:
+            raise ValueError(f"train.stop_at={self.stop_at} must be >= 0 (0: run to train.max_steps)")
+
+
+@dataclasses.dataclass
+class ClipOptimConfig(OptimConfig):
+    """AdamW with linear warm-up and cosine decay to 0, as open_clip's trainer. Weight decay applies
+    to weight matrices only (not to gains, biases, embeddings or the temperature)."""
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)  # open_clip's defaults for ViT models
+    weight_decay: float = 0.1
+    eps: float = 1e-6
+    max_grad_norm: Optional[float] = 1.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 100
+    lr_min: float = 0.0
+
+
+@dataclasses.dataclass
+class ClipCheckpointConfig(CheckpointConfig):
+    every: int = 500
+    keep_last: int = 2
+
+
+@dataclasses.dataclass
+class ClipValidationConfig:
+    """Held-out retrieval (train.clip.eval) on the held-out rows of train.data.split."""
+
+    every: int = 500  # optimizer steps between evaluations (and one at the end); 0 = only at the end
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"validation.every={self.every} must be >= 0 (0: only at the end)")
 
 
 @dataclasses.dataclass
 class ClipTrainConfig:
-    """``ldm train-clip`` config: model, data, optimizer, run."""
+    """``ldm train-clip`` config."""
 
     model: ClipModelConfig = dataclasses.field(default_factory=ClipModelConfig)
     data: ClipDataConfig = dataclasses.field(default_factory=ClipDataConfig)
+    train: ClipRunConfig = dataclasses.field(default_factory=ClipRunConfig)
     optim: ClipOptimConfig = dataclasses.field(default_factory=ClipOptimConfig)
-    run: ClipRunConfig = dataclasses.field(default_factory=ClipRunConfig)
+    checkpoint: ClipCheckpointConfig = dataclasses.field(default_factory=ClipCheckpointConfig)
+    validation: ClipValidationConfig = dataclasses.field(default_factory=ClipValidationConfig)
 
 
 def load_train_config(path: Optional[str], overrides: Sequence[str] = ()) -> ClipTrainConfig:
     config = load_config(ClipTrainConfig, path, overrides)
-    if not config.data.folder:
-        raise ValueError("data.folder is not set; give the captioned image folder in the config or as data.folder=DIR")
+    if not config.data.path:
+        raise ValueError("data.path is not set; give the captioned image set in the config or as data.path=DIR")
     return config

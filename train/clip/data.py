@@ -1,16 +1,16 @@
-"""Captioned image pairs for CLIP training, held in memory: loading through ``train.data``, order, augmentation.
+"""Captioned image pairs for CLIP training, held in memory: loading and the held-out split through ``train.data``, augmentation.
 
 Images come from ``train.data.load_captioned_images`` (every supported layout;
 bad rows skipped and counted, summary printed), resized and centre-cropped once
-to the tower's input size and kept as uint8. The held-out set is the ``test``
-split when the data has one; otherwise a fixed ``data.test_fraction`` of the
-rows, chosen by a hash of the row index. Where an image has several captions,
+to the tower's input size and kept as uint8. The held-out rows are those of
+``train.data.split`` (the data set's ``test`` split, else ``data.holdout_fraction``
+of the rows by a hash of each image's path), the same rows the VAE and the U-Net
+of this data set hold out. Where an image has several captions,
 training draws one per epoch (``train.data``'s draw); evaluation uses the first.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Callable, Optional, Sequence
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from train.clip.config import ClipDataConfig, ClipTrainConfig
-from train.data import CaptionedImages, load_captioned_images
+from train.data import CaptionedImages
+from train.data.split import load_split
 
 
 class PairSet:
@@ -48,37 +49,17 @@ class PairSet:
         return self._tokens[[self._token_row[c] for c in captions]]
 
 
-def _held_out(index: int, fraction: float) -> bool:
-    return int(hashlib.sha256(str(index).encode()).hexdigest()[:8], 16) / 16**8 < fraction
-
-
 def load_pair_sets(config: ClipTrainConfig, tokenize: Callable[[list[str]], torch.Tensor],
                    progress: bool = True, log: Callable[[str], None] = print) -> tuple[PairSet, PairSet]:
-    """(train, held-out) pairs of ``config.data.folder`` at the image tower's size."""
-    folder, size = config.data.folder, config.model.vision.image_size
-
-    def load(split: Optional[str]) -> CaptionedImages:
-        return load_captioned_images(folder, split=split, size=size, crop="center", seed=config.run.seed, progress=progress)
-
-    train, test = load("train"), load("test")
-    if len(train) or len(test):
-        train_rows, test_rows = list(range(len(train))), list(range(len(test)))
-        log(str(train.summary()))
-    else:  # no split in the data: hold out a fixed fraction
-        train = test = load(None)
-        log(str(train.summary()))
-        test_rows = [i for i in range(len(train)) if _held_out(i, config.data.test_fraction)]
-        train_rows = [i for i in range(len(train)) if not _held_out(i, config.data.test_fraction)]
-    if config.data.max_train:
-        train_rows = train_rows[: config.data.max_train]
-    if len(train_rows) < config.optim.batch_size:
-        raise ValueError(f"{len(train_rows)} training pairs in {folder}, fewer than optim.batch_size={config.optim.batch_size}")
-    return PairSet(train, train_rows, size, tokenize), PairSet(test, test_rows, size, tokenize)
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of the n training pairs for one epoch, the same on every run."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """(train, held-out) pairs of ``config.data.path`` at the image tower's size, split by
+    ``train.data.split`` (the rows every trainer of this data set holds out)."""
+    data, size = config.data, config.model.vision.image_size
+    split = load_split(data.path, data.holdout_fraction, size=size, crop="center", seed=config.train.seed, progress=progress)
+    log(split.summary())
+    train_rows = split.train_rows[: data.max_images] if data.max_images else split.train_rows
+    if len(train_rows) < config.train.batch_size:
+        raise ValueError(f"{len(train_rows)} training pairs in {data.path}, fewer than train.batch_size={config.train.batch_size}")
+    return PairSet(split.train, train_rows, size, tokenize), PairSet(split.heldout, split.heldout_rows, size, tokenize)
 
 
 def augment(images: torch.Tensor, config: ClipDataConfig, generator: torch.Generator) -> torch.Tensor:
@@ -94,7 +75,7 @@ def augment(images: torch.Tensor, config: ClipDataConfig, generator: torch.Gener
             crop = images[i : i + 1, :, top : top + side, left : left + side]  # (1, 3, side, side)
             out[i : i + 1] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         images = out
-    if config.hflip:
+    if config.flip:
         flip = torch.rand(batch, generator=generator) < 0.5  # (B,)
         images = torch.where(flip.view(batch, 1, 1, 1), images.flip(-1), images)
     return images

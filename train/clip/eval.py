@@ -60,3 +60,25 @@ def retrieval_metrics(
         out[f"image_to_text_top{k}"] = _topk_hits(i2t_sim, i2t_match, k).float().mean().item()
         out[f"chance_image_to_text_top{k}"] = _chance(i2t_match, k)
     return out
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, pairs, batch_size: int, autocast) -> dict[str, float]:
+    """Held-out retrieval metrics of a ``ContrastivePair``'s CLIP on a ``PairSet`` (each image with
+    its first caption); {} for an empty set."""
+    if not len(pairs):
+        return {}
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
+    texts, images = [], []
+    for start in range(0, len(pairs), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(pairs)))
+        x = pairs.images[index].to(device).float() / 255  # (b, 3, S, S)
+        t = pairs.tokens(index).to(device)  # (b, L), each image's first caption
+        with autocast():
+            image_features, text_features, _ = module(x, t)
+        images.append(image_features.float().cpu())
+        texts.append(text_features.float().cpu())
+    module.train(was_training)
+    return retrieval_metrics(torch.cat(texts), torch.cat(images), pairs.first_captions())

@@ -1,269 +1,276 @@
-"""Training a small CLIP: open_clip's architecture and contrastive loss, through accelerate.
+"""Training a small CLIP: open_clip's architecture and contrastive loss, on the run core.
 
-The model is ``open_clip.CLIP`` built from ``ClipModelConfig`` (a tiny ViT or
-ResNet image tower, a small causal text transformer over CLIP's BPE tokens,
-context length 77); the loss is open_clip's ``ClipLoss`` (symmetric
-cross-entropy over the batch's image-text similarities, learned temperature
-clamped at 100 as open_clip's trainer does). The loop uses accelerate's
-``prepare``, ``accumulate``, ``backward``, ``autocast`` and ``unwrap_model``.
+    metrics = ClipTrainer(config).fit(resume="latest")     # or train(config, resume=...)
 
-Determinism and resume: the model is initialised from ``run.seed``; epoch e
-visits the training pairs in a permutation drawn from ``(seed, e)``; random
-augmentation of micro-batch i draws from ``(seed, i)``. A checkpoint (weights,
-optimizer, step and position in the data) therefore resumes to the same
-weights as a run that never stopped. Contrastive negatives are those of the
-micro-batch on its own process (no gather across processes).
+The model is ``open_clip.CLIP`` built from ``ClipModelConfig`` (a tiny ViT or ResNet image tower, a
+small causal text transformer over CLIP's BPE tokens, context length 77) inside
+``train.clip.model.ContrastivePair``; the loss is open_clip's ``ClipLoss`` (symmetric cross-entropy
+over the batch's image-text similarities, learned temperature clamped at 100 as open_clip's trainer
+does). Contrastive negatives are those of the micro-batch on its own process (no gather across
+processes).
 
-At the end the run folder is also a bundle: ``text_encoder/`` (the whole CLIP,
-image tower included) and ``tokenizer/``, loadable with
-``conditioning.load_text_encoder`` and ``conditioning.load_clip_scorer``;
-``metrics.json`` holds held-out retrieval accuracy.
+Everything else is the run core's, as in ``ldm train``: ``make_accelerator`` (precision, threads),
+``open_run_folder``, AdamW with open_clip's weight-decay groups (``build_optimizer``) under the one
+LR rule (``build_lr_scheduler``), the held-out rows of ``train.data.split`` (the same rows the VAE
+and the U-Net of the data set hold out), the U-Net trainer's ``DataOrder`` (epoch e is a
+permutation drawn from (seed, e); process r takes the r-th slice of each global batch), atomic
+checkpoints (``train.run.checkpoint``: weights, optimizer, LR schedule, data position, every RNG
+state incl. the augmentation generator, so a resumed run ends bitwise where an uninterrupted one
+does) and the run log (logs/train.csv, logs/val.csv for held-out retrieval, logs/log.txt).
+
+At the end the run folder is also a bundle: ``text_encoder/`` (the whole CLIP, image tower
+included) and ``tokenizer/``, loadable with ``conditioning.load_text_encoder`` and
+``conditioning.load_clip_scorer``; ``metrics.json`` holds held-out retrieval accuracy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from conditioning.clip_model import CLIP_MEAN, CLIP_STD, build_open_clip_model
+from conditioning.clip_model import build_open_clip_model
 from conditioning.files import atomic_path
 from conditioning.open_clip_backend import OpenCLIPTextEncoder
-from train.run.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
-from train.clip.config import ClipOptimConfig, ClipTrainConfig
-from train.clip.data import PairSet, augment, epoch_order, load_pair_sets
-from train.clip.eval import retrieval_metrics
+from train.clip.config import ClipTrainConfig
+from train.clip.data import augment, load_pair_sets
+from train.clip.eval import evaluate
+from train.clip.model import ContrastivePair, param_groups
+from train.run import checkpoint as ckpt
 from train.run.config import save_config
+from train.run.log import RunLog
+from train.run.lr import build_lr_scheduler, build_optimizer
+from train.run.start import make_accelerator, open_run_folder
+from train.unet.trainer import DataOrder
 
 
-# --------------------------------------------------------------------------------------------------
-# Model pieces used in training
-# --------------------------------------------------------------------------------------------------
+class ClipTrainer:
+    """Trains a CLIP from ``config.model`` on ``config.data``, writing into ``config.train.output_dir``."""
+
+    def __init__(self, config: ClipTrainConfig):
+        self.config = config
+        self.output_dir = Path(config.train.output_dir)
+        self.notes: list[str] = []  # messages from before the run log is open
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from open_clip.loss import ClipLoss
+
+        cfg, run = self.config, self.config.train
+        acc = self.accelerator = make_accelerator(run, log=self.notes.append, cpu=run.cpu)
+        torch.manual_seed(run.seed)  # the initial weights
+        self.model_cfg = cfg.model.to_open_clip()
+        clip = build_open_clip_model(self.model_cfg)
+        module = ContrastivePair(clip)
+        if run.channels_last:  # the image tower's patch (or ResNet) convolutions in NHWC
+            module.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim)
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, run.max_steps)
+        self.module, self.optimizer = acc.prepare(module, optimizer)  # the LR scheduler is stepped by hand
+        self.unwrapped = acc.unwrap_model(self.module)
+        self.loss_fn = ClipLoss()
+
+        tokenizer = OpenCLIPTextEncoder(clip, self.model_cfg)  # tokenizes exactly as the saved encoder will
+        self.train_set, self.heldout = load_pair_sets(cfg, tokenizer.tokenize, log=self.notes.append,
+                                                      progress=run.progress and acc.is_main_process)
+        self.order = DataOrder(np.arange(len(self.train_set)), run.batch_size, acc.num_processes, acc.process_index, run.seed)
+        self.generator = torch.Generator().manual_seed(run.seed * 1_000_003 + 7919 * acc.process_index + 1)  # augmentation
+        self.notes.append(f"train-clip: {len(self.train_set)} training pairs, {len(self.heldout)} held out; "
+                          f"{sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M parameters; "
+                          f"precision {acc.precision}")
+
+    def _start(self, checkpoint: Optional[Path]) -> dict:
+        """The run folder's config written; the position in training, from ``checkpoint`` when resuming."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output_dir / "config.yaml")
+        acc.wait_for_everyone()
+        if checkpoint is None:
+            return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0}
+        return self._load_checkpoint(checkpoint)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def _batch_settings(self) -> dict:
+        run = self.config.train
+        return {"num_processes": self.accelerator.num_processes, "batch_size": run.batch_size,
+                "gradient_accumulation_steps": run.gradient_accumulation_steps}
+
+    def _save_checkpoint(self, pos: dict) -> None:
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        rngs = gather_object([ckpt.rng_state({"augment": self.generator})])  # one per process, in rank order
+        if acc.is_main_process:
+            state = dict(pos, elapsed_s=time.time() - self.started, lr_scheduler=self.lr_scheduler.state_dict(),
+                         rng=rngs, **self._batch_settings())
+            ckpt.save_checkpoint(self.checkpoint_root, pos["step"], self.unwrapped, self.optimizer, state,
+                                 keep_last=self.config.checkpoint.keep_last)
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        state = ckpt.load_checkpoint(path, self.unwrapped, self.optimizer)
+        saved = {k: state.get(k) for k in self._batch_settings()}
+        if saved != self._batch_settings():
+            raise ValueError(f"checkpoint {path} was written with {saved}, this run has {self._batch_settings()}; "
+                             "resume with the same settings (the data order and the result depend on them)")
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        ckpt.set_rng_state(state["rng"][self.accelerator.process_index], {"augment": self.generator})
+        return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "elapsed_s")}
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def fit(self, resume: Optional[str] = None) -> dict[str, float]:
+        """Train to ``train.max_steps`` (or stop after ``train.stop_at`` with a checkpoint), then write
+        the text encoder, tokenizer and metrics.json; returns the final held-out retrieval metrics
+        ({} when stopped early, and on processes other than the main one)."""
+        from tqdm.auto import tqdm
+
+        run = self.config.train
+        checkpoint = open_run_folder(self.output_dir, resume)
+        self._setup()
+        acc = self.accelerator
+        pos = self._start(checkpoint)
+        self.started = time.time() - pos["elapsed_s"]
+        log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if checkpoint else None) if acc.is_main_process else None
+        if checkpoint is not None:
+            self.notes.append(f"resumed from {checkpoint} at step {pos['step']}")
+        for note in self.notes if log is not None else []:
+            log.message(note)
+        stop = min(run.max_steps, run.stop_at or run.max_steps)
+        bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train-clip", unit="step",
+                   disable=not (run.progress and acc.is_main_process))
+        window = _new_window()
+        self.module.train()
+        try:
+            while pos["step"] < stop:
+                lr = self._optimizer_step(pos, window)
+                self._after_step(pos, lr, stop, window, log, bar)
+            if pos["step"] < run.max_steps:
+                if log is not None:
+                    log.message(f"train-clip: stopped at step {pos['step']} of {run.max_steps} (train.stop_at); "
+                                "continue with --resume latest")
+                return {}
+            return self._finish(pos["step"], log)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+
+    def _next_rows(self, pos: dict) -> torch.Tensor:
+        """This process's training pairs for the next micro-batch; advances the position in the data."""
+        if pos["batch_in_epoch"] >= self.order.batches_per_epoch:
+            pos["epoch"], pos["batch_in_epoch"] = pos["epoch"] + 1, 0
+        pos["batch_in_epoch"] += 1
+        return torch.from_numpy(self.order.batch(pos["epoch"], pos["batch_in_epoch"] - 1))
+
+    def _batch(self, rows: torch.Tensor, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented images (B, 3, S, S) in [0, 1] and the token ids (B, L) of their captions for ``epoch``."""
+        acc, cfg = self.accelerator, self.config
+        images = augment(self.train_set.images[rows].float() / 255, cfg.data, self.generator).to(acc.device)  # (B, 3, S, S)
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, self.train_set.tokens(rows, epoch).to(acc.device)  # (B, L)
+
+    def _optimizer_step(self, pos: dict, window: dict) -> float:
+        """One optimizer step (micro-batches until accelerate syncs the gradients); returns its learning rate."""
+        acc, cfg = self.accelerator, self.config
+        lr = self.lr_scheduler.get_last_lr()[0]
+        while True:
+            rows = self._next_rows(pos)
+            images, tokens = self._batch(rows, pos["epoch"])
+            with acc.accumulate(self.module):
+                with acc.autocast():
+                    image_features, text_features, logit_scale = self.module(images, tokens)
+                    loss = self.loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.optim.max_grad_norm is not None:
+                    acc.clip_grad_norm_(self.module.parameters(), cfg.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window["loss"] += loss.item()
+            window["n"] += 1
+            window["pairs"] += len(rows) * acc.num_processes
+            if acc.sync_gradients:
+                return lr
+
+    def _after_step(self, pos: dict, lr: float, stop: int, window: dict, log: Optional[RunLog], bar) -> None:
+        """Clamp the temperature, step the LR rule; logging, held-out retrieval and checkpoints when due."""
+        cfg = self.config
+        with torch.no_grad():
+            self.unwrapped.clip.logit_scale.clamp_(0, math.log(100))
+        self.lr_scheduler.step()
+        pos["step"] += 1
+        step = pos["step"]
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == stop:
+            self._log_train(step, lr, window, log, bar)
+        every = cfg.validation.every
+        if every and step % every == 0 and step < cfg.train.max_steps:  # the final one is _finish's
+            self._validate(step, log)
+        if step % cfg.checkpoint.every == 0 or step == stop:
+            self._save_checkpoint(pos)
+
+    def _log_train(self, step: int, lr: float, window: dict, log: Optional[RunLog], bar) -> None:
+        acc = self.accelerator
+        stats = torch.tensor([window["loss"], float(window["n"])], device=acc.device)
+        if acc.num_processes > 1:
+            stats = acc.reduce(stats, "sum")
+        now = time.time()
+        loss, scale = float(stats[0] / stats[1]), self.unwrapped.clip.logit_scale.exp().item()
+        rate = window["pairs"] / max(now - window["t0"], 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", T=f"{scale:.1f}", pairs_s=f"{rate:.0f}")
+        if log is not None:
+            log.scalars("train", step, {"loss": loss, "lr": lr, "logit_scale": scale, "pairs_per_s": rate,
+                                        "elapsed_s": now - self.started})
+        window.update(_new_window())
+
+    # -- held-out retrieval and the end ------------------------------------------------------------
+
+    def _validate(self, step: int, log: Optional[RunLog]) -> dict[str, float]:
+        """Held-out retrieval (main process) -> logs/val.csv and a line in logs/log.txt."""
+        acc = self.accelerator
+        metrics: dict[str, float] = {}
+        if acc.is_main_process:
+            metrics = evaluate(self.unwrapped, self.heldout, self.config.train.batch_size, acc.autocast)
+            if metrics:
+                log.scalars("val", step, metrics)
+                log.message(f"step {step}: held-out text->image top-1 {metrics['text_to_image_top1']:.3f} "
+                            f"(chance {metrics['chance_text_to_image_top1']:.3f}), top-5 {metrics['text_to_image_top5']:.3f} "
+                            f"(chance {metrics['chance_text_to_image_top5']:.3f}), n={int(metrics['n'])}")
+        acc.wait_for_everyone()
+        return metrics
+
+    def _finish(self, step: int, log: Optional[RunLog]) -> dict[str, float]:
+        """The final held-out retrieval; the run folder becomes a text encoder + tokenizer with metrics.json."""
+        metrics = self._validate(step, log)
+        if self.accelerator.is_main_process:
+            encoder = OpenCLIPTextEncoder(self.unwrapped.clip, self.model_cfg, layer=self.config.train.context_layer)
+            encoder.save_pretrained(self.output_dir)
+            summary = {"step": step, "parameters": sum(p.numel() for p in self.unwrapped.clip.parameters()),
+                       "train_seconds": round(time.time() - self.started, 1), **metrics}
+            with atomic_path(self.output_dir / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            log.message(f"train-clip: wrote {self.output_dir / 'text_encoder'} and {self.output_dir / 'tokenizer'}")
+        self.accelerator.wait_for_everyone()
+        return metrics
 
 
-def encode_text_trimmed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text(tokens)`` (B, E), computed on the columns up to the batch's last end token.
-
-    The text transformer is causal, so the states at and before each prompt's end token do not
-    depend on the padding after it: cutting the padding is exact and saves most of the work
-    (captions are ~10 tokens of 77).
-    """
-    from open_clip.transformer import text_global_pool
-
-    n = int(tokens.argmax(dim=1).max()) + 1  # the end token has the highest id
-    t = tokens[:, :n]  # (B, n)
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(t).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)  # (B, n, D)
-    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])  # (B, n, D)
-    x = model.ln_final(x)  # (B, n, D)
-    x = text_global_pool(x, t, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))  # (B, D)
-    return model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
-
-
-class ContrastivePair(nn.Module):
-    """The trained module: (images, tokens) -> (image features, text features, temperature).
-
-    Wrapping the CLIP gives accelerate (DDP, autocast) one forward to wrap.
-    """
-
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.mean) / self.std  # (B, 3, S, S), images in [0, 1]
-
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        image_features = F.normalize(self.clip.encode_image(self.normalize(images)), dim=-1)  # (B, E)
-        text_features = F.normalize(encode_text_trimmed(self.clip, tokens), dim=-1)  # (B, E)
-        return image_features, text_features, self.clip.logit_scale.exp()
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and convolutions only, as open_clip's trainer does."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exclude = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "embedding" in name
-        (no_decay if exclude else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def lr_at(step: int, config: ClipOptimConfig) -> float:
-    """Linear warm-up over warmup_steps, then cosine decay to 0 at max_steps (step counts from 0)."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-    return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate(module: ContrastivePair, pairs: PairSet, batch_size: int, autocast) -> dict[str, float]:
-    """Held-out retrieval metrics (``train.clip.eval``) of the module's CLIP on ``pairs``."""
-    if not len(pairs):
-        return {}
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
-    texts, images = [], []
-    for start in range(0, len(pairs), batch_size):
-        index = torch.arange(start, min(start + batch_size, len(pairs)))
-        x = pairs.images[index].to(device).float() / 255  # (b, 3, S, S)
-        t = pairs.tokens(index).to(device)  # (b, L), each image's first caption
-        with autocast():
-            image_features, text_features, _ = module(x, t)
-        images.append(image_features.float().cpu())
-        texts.append(text_features.float().cpu())
-    module.train(was_training)
-    return retrieval_metrics(torch.cat(texts), torch.cat(images), pairs.first_captions())
-
-
-# --------------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------------
-
-
-class _CsvLog:
-    def __init__(self, path: Path, columns: Sequence[str]):
-        self.path, self.columns = path, list(columns)
-        if not path.exists():
-            path.write_text(",".join(self.columns) + "\n", encoding="utf-8")
-
-    def write(self, **values) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(",".join(f"{values[c]:.6g}" if isinstance(values[c], float) else str(values[c]) for c in self.columns) + "\n")
+def _new_window() -> dict:
+    return {"loss": 0.0, "n": 0, "pairs": 0, "t0": time.time()}
 
 
 def train(config: ClipTrainConfig, resume: Optional[str] = None) -> dict[str, float]:
     """Run (or continue) a training run; returns the final held-out retrieval metrics."""
-    from accelerate import Accelerator
-    from open_clip.loss import ClipLoss
-    from tqdm.auto import tqdm
-
-    out = Path(config.run.output_dir)
-    ckpt_dir = out / "checkpoints"
-    if resume is None and list_checkpoints(ckpt_dir):
-        raise ValueError(f"{out} already holds checkpoints; continue it with --resume latest or pick another run.output_dir")
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    accelerator = Accelerator(mixed_precision=config.run.mixed_precision, cpu=config.run.cpu,
-                              gradient_accumulation_steps=config.optim.grad_accum)
-    opt = config.optim
-
-    torch.manual_seed(config.run.seed)
-    model_cfg = config.model.to_open_clip()
-    clip = build_open_clip_model(model_cfg)
-    module = ContrastivePair(clip)
-    optimizer = torch.optim.AdamW(param_groups(module, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
-
-    step, micro, elapsed = 0, 0, 0.0
-    if resume is not None:
-        state = load_checkpoint(resolve_resume(resume, ckpt_dir), module, optimizer)
-        step, micro, elapsed = state["step"], state["micro"], state.get("elapsed_s", 0.0)
-    module, optimizer = accelerator.prepare(module, optimizer)
-    unwrapped = accelerator.unwrap_model(module)
-
-    tokenizer = OpenCLIPTextEncoder(clip, model_cfg)  # tokenizes exactly as the saved encoder will
-    train_set, test_set = load_pair_sets(config, tokenizer.tokenize, progress=config.run.progress and accelerator.is_main_process,
-                                         log=accelerator.print)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-        n_params = sum(p.numel() for p in clip.parameters())
-        accelerator.print(f"train-clip: {len(train_set)} training pairs, {len(test_set)} held out; "
-                          f"{n_params / 1e6:.2f}M parameters; step {step} of {opt.max_steps}")
-    log = _CsvLog(out / "train_log.csv", ["step", "loss", "lr", "logit_scale", "pairs_per_s", "elapsed_s"])
-    loss_fn = ClipLoss()
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_process = len(train_set) // opt.batch_size // world  # micro-batches per epoch on each process
-    if per_process < 1:
-        raise ValueError(f"{len(train_set)} training pairs cannot fill one batch of {opt.batch_size} "
-                         f"on each of {world} processes")
-    stop = min(opt.max_steps, config.run.stop_at or opt.max_steps)
-    bar = tqdm(total=opt.max_steps, initial=step, desc="train-clip", unit="step",
-               disable=not (config.run.progress and accelerator.is_local_main_process))
-    started, window_loss, window_n, window_t = time.time() - elapsed, 0.0, 0, time.time()
-    module.train()
-
-    def checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt_dir, step, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                            {"micro": micro, "elapsed_s": time.time() - started, "config": dataclasses.asdict(config)},
-                            keep_last=config.run.keep_checkpoints)
-
-    def run_eval() -> dict[str, float]:
-        metrics = evaluate(unwrapped, test_set, opt.batch_size, accelerator.autocast)
-        if metrics and accelerator.is_main_process:
-            with open(out / "eval_log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-            bar.write(f"step {step}: held-out text->image top-1 {metrics['text_to_image_top1']:.3f} "
-                      f"(chance {metrics['chance_text_to_image_top1']:.3f}), top-5 {metrics['text_to_image_top5']:.3f} "
-                      f"(chance {metrics['chance_text_to_image_top5']:.3f}), n={int(metrics['n'])}")
-        return metrics
-
-    while step < stop:
-        epoch, index = divmod(micro, per_process)
-        batch = index * world + rank  # this process's batch within the epoch's permutation
-        rows = epoch_order(len(train_set), config.run.seed, epoch)[batch * opt.batch_size : (batch + 1) * opt.batch_size]
-        generator = torch.Generator().manual_seed(config.run.seed * 1_000_003 + micro * world + rank)
-        images = augment(train_set.images[rows].float() / 255, config.data, generator).to(accelerator.device)  # (B, 3, S, S)
-        tokens = train_set.tokens(rows, epoch).to(accelerator.device)  # (B, L)
-        with accelerator.accumulate(module):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, opt)
-            with accelerator.autocast():
-                image_features, text_features, logit_scale = module(images, tokens)
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and opt.grad_clip > 0:
-                accelerator.clip_grad_norm_(module.parameters(), opt.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        window_loss, window_n = window_loss + loss.item(), window_n + 1
-        if not accelerator.sync_gradients:
-            continue
-        with torch.no_grad():
-            unwrapped.clip.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        bar.update(1)
-        if step % config.run.log_every == 0 or step == stop:
-            now = time.time()
-            mean_loss = window_loss / window_n
-            rate = window_n * opt.batch_size * world / max(now - window_t, 1e-9)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", T=f"{unwrapped.clip.logit_scale.exp().item():.1f}", pairs_s=f"{rate:.0f}")
-            if accelerator.is_main_process:
-                log.write(step=step, loss=mean_loss, lr=lr_at(step - 1, opt), logit_scale=unwrapped.clip.logit_scale.exp().item(),
-                          pairs_per_s=rate, elapsed_s=now - started)
-            window_loss, window_n, window_t = 0.0, 0, now
-        if config.run.eval_every and step % config.run.eval_every == 0 and step < stop:
-            run_eval()
-        if step % config.run.checkpoint_every == 0 or step == stop:
-            checkpoint()
-    bar.close()
-
-    if step < opt.max_steps:
-        accelerator.print(f"train-clip: stopped at step {step} of {opt.max_steps} (run.stop_at); continue with --resume latest")
-        return {}
-    metrics = run_eval()
-    if accelerator.is_main_process:
-        encoder = OpenCLIPTextEncoder(unwrapped.clip, model_cfg, layer=config.run.context_layer)
-        encoder.save_pretrained(out)
-        summary = {"step": step, "parameters": sum(p.numel() for p in unwrapped.clip.parameters()),
-                   "train_seconds": round(time.time() - started, 1), **metrics}
-        with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        accelerator.print(f"train-clip: wrote {out / 'text_encoder'} and {out / 'tokenizer'}")
-    return metrics
+    return ClipTrainer(config).fit(resume=resume)
