@@ -42,11 +42,10 @@ from train.clip.data import augment, load_pair_sets
 from train.clip.eval import evaluate
 from train.clip.model import ContrastivePair, param_groups
 from train.run import checkpoint as ckpt
-from train.run.config import save_config
 from train.run.log import RunLog
 from train.run.lr import build_lr_scheduler, build_optimizer
-from train.run.start import make_accelerator, open_run_folder
-from train.unet.trainer import DataOrder
+from train.run.order import DataOrder
+from train.run.start import make_accelerator, open_run_folder, start_run
 
 
 class ClipTrainer:
@@ -84,17 +83,6 @@ class ClipTrainer:
         self.notes.append(f"train-clip: {len(self.train_set)} training pairs, {len(self.heldout)} held out; "
                           f"{sum(p.numel() for p in clip.parameters()) / 1e6:.2f}M parameters; "
                           f"precision {acc.precision}")
-
-    def _start(self, checkpoint: Optional[Path]) -> dict:
-        """The run folder's config written; the position in training, from ``checkpoint`` when resuming."""
-        acc = self.accelerator
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.output_dir / "config.yaml")
-        acc.wait_for_everyone()
-        if checkpoint is None:
-            return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0}
-        return self._load_checkpoint(checkpoint)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -141,13 +129,10 @@ class ClipTrainer:
         checkpoint = open_run_folder(self.output_dir, resume)
         self._setup()
         acc = self.accelerator
-        pos = self._start(checkpoint)
+        pos = self._load_checkpoint(checkpoint) if checkpoint is not None else {
+            "step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0}
         self.started = time.time() - pos["elapsed_s"]
-        log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if checkpoint else None) if acc.is_main_process else None
-        if checkpoint is not None:
-            self.notes.append(f"resumed from {checkpoint} at step {pos['step']}")
-        for note in self.notes if log is not None else []:
-            log.message(note)
+        log = start_run(acc, self.output_dir, self.config, checkpoint, pos["step"], show=run.progress, notes=self.notes)
         stop = min(run.max_steps, run.stop_at or run.max_steps)
         bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train-clip", unit="step",
                    disable=not (run.progress and acc.is_main_process))

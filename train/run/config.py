@@ -125,7 +125,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ValueError(_unknown_key(_join(where, unknown[0]), where, fields))
+        raise ValueError(_unknown_key(_join(where, unknown[0]), where, fields, value=data[unknown[0]]))
     kwargs = {name: _convert(value, hints[name], _join(where, name)) for name, value in data.items()}
     missing = [
         n for n, f in fields.items()
@@ -139,12 +139,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise ValueError(f"{where}: {exc}" if where else str(exc)) from None
 
 
-def _unknown_key(key: str, where: str, allowed, what: str = ": unknown key") -> str:
-    """The error for an unknown key: its new name when an older dialect used it, else the allowed keys."""
+def _unknown_key(key: str, where: str, allowed, what: str = ": unknown key", value: Any = None) -> str:
+    """The error for an unknown ``key``: its new name when an older dialect used it (for a whole
+    section, ``value``, the first of its keys that moved), else the allowed keys."""
     from train.run.sections import RENAMED
 
-    if key in RENAMED:
-        return f"{key} was renamed; use {RENAMED[key]}"
+    inner = [f"{key}.{k}" for k in value if f"{key}.{k}" in RENAMED] if isinstance(value, Mapping) else []
+    for old in inner[:1] + [key]:
+        if old in RENAMED:
+            return f"{old} was renamed; use {RENAMED[old]}"
     return f"{key}{what}; allowed keys{' in ' + where if where else ''}: {', '.join(allowed)}"
 
 
@@ -193,7 +196,8 @@ def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -
             hints = typing.get_type_hints(node_cls)
             names = [f.name for f in dataclasses.fields(node_cls) if f.init]
             if part not in names:
-                raise ValueError(f"override {text!r}: " + _unknown_key(_join(where, part), where, names, " is not a key"))
+                rest = {".".join(path[i + 1:]): None} if i + 1 < len(path) else None  # the key inside a moved section
+                raise ValueError(f"override {text!r}: " + _unknown_key(_join(where, part), where, names, " is not a key", rest))
             where = _join(where, part)
             if i == len(path) - 1:
                 node[part] = value

@@ -1,19 +1,23 @@
-"""Starting a run, the same for every trainer: the accelerator (device, precision, threads) and
-the run folder (a fresh one, or the checkpoint to resume from).
+"""Starting a run, the same for every trainer: the accelerator (device, precision, threads), the
+run folder (a fresh one, or the checkpoint to resume from), its config.yaml and its log.
 
     accelerator = make_accelerator(config.train, log=print)
     checkpoint = open_run_folder(config.train.output_dir, resume, accelerator.is_main_process)
+    ...                                            # build the models; load ``checkpoint``: its step
+    log = start_run(accelerator, config.train.output_dir, config, checkpoint, step)
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from train.run import checkpoint as ckpt
+from train.run.config import save_config
+from train.run.log import RunLog
 from train.run.sections import RunConfig
 
 
@@ -67,3 +71,21 @@ def open_run_folder(output_dir: str | os.PathLike, resume: Optional[str], is_mai
                              "or choose another train.output_dir")
         return None
     return ckpt.resolve_resume(resume, root)
+
+
+def start_run(accelerator, output_dir: str | os.PathLike, config, checkpoint: Optional[Path], step: int, *,
+              show: bool = True, notes: Sequence[str] = ()) -> Optional[RunLog]:
+    """The run folder made, the config the run uses written into it as config.yaml, and its log opened
+    (truncated after ``step`` when resuming from ``checkpoint``) with ``notes`` and the resume in it.
+    The log on the main process, None on the others; every process waits until the folder is there."""
+    log = None
+    if accelerator.is_main_process:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(config, Path(output_dir) / "config.yaml")
+        log = RunLog(Path(output_dir) / "logs", resume_step=step if checkpoint is not None else None, show=show)
+        for note in notes:
+            log.message(note)
+        if checkpoint is not None:
+            log.message(f"resumed from {checkpoint} at step {step}")
+    accelerator.wait_for_everyone()
+    return log

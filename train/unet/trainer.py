@@ -40,7 +40,8 @@ from ldm.schedule import NoiseSchedule
 from ldm.unet import FP32AttentionProcessor
 from train.run import checkpoint as ckpt
 from train.run.lr import build_lr_scheduler, build_optimizer
-from train.run.start import make_accelerator, open_run_folder
+from train.run.order import DataOrder
+from train.run.start import make_accelerator, open_run_folder, start_run
 from train.run.config import save_config
 from train.unet.cache import LatentCache, build_cache
 from train.run.ema import build_ema, ema_state, load_ema_state
@@ -62,24 +63,6 @@ class TrainResult:
     bundle: Optional[Path]  # the model bundle written at the end (None when stopped early)
     checkpoint: Optional[Path]  # the last checkpoint written
     seen: list[int] = field(default_factory=list)  # cache rows this process trained on, in order
-
-
-class DataOrder:
-    """Which cache rows each process reads at (epoch, micro-batch i)."""
-
-    def __init__(self, rows: np.ndarray, batch_size: int, num_processes: int, rank: int, seed: int):
-        self.rows, self.batch_size, self.world, self.rank, self.seed = np.asarray(rows), batch_size, num_processes, rank, seed
-        self.batches_per_epoch = len(self.rows) // (batch_size * num_processes)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{len(self.rows)} training images are fewer than one global batch "
-                f"(train.batch_size={batch_size} x {num_processes} processes); lower train.batch_size"
-            )
-
-    def batch(self, epoch: int, i: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.rows)
-        start = (i * self.world + self.rank) * self.batch_size
-        return perm[start : start + self.batch_size]
 
 
 class LDMTrainer:
@@ -292,10 +275,9 @@ class LDMTrainer:
         checkpoint = open_run_folder(self.output_dir, resume)
         self._setup()
         acc, run = self.accelerator, self.config.train
-        pos = self._start(checkpoint)
-        log = RunLog(self.output_dir / "logs", resume_step=pos["step"] if checkpoint else None) if acc.is_main_process else None
-        if log is not None and checkpoint is not None:
-            log.message(f"resumed from {checkpoint} at step {pos['step']}")
+        pos = self._load_checkpoint(checkpoint) if checkpoint is not None else {
+            "step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
+        log = start_run(acc, self.output_dir, self.saved_config, checkpoint, pos["step"])
         self.last_checkpoint, self.checkpoint_due = checkpoint, False
         seen: Optional[list[int]] = [] if record_rows else None
         bar = None
@@ -321,17 +303,6 @@ class LDMTrainer:
                 bundle = self._save_bundle()
             acc.wait_for_everyone()
         return TrainResult(pos["step"], pos["epoch"], pos["skipped_steps"], bundle, self.last_checkpoint, seen or [])
-
-    def _start(self, checkpoint: Optional[Path]) -> dict:
-        """The run folder's config written; the position in training, from ``checkpoint`` when resuming."""
-        acc = self.accelerator
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.saved_config, self.output_dir / "config.yaml")
-        acc.wait_for_everyone()
-        if checkpoint is None:
-            return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
-        return self._load_checkpoint(checkpoint)
 
     def _next_rows(self, pos: dict) -> np.ndarray:
         """This process's cache rows for the next micro-batch; advances the position in the data."""

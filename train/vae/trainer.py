@@ -35,11 +35,11 @@ import numpy as np
 import torch
 
 from train.run import checkpoint as ckpt
-from train.run.config import save_config, to_dict
+from train.run.config import to_dict
 from train.run.log import RunLog
 from train.run.lr import build_lr_scheduler, build_optimizer
-from train.run.start import make_accelerator, open_run_folder
-from train.unet.trainer import DataOrder
+from train.run.order import DataOrder
+from train.run.start import make_accelerator, open_run_folder, start_run
 from train.vae.config import VAETrainingConfig
 from train.vae.images import load_vae_split, pixels, to_model_range
 from vae.autoencoder import Autoencoder, build_autoencoder, compute_scaling_factor
@@ -100,11 +100,7 @@ class VAETrainer:
         acc = self.accelerator = make_accelerator(cfg.train, log=(lambda _: None) if quiet else print)
         checkpoint = open_run_folder(self.output_dir, resume, acc.is_main_process)
         state = check_compatible(checkpoint, cfg, acc.num_processes) if checkpoint is not None else None
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
-            self.log = RunLog(self.output_dir / "logs", resume_step=state["step"] if state else None, show=not quiet)
-        acc.wait_for_everyone()
+        self.log = start_run(acc, self.output_dir, cfg, checkpoint, state["step"] if state else 0, show=not quiet)
         return checkpoint, state
 
     def _setup_data(self) -> None:
@@ -208,7 +204,6 @@ class VAETrainer:
             raise ValueError(f"checkpoint {path} does not match this config's model: {str(exc)[:300]}") from exc
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ckpt.set_rng_state(state["rng"][acc.process_index], {})
-        self.message(f"resumed from {path} at step {state['step']}")
         return {"step": state["step"], "micro_batches": state["micro_batches"]}
 
     # -- one step --------------------------------------------------------------------------------
