@@ -2,12 +2,8 @@
 loads, nothing half-written ever carries a step-* name, and resuming after every kill ends with the
 weights of a run that was never killed."""
 
-import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from train.clip.config import load_train_config
 from train.clip.model import ContrastivePair, param_groups
 from train.run import checkpoint as ckpt
 from train.run.lr import build_optimizer
-from train_fakes import ROOT, make_imagefolder, read_checkpoint, one_thread  # noqa: F401
+from train_fakes import ROOT, kill_repeatedly, make_imagefolder, read_checkpoint, one_thread  # noqa: F401
 
 CONFIG = str(ROOT / "configs" / "clip" / "tiny.yaml")
 # 24 training pairs in micro-batches of 8, two per step; crops and flips use the augmentation generator
@@ -63,19 +59,9 @@ def test_sigkill_at_random_moments(tmp_path):
 
     run = tmp_path / "killed"
     root = run / "checkpoints"
-    rng, kills = random.Random(0), 0
-    while True:
-        proc = launch(data, run)
-        before = ckpt.list_checkpoints(root)[-1].name if ckpt.list_checkpoints(root) else None
-        while proc.poll() is None and (not ckpt.list_checkpoints(root) or ckpt.list_checkpoints(root)[-1].name == before):
-            time.sleep(0.02)  # wait until this process has written a checkpoint of its own
-        if proc.poll() is not None:
-            break
-        time.sleep(rng.uniform(0.0, 0.4))  # then kill it anywhere: mid-step, mid-checkpoint, mid-rotation
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        assert_checkpoints_whole(root, config)
+    proc, kills = kill_repeatedly(lambda: launch(data, run), root, lambda: assert_checkpoints_whole(root, config),
+                                  max_delay=0.4)
+    proc.wait()
     assert proc.returncode == 0, proc.stderr.read()[-2000:]
     assert kills >= 2
     assert not any(p.name.startswith(".") for p in root.iterdir())  # the resumed runs cleared what the kills left

@@ -1,18 +1,14 @@
 """SIGKILL at random moments: the latest complete checkpoint always loads, and resuming after every
 kill ends with the weights of a run that was never killed."""
 
-import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from train.run import checkpoint as ckpt
-from train_fakes import ROOT, make_imagefolder, read_checkpoint, one_thread  # noqa: F401
+from train_fakes import ROOT, kill_repeatedly, make_imagefolder, read_checkpoint, one_thread  # noqa: F401
 
 SCRIPT = """
 import sys, torch
@@ -43,22 +39,15 @@ def test_sigkill_at_random_moments(tmp_path):
     assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
 
     root = tmp_path / "killed" / "run" / "checkpoints"
-    rng, kills = random.Random(0), 0
-    while True:
-        proc = launch(tmp_path / "killed")
-        before = len(ckpt.list_checkpoints(root)) and ckpt.list_checkpoints(root)[-1].name
-        while proc.poll() is None and (not ckpt.list_checkpoints(root) or ckpt.list_checkpoints(root)[-1].name == before):
-            time.sleep(0.05)  # wait until this process has written a checkpoint of its own
-        if proc.poll() is not None:
-            break
-        time.sleep(rng.uniform(0.0, 0.6))  # then kill it anywhere: mid-step, mid-checkpoint, mid-rotation
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
+
+    def newest_is_whole():
         latest = ckpt.list_checkpoints(root)[-1]
         tensors, state = read_checkpoint(latest)  # loads, and is what its name says
         assert latest.name == f"step-{state['step']:08d}"
         assert all(torch.isfinite(t).all() for group in tensors.values() for t in group.values())
+
+    proc, kills = kill_repeatedly(lambda: launch(tmp_path / "killed"), root, newest_is_whole, max_delay=0.6)
+    proc.wait()
     assert proc.returncode == 0, proc.stderr.read()[-2000:]
     assert kills >= 3
 

@@ -2,12 +2,8 @@
 nothing half-written ever sits under a step-* name, and resuming after every kill ends with the
 weights of a run that was never killed."""
 
-import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from train.run import checkpoint as ckpt
 from train.run.config import load_config
 from train.vae.config import VAETrainingConfig
 from train.vae.trainer import VAETrainer, expected_files, train_vae
-from train_fakes import reset_accelerate
+from train_fakes import kill_repeatedly, reset_accelerate
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = """
@@ -68,20 +64,9 @@ def check_newest_loads(run: Path, data: Path) -> None:
 def test_sigkill_at_random_moments(tmp_path):
     data = make_data(tmp_path / "data")
     run = tmp_path / "killed"
-    rng, kills = random.Random(0), 0
-    while True:
-        proc = launch(run, data)
-        if kills == KILLS:
-            break
-        before = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")][-1:]
-        while proc.poll() is None and [p.name for p in ckpt.list_checkpoints(run / "checkpoints")][-1:] == before:
-            time.sleep(0.02)  # wait until this process has written a checkpoint of its own
-        assert proc.poll() is None, "the run finished before it was killed: give it more steps"
-        time.sleep(rng.uniform(0.0, 0.3))  # then kill it anywhere: mid-step, mid-checkpoint, mid-rotation
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        check_newest_loads(run, data)
+    proc, kills = kill_repeatedly(lambda: launch(run, data), run / "checkpoints", lambda: check_newest_loads(run, data),
+                                  max_delay=0.3, max_kills=KILLS)
+    assert kills == KILLS, "the run finished before it was killed: give it more steps"
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
     assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())
 

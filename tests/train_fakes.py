@@ -9,7 +9,13 @@ tiny open_clip one (``ldm.testing.text_encoder``), since its contexts go through
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -17,6 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pipeline_fakes import FakeAutoencoder
+from train.run import checkpoint as ckpt
 from train.run.config import load_config
 from train.unet.config import LDMTrainConfig
 
@@ -128,3 +135,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def kill_repeatedly(launch: Callable[[], subprocess.Popen], checkpoints: Path, check: Callable[[], None], *,
+                    max_delay: float, max_kills: Optional[int] = None, seed: int = 0) -> tuple[subprocess.Popen, int]:
+    """The kill -9 test of every trainer: start ``launch()`` (a training run that resumes from its newest
+    checkpoint) again and again; each time, once the process has written a checkpoint of its own, SIGKILL
+    it after a random delay (mid-step, mid-checkpoint, mid-rotation) and call ``check()``. Stops after
+    ``max_kills`` or when a process finishes before it is killed; returns (the last process, kills)."""
+    rng, kills = random.Random(seed), 0
+    while True:
+        proc = launch()
+        if max_kills is not None and kills == max_kills:
+            return proc, kills
+        before = [p.name for p in ckpt.list_checkpoints(checkpoints)][-1:]
+        while proc.poll() is None and [p.name for p in ckpt.list_checkpoints(checkpoints)][-1:] == before:
+            time.sleep(0.02)  # wait until this process has written a checkpoint of its own
+        if proc.poll() is not None:
+            return proc, kills
+        time.sleep(rng.uniform(0.0, max_delay))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        check()
