@@ -23,7 +23,7 @@ from ldm.backends import Backend, TorchBackend, make_backend
 from ldm.bundle import load_parts
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.samplers import METHODS, randn, sample
-from ldm.schedule import NoiseSchedule, SamplingConfig  # noqa: F401  (SamplingConfig: re-exported)
+from ldm.schedule import NoiseSchedule, SamplingConfig
 
 Prompts = Union[str, Sequence[str]]
 # progress(done_steps, total_steps) after every sampler step of every batch
