@@ -22,27 +22,23 @@ import torch
 PROMPT = "a koala wearing a red hat, twemoji style"
 
 
-class Timed:
-    """Wraps a callable and adds up the seconds spent in it."""
+class TimedBackend:
+    """A pipeline backend (``ldm.backends``) whose U-Net and decoder calls add up their seconds."""
 
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
+    def __init__(self, backend):
+        self.inner, self.name, self.seconds = backend, backend.name, 0.0
 
-    def __call__(self, *args, **kwargs):
+    def _timed(self, fn, *args):
         t0 = time.perf_counter()
-        out = self.fn(*args, **kwargs)
+        out = fn(*args)
         self.seconds += time.perf_counter() - t0
         return out
 
+    def unet(self, x_t, t, context):
+        return self._timed(self.inner.unet, x_t, t, context)
 
-class TimedDecoder:
-    """The autoencoder, with its decode calls timed."""
-
-    def __init__(self, autoencoder):
-        self._autoencoder, self.decode = autoencoder, Timed(autoencoder.decode)
-
-    def __getattr__(self, name):
-        return getattr(self._autoencoder, name)
+    def decode(self, z):
+        return self._timed(self.inner.decode, z)
 
 
 def interleaved_best(fns: dict, repeats: int) -> dict:
@@ -101,25 +97,18 @@ def main() -> None:
 
     rows = []
     for batch in (1, 8):
-        timed = {name: (Timed(pipe.unet), TimedDecoder(pipe.autoencoder)) for name, pipe in (("torch", ours), ("onnx", onnx))}
-        plain = {name: (pipe.unet, pipe.autoencoder) for name, pipe in (("torch", ours), ("onnx", onnx))}
-        for name, pipe in (("torch", ours), ("onnx", onnx)):
-            pipe.unet, pipe.autoencoder = timed[name]
-        try:
-            res = interleaved_best({
-                "diffusers": lambda: run_diffusers(theirs, batch, args.steps, args.guidance),
-                "torch": lambda: run_ours(ours, batch, args.steps, args.guidance),
-                "onnx": lambda: run_ours(onnx, batch, args.steps, args.guidance),
-            }, args.repeats)
-        finally:
-            for name, pipe in (("torch", ours), ("onnx", onnx)):
-                pipe.unet, pipe.autoencoder = plain[name]
+        timed = {name: TimedBackend(pipe.backend) for name, pipe in (("torch", ours), ("onnx", onnx))}
+        runs = {name: pipe.with_backend(timed[name]) for name, pipe in (("torch", ours), ("onnx", onnx))}
+        res = interleaved_best({
+            "diffusers": lambda: run_diffusers(theirs, batch, args.steps, args.guidance),
+            "torch": lambda: run_ours(runs["torch"], batch, args.steps, args.guidance),
+            "onnx": lambda: run_ours(runs["onnx"], batch, args.steps, args.guidance),
+        }, args.repeats)
         t_ref, _, ref = res["diffusers"]
         rows.append((batch, "diffusers (torch eager)", batch / t_ref, 1.0, 0.0, 0.0, None))
         for name in ("torch", "onnx"):
             t, total, imgs = res[name]
-            unet, decoder = timed[name]
-            share = (unet.seconds + decoder.decode.seconds) / total
+            share = timed[name].seconds / total
             diff = (imgs - ref).abs() * 255
             rows.append((batch, f"ours, {name}", batch / t, t_ref / t, diff.max().item(), diff.mean().item(), share))
 

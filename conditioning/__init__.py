@@ -14,7 +14,8 @@ score, ``clip_model`` builds and saves open_clip models offline.
 from conditioning.cache import CachedEmbeddings, EmbeddingCache
 from conditioning.clip_model import ClipModelConfig, TextTowerConfig, VisionTowerConfig
 from conditioning.empty import EMPTY_PROMPT, apply_caption_dropout, unconditional_context
-from conditioning.encoders import TextEncoder, TextEncoderConfig, build_text_encoder, load_text_encoder
+from conditioning.encoders import TextEncoder, TextEncoderConfig
+from conditioning.loading import build_text_encoder, load_text_encoder
 from conditioning.scorer import ClipScorer, load_clip_scorer
 
 __all__ = [

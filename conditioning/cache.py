@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from conditioning.encoders import TextEncoder, check_prompts
-from conditioning.files import atomic_path
+from ldm_io import atomic_path
 
 _NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 

@@ -16,6 +16,10 @@ A bundle folder holds ``text_encoder/`` and ``tokenizer/`` (diffusers' Stable
 Diffusion layout). ``text_encoder/open_clip_config.json`` marks an open_clip
 model, ``text_encoder/config.json`` a transformers ``CLIPTextModel``.
 
+This module holds the interface the backends (``open_clip_backend``, ``hf_clip_backend``)
+implement and how a saved encoder is found; it imports no backend. ``conditioning.loading``
+(``load_text_encoder``, ``build_text_encoder``) picks the backend and imports it.
+
 Prompts longer than the context length (77 for CLIP) are cut to it, keeping the
 end-of-text token, with a warning that says how many tokens were dropped.
 Encoders come out of ``build_text_encoder`` / ``load_text_encoder`` frozen
@@ -219,25 +223,6 @@ class TextEncoderConfig:
             raise ValueError("give exactly one of model (a name, file or folder) and model_cfg (a dict)")
 
 
-def build_text_encoder(config: TextEncoderConfig | dict) -> TextEncoder:
-    """A frozen text encoder from a ``TextEncoderConfig`` (or a dict of its fields)."""
-    if isinstance(config, dict):
-        known = {f.name for f in dataclasses.fields(TextEncoderConfig)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"unknown text encoder config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
-        config = TextEncoderConfig(**config)
-    if not isinstance(config, TextEncoderConfig):
-        raise ValueError(f"config must be a TextEncoderConfig or a dict, got {type(config).__name__}")
-    if config.backend == "open_clip":
-        from conditioning.open_clip_backend import build_open_clip_encoder
-
-        return build_open_clip_encoder(config).frozen()
-    from conditioning.hf_clip_backend import build_hf_encoder
-
-    return build_hf_encoder(config).frozen()
-
-
 def resolve_bundle(path: str | os.PathLike) -> tuple[Path, Path]:
     """(text_encoder dir, tokenizer dir) for a bundle root or for its ``text_encoder/`` folder."""
     path = Path(path)
@@ -274,31 +259,3 @@ def detect_backend(text_dir: Path) -> str:
         )
     raise ValueError(f"{text_dir} holds no known text encoder: expected {OPEN_CLIP_CONFIG} (open_clip) "
                      f"or {HF_CONFIG} (transformers CLIPTextModel)")
-
-
-def load_text_encoder(
-    path: str | os.PathLike,
-    layer: Optional[str] = None,
-    device: Optional[str | torch.device] = None,
-    dtype: Optional[torch.dtype] = None,
-) -> TextEncoder:
-    """A frozen text encoder from a bundle root (``text_encoder/`` + ``tokenizer/``) or its ``text_encoder/``.
-
-    ``layer`` overrides the saved choice ("final" or "penultimate"; transformers folders default to
-    "final", as Stable Diffusion's diffusers folders expect).
-    """
-    text_dir, tok_dir = resolve_bundle(path)
-    if layer is not None:
-        check_layer(layer)
-    if detect_backend(text_dir) == "open_clip":
-        from conditioning.open_clip_backend import load_open_clip_encoder
-
-        encoder = load_open_clip_encoder(text_dir, tok_dir, layer)
-    else:
-        from conditioning.hf_clip_backend import load_hf_encoder
-
-        encoder = load_hf_encoder(text_dir, tok_dir, layer)
-    encoder.frozen()
-    if device is not None or dtype is not None:
-        encoder.to(device=device, dtype=dtype)
-    return encoder

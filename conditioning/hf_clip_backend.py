@@ -22,7 +22,7 @@ import torch
 
 from conditioning.clip_model import load_weights
 from conditioning.encoders import HF_CONFIG, TextEncoder, TextEncoderConfig
-from conditioning.files import atomic_directory
+from ldm_io import atomic_directory
 
 CONTEXT_LAYER_KEY = "context_layer"  # our extra key in config.json when the saved choice is not "final"
 

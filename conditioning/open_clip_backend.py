@@ -31,7 +31,7 @@ from conditioning.clip_model import (
     save_open_clip_folder,
 )
 from conditioning.encoders import TextEncoder, TextEncoderConfig
-from conditioning.files import atomic_directory
+from ldm_io import atomic_directory
 
 TOKENIZER_CONFIG = "open_clip_tokenizer.json"
 TOKENIZER_CLEANS = ("lower", "whitespace", "canonicalize")

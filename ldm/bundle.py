@@ -9,6 +9,9 @@
 A Stable Diffusion 1.x/2.x folder in diffusers layout is a bundle too. The scheduler config is
 written as diffusers' DDIMScheduler reads it; reading accepts any diffusers scheduler config
 (Stable Diffusion ships PNDMScheduler's) and keeps only the schedule and the conventions.
+
+This module reads and writes the folder; ``Text2ImagePipeline.from_pretrained`` puts the parts
+``load_parts`` returns together (so this module never imports the pipeline).
 """
 
 from __future__ import annotations
@@ -16,15 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
-import torch
-
-from ldm.pipeline import SamplingConfig, Text2ImagePipeline
-from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSchedule
+from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSchedule, SamplingConfig
+from ldm_io import atomic_directory
 
 PathLike = Union[str, os.PathLike]
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -116,19 +116,6 @@ def _library_entries(root: Path) -> dict:
             "scheduler": ["diffusers", "DDIMScheduler"]}
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder ``tmp`` to ``final``; an existing ``final`` is replaced only then."""
-    final = Path(final)
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-
-
 def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule, sampling: SamplingConfig,
                 unet_lora=None) -> Path:
     """Write a bundle atomically: everything goes to a temporary folder beside ``path``, renamed at the end.
@@ -139,10 +126,7 @@ def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: No
     """
     from ldm import __version__
 
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_directory(path) as tmp:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         if unet_lora is not None:
             unet_lora.save_lora_adapter(tmp / LORA_DIR, safe_serialization=True)
@@ -152,11 +136,7 @@ def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: No
         (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config(schedule, sampling), indent=2))
         index = {"_class_name": "Text2ImagePipeline", "_ldm_toolkit_version": __version__, **_library_entries(tmp)}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(path)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -184,27 +164,29 @@ def load_unet(root: PathLike):
     return unet
 
 
-BACKENDS = ("auto", "torch", "onnx")
+@dataclass
+class BundleParts:
+    """A bundle's parts, loaded (CPU, fp32, eval mode): what ``Text2ImagePipeline`` is built from."""
+
+    root: Path
+    unet: Any  # diffusers UNet2DConditionModel (a LoRA in unet_lora/ fused in)
+    autoencoder: Any  # vae.Autoencoder
+    text_encoder: Any  # conditioning.TextEncoder
+    schedule: NoiseSchedule
+    sampling: SamplingConfig
+
+    @property
+    def sample_size(self) -> int:
+        """The latent size the U-Net was trained at."""
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else size[0])
 
 
-def resolve_backend(backend: str, device=None, dtype=None) -> str:
-    """``auto`` is the fastest exact path: ONNX Runtime for fp32 on the CPU (see
-    bench/bench_pipeline.py), PyTorch everywhere else."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not supported; allowed values: {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    cpu_fp32 = torch.device(device or "cpu").type == "cpu" and (dtype or torch.float32) == torch.float32
-    return "onnx" if cpu_fp32 else "torch"
-
-
-def load_pipeline(path: PathLike, *, device=None, dtype=None, backend: str = "torch") -> Text2ImagePipeline:
-    """Text2ImagePipeline from a bundle folder (ours or Stable Diffusion's in diffusers layout).
-    ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies)."""
+def load_parts(path: PathLike) -> BundleParts:
+    """Every part of a bundle folder (ours or Stable Diffusion's in diffusers layout)."""
     import conditioning
     import vae
 
-    backend = resolve_backend(backend, device, dtype)
     root = check_bundle(path)
     schedule, sampling = load_schedule(root)
     unet = load_unet(root)
@@ -212,17 +194,7 @@ def load_pipeline(path: PathLike, *, device=None, dtype=None, backend: str = "to
     text_encoder = conditioning.load_text_encoder(root)
     if hasattr(text_encoder, "eval"):
         text_encoder.eval()
-    pipe = Text2ImagePipeline(
-        unet, autoencoder, text_encoder, schedule, sampling,
-        sample_size=int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]),
-        name_or_path=str(root),
-    )
-    pipe.to(device or "cpu", dtype or torch.float32)
-    if backend == "onnx":
-        from ldm.onnx_backend import use_onnx
-
-        use_onnx(pipe)
-    return pipe
+    return BundleParts(root, unet, autoencoder, text_encoder, schedule, sampling)
 
 
 def bundle_hash(path: PathLike, length: int = 16) -> str:

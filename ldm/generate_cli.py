@@ -93,13 +93,12 @@ def save_png(image, path: Path, record: dict) -> None:
     """Write ``image`` with ``record`` as JSON in a text chunk, atomically."""
     from PIL.PngImagePlugin import PngInfo
 
+    from ldm_io import save_image
+
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(record, sort_keys=True))
     info.add_text("parameters", f"{record['prompt']} | seed {record['seed']}, {record['steps']} {record['method']} steps, guidance {record['guidance']}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    save_image(image, path, format="PNG", pnginfo=info)
 
 
 def read_record(path: Path) -> dict:
@@ -134,12 +133,13 @@ def run(args: argparse.Namespace) -> int:
         save_png(image, path, record)
     if len(images) > 1:
         from ldm.pipeline import image_grid
+        from ldm_io import save_image
 
         cols = min(len(images), 8)
         rows = -(-len(images) // cols)
         filler = [images[0].copy().point(lambda _: 255)] * (rows * cols - len(images))
         grid = image_grid(images + filler, rows, cols)
-        grid.save(paths[0].with_name(paths[0].stem.rsplit("-", 1)[0] + "-grid.png"))
+        save_image(grid, paths[0].with_name(paths[0].stem.rsplit("-", 1)[0] + "-grid.png"))
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -152,7 +152,8 @@ def load(args: argparse.Namespace, model: Path):
 
 def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_images: int, model: Optional[Path] = None):
     """Images and their metadata records for prompts x num_images, seeds from ``seed``."""
-    from ldm.bundle import bundle_hash, resolve_backend
+    from ldm.backends import resolve_backend
+    from ldm.bundle import bundle_hash
 
     model = model_path(model or args.model)
     pipe = load(args, model)

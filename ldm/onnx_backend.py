@@ -1,5 +1,8 @@
 """ONNX Runtime inference backend: the U-Net and the decoder exported once, cached beside the bundle.
 
+``OnnxGraphs`` exports and caches the graphs (the web export reads them too); ``OnnxBackend`` runs
+them, as the backend object a ``Text2ImagePipeline`` is given (see ``ldm.backends``).
+
 ONNX Runtime runs the exported fp32 graphs faster than PyTorch eager on a CPU (the same
 numbers to about 1e-6: the graphs are the same maths, only fused), which makes it the fastest
 exact CPU path; see bench/bench_pipeline.py. The same graphs, with the text encoder's
@@ -14,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from ldm_io import atomic_path, write_text
 
 OPSET = 17
 
@@ -102,19 +106,11 @@ def cache_dir(bundle: Optional[str], key: str) -> Path:
 
 def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str]) -> None:
     """Export ``module(*args)`` to ``path`` (atomically) with a dynamic batch axis on every input."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     axes = {name: {0: "batch"} for name in input_names + ["out"]}
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), args, tmp, input_names=input_names, output_names=["out"],
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names, output_names=["out"],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
 def session(path: Path):
@@ -134,7 +130,6 @@ class OnnxGraphs:
         self.context_shape = context_shape  # (L, D)
         self.dir = cache_dir(bundle, key)
         self.key = key
-        self.sessions: dict[str, object] = {}
 
     def graph(self, name: str, module, args, input_names, exporting=nullcontext) -> Path:
         """The path of graph ``name``, exported from ``module(*args)`` (within the context
@@ -145,13 +140,8 @@ class OnnxGraphs:
         if not fresh:
             with exporting():
                 export(module, args, path, input_names)
-            stamp.write_text(json.dumps({"bundle_hash": self.key}))
+            write_text(stamp, json.dumps({"bundle_hash": self.key}))
         return path
-
-    def _session(self, name: str, module, args, input_names):
-        if name not in self.sessions:
-            self.sessions[name] = session(self.graph(name, module, args, input_names))
-        return self.sessions[name]
 
     def _unet_args(self, latent_shape: tuple[int, int, int]):
         c, h, w = latent_shape
@@ -177,43 +167,41 @@ class OnnxGraphs:
         return self.graph("text_encoder", _TextEncoderGraph(text_encoder), (tokens,), ["tokens"],
                           exporting=lambda: shared_row_embeddings(text_encoder))
 
-    def unet_call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        sess = self._session(*self._unet_args(tuple(x.shape[1:])))
-        out = sess.run(None, {"x": _np(x), "t": t.cpu().numpy().astype(np.int64), "context": _np(context)})[0]
-        return torch.from_numpy(out).to(x.device)
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        sess = self._session(*self._decoder_args(tuple(z.shape[1:])))
-        return torch.from_numpy(sess.run(None, {"z": _np(z)})[0]).to(z.device)
-
 
 def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().cpu().contiguous().numpy()
 
 
-class _OnnxDecoder:
-    """Stands in for the autoencoder in the pipeline: decode through ONNX, the rest as before."""
+class OnnxBackend:
+    """The U-Net's and the decoder's calls (``ldm.backends.Backend``) run by ONNX Runtime, fp32 on the
+    CPU: one session per graph and latent size, the graph exported (or found cached) on first use."""
 
-    def __init__(self, autoencoder, graphs: OnnxGraphs):
-        self._autoencoder, self._graphs = autoencoder, graphs
+    name = "onnx"
 
-    def __getattr__(self, name):
-        return getattr(self._autoencoder, name)
+    def __init__(self, graphs: OnnxGraphs):
+        self.graphs = graphs
+        self.sessions: dict[tuple, object] = {}
 
-    def decode(self, z):
-        return self._graphs.decode(z)
+    @classmethod
+    def for_modules(cls, unet, autoencoder, text_encoder, bundle: Optional[str] = None) -> "OnnxBackend":
+        """A backend over graphs of these torch modules; ``bundle``: the folder they were loaded from
+        (graphs are cached beside it, keyed by its hash), or None for modules not saved ("unsaved")."""
+        from ldm.bundle import bundle_hash
 
+        context = text_encoder.empty_context(1)  # (1, L, D)
+        key = bundle_hash(bundle) if bundle else "unsaved"
+        return cls(OnnxGraphs(unet, autoencoder, tuple(context.shape[1:]), bundle, key))
 
-def use_onnx(pipe) -> None:
-    """Switch a torch Text2ImagePipeline (fp32, CPU) to ONNX Runtime for the U-Net and the decoder."""
-    from ldm.bundle import bundle_hash
+    def _session(self, graph, latent_shape: tuple[int, int, int]):
+        if (graph.__name__, latent_shape) not in self.sessions:
+            self.sessions[graph.__name__, latent_shape] = session(graph(latent_shape))
+        return self.sessions[graph.__name__, latent_shape]
 
-    if pipe.device.type != "cpu" or pipe.dtype != torch.float32:
-        raise ValueError("backend='onnx' runs fp32 on the CPU; use backend='torch' for other devices and dtypes")
-    context = pipe.text_encoder.empty_context(1)  # (1, L, D)
-    key = bundle_hash(pipe.name_or_path) if pipe.name_or_path else "unsaved"
-    graphs = OnnxGraphs(pipe.unet, pipe.autoencoder, tuple(context.shape[1:]), pipe.name_or_path, key)
-    pipe.unet = graphs.unet_call
-    pipe.call_style = "plain"
-    pipe.autoencoder = _OnnxDecoder(pipe.autoencoder, graphs)
-    pipe.onnx = graphs
+    def unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        sess = self._session(self.graphs.unet_graph, tuple(x_t.shape[1:]))
+        out = sess.run(None, {"x": _np(x_t), "t": t.cpu().numpy().astype(np.int64), "context": _np(context)})[0]
+        return torch.from_numpy(out).to(x_t.device)  # (B, C, h, w)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        sess = self._session(self.graphs.decoder_graph, tuple(z.shape[1:]))
+        return torch.from_numpy(sess.run(None, {"z": _np(z)})[0]).to(z.device)  # (B, 3, H, W)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 
-from ldm.bundle import check_bundle, replace_dir
+from ldm.bundle import check_bundle
+from ldm_io import atomic_directory
 
 PathLike = str | os.PathLike
 PARTS = ("unet", "vae", "text_encoder")
@@ -61,10 +61,8 @@ def pack_bundle(src: PathLike, out: PathLike, *, dtype: str = "float16",
     if final.resolve() == root.resolve():
         raise ValueError(f"out={out} is the source bundle; write the packed copy to another folder")
     keep = caption_token_ids(root, keep_captions) if keep_captions is not None else None
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     sizes: dict[str, int] = {}
-    try:
+    with atomic_directory(final) as tmp:
         shutil.copytree(root, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("onnx", "*.old"))
         for part in PARTS:
             for path in sorted((tmp / part).glob("*.safetensors")):
@@ -74,8 +72,4 @@ def pack_bundle(src: PathLike, out: PathLike, *, dtype: str = "float16",
                     state = compact_token_table(state, keep)
                 save_file(state, str(path), metadata={"format": "pt"})
                 sizes[f"{part} after"] = sizes.get(f"{part} after", 0) + path.stat().st_size
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sizes

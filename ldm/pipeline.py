@@ -6,6 +6,9 @@
 Image i of a call (counting prompts, then images per prompt) is made from seed + i alone: its
 starting noise and the noise of its stochastic sampler steps come from its own generator, so
 ``pipe(p, seed=s + i, num_images=1)`` makes that image again, whatever the batch size.
+
+The U-Net and the decoder run through the pipeline's backend (``ldm.backends``: torch, or ONNX
+Runtime), an object the pipeline is given when it is built.
 """
 
 from __future__ import annotations
@@ -16,23 +19,15 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from ldm.backends import Backend, TorchBackend, make_backend
+from ldm.bundle import load_parts
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.samplers import METHODS, randn, sample
-from ldm.schedule import NoiseSchedule
+from ldm.schedule import NoiseSchedule, SamplingConfig
 
 Prompts = Union[str, Sequence[str]]
 # progress(done_steps, total_steps) after every sampler step of every batch
 Progress = Callable[[int, int], None]
-
-
-@dataclass
-class SamplingConfig:
-    """How the model was trained to be sampled (the bundle's scheduler config)."""
-
-    prediction: str = "eps"  # eps | x0 | v
-    timestep_spacing: str = "leading"  # leading | trailing | linspace
-    steps_offset: int = 0  # Stable Diffusion uses 1 with leading spacing
-    clip_x0: Optional[float] = None  # clamp the predicted x0 to [-clip_x0, clip_x0]; None = off
 
 
 @dataclass
@@ -64,8 +59,7 @@ class Text2ImagePipeline:
 
     Args:
         unet: a conditional denoiser; ``unet(x_t, t, encoder_hidden_states=context).sample``
-            (diffusers' ``UNet2DConditionModel``), or any callable ``unet(x_t, t, context)`` with
-            ``call_style="plain"`` (the ONNX backend uses this).
+            (diffusers' ``UNet2DConditionModel``).
         autoencoder: ``decode(latents) -> images`` in [-1, 1], ``downsample_factor``, ``latent_channels``
             (``vae.Autoencoder``).
         text_encoder: ``text_encoder(prompts) -> (context, pooled)`` and ``empty_context(batch)``
@@ -73,6 +67,9 @@ class Text2ImagePipeline:
         schedule: the training noise schedule.
         sampling: prediction type and timestep conventions of the model.
         sample_size: the latent size the U-Net was trained at (default height = width = sample_size * f).
+        backend: what runs the U-Net and the decoder (``ldm.backends``); default ``TorchBackend(unet, autoencoder)``.
+            The pipeline calls only the backend for them; ``unet`` and ``autoencoder`` stay the torch
+            modules (moved by ``to``, read for sizes and for export).
     """
 
     def __init__(
@@ -84,18 +81,16 @@ class Text2ImagePipeline:
         sampling: SamplingConfig = SamplingConfig(),
         *,
         sample_size: int = 8,
-        call_style: str = "diffusers",
+        backend: Optional[Backend] = None,
         name_or_path: Optional[str] = None,
     ):
-        if call_style not in ("diffusers", "plain"):
-            raise ValueError(f"call_style={call_style!r}; allowed: diffusers, plain")
         self.unet = unet
         self.autoencoder = autoencoder
         self.text_encoder = text_encoder
         self.schedule = schedule
         self.sampling = sampling
         self.sample_size = sample_size
-        self.call_style = call_style
+        self.backend = backend if backend is not None else TorchBackend(unet, autoencoder)
         self.name_or_path = name_or_path
         self.device = torch.device("cpu")
         self.dtype = torch.float32
@@ -104,10 +99,21 @@ class Text2ImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch") -> "Text2ImagePipeline":
-        """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``)."""
-        from ldm.bundle import load_pipeline
+        """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``).
+        ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``."""
+        parts = load_parts(path)
+        runner = make_backend(backend, parts.unet, parts.autoencoder, parts.text_encoder, bundle=str(parts.root),
+                              device=device, dtype=dtype)
+        pipe = cls(parts.unet, parts.autoencoder, parts.text_encoder, parts.schedule, parts.sampling,
+                   sample_size=parts.sample_size, backend=runner, name_or_path=str(parts.root))
+        return pipe.to(device or "cpu", dtype or torch.float32)
 
-        return load_pipeline(path, device=device, dtype=dtype, backend=backend)
+    def with_backend(self, backend: Backend) -> "Text2ImagePipeline":
+        """A pipeline over the same parts that runs the U-Net and the decoder through ``backend``."""
+        pipe = type(self)(self.unet, self.autoencoder, self.text_encoder, self.schedule, self.sampling,
+                          sample_size=self.sample_size, backend=backend, name_or_path=self.name_or_path)
+        pipe.device, pipe.dtype = self.device, self.dtype
+        return pipe
 
     def to(self, device=None, dtype=None) -> "Text2ImagePipeline":
         """Move every part to ``device``; ``dtype`` applies to the U-Net (the sampler stays float32)."""
@@ -130,10 +136,7 @@ class Text2ImagePipeline:
 
     def model(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The conditional denoiser the sampler drives: (B, C, h, w), (B,), (B, L, D) -> (B, C, h, w) float32."""
-        x_in, ctx = x_t.to(self.dtype), context.to(self.dtype)
-        if self.call_style == "plain":
-            return self.unet(x_in, t, ctx).float()
-        return self.unet(x_in, t, encoder_hidden_states=ctx).sample.float()
+        return self.backend.unet(x_t.to(self.dtype), t, context.to(self.dtype)).float()
 
     def request(self, prompt: Prompts, negative_prompt: Optional[Prompts], seed: int, num_images: int) -> GenerationRequest:
         """Expand prompts x images into one row per image with its negative prompt and seed."""
@@ -222,7 +225,7 @@ class Text2ImagePipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32."""
-        return self.autoencoder.decode(latents).float().clamp(-1, 1)
+        return self.backend.decode(latents).float().clamp(-1, 1)
 
     @torch.no_grad()
     def __call__(

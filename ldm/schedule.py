@@ -42,7 +42,8 @@ The derivations the samplers rely on (the "seeds"):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +64,16 @@ DIFFUSERS_BETA_SCHEDULE = {
 def _check_choice(name: str, value, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+
+
+@dataclass
+class SamplingConfig:
+    """How the model was trained to be sampled (the bundle's scheduler config, beside the schedule)."""
+
+    prediction: str = "eps"  # eps | x0 | v
+    timestep_spacing: str = "leading"  # leading | trailing | linspace
+    steps_offset: int = 0  # Stable Diffusion uses 1 with leading spacing
+    clip_x0: Optional[float] = None  # clamp the predicted x0 to [-clip_x0, clip_x0]; None = off
 
 
 # --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ A model that has learned anything shows alignment rising with w and diversity fa
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.pipeline import GenerationRequest, Text2ImagePipeline, to_pil
+from ldm_io import atomic_path, save_image, write_text
 
 
 @dataclass
@@ -131,19 +133,19 @@ def labelled_grid(result: SweepResult) -> Image.Image:
 
 
 def write_outputs(result: SweepResult, out: Path) -> dict[str, Path]:
-    """grid.png, metrics.csv, metrics.json and metrics.png (metrics against w) in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """grid.png, metrics.csv, metrics.json and metrics.png (metrics against w) in ``out``, each written atomically."""
     paths = {name: out / name for name in ("grid.png", "metrics.csv", "metrics.json", "metrics.png")}
-    labelled_grid(result).save(paths["grid.png"])
+    save_image(labelled_grid(result), paths["grid.png"])
     names = sorted({k for m in result.metrics.values() for k in m})
-    with open(paths["metrics.csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["guidance"] + names)
-        for w in result.weights:
-            writer.writerow([w] + [result.metrics.get(w, {}).get(n, "") for n in names])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["guidance"] + names)
+    for w in result.weights:
+        writer.writerow([w] + [result.metrics.get(w, {}).get(n, "") for n in names])
+    write_text(paths["metrics.csv"], table.getvalue())
     record = {"prompts": result.prompts, "seeds": result.seeds, "weights": result.weights,
               "metrics": {str(w): result.metrics.get(w, {}) for w in result.weights}}
-    paths["metrics.json"].write_text(json.dumps(record, indent=2))
+    write_text(paths["metrics.json"], json.dumps(record, indent=2))
     plot_metrics(result, names, paths["metrics.png"])
     return paths
 
@@ -167,5 +169,6 @@ def plot_metrics(result: SweepResult, names: list[str], path: Path) -> None:
     if not names:
         axes.flat[0].text(0.5, 0.5, "no metrics (no CLIP scorer, not shapes prompts)", ha="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

@@ -90,8 +90,7 @@ def text_encoder(seed=0):
 def build_bundle(folder: Path) -> Path:
     """One of our bundles: a tiny VQ-VAE (f = 4), a tiny open_clip CLIP and a tiny U-Net, random weights."""
     from ldm.bundle import save_bundle
-    from ldm.pipeline import SamplingConfig
-    from ldm.schedule import NoiseSchedule
+    from ldm.schedule import NoiseSchedule, SamplingConfig
     from vae import AutoencoderConfig, build_autoencoder
 
     torch.manual_seed(0)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from ldm.backends import TorchBackend, make_backend
+from ldm.onnx_backend import OnnxBackend
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
 from pipeline_fakes import FakeAutoencoder, FakeTextEncoder, tiny_unet
@@ -19,10 +21,11 @@ class CountingUNet(torch.nn.Module):
         return self.inner(x, t, encoder_hidden_states=encoder_hidden_states)
 
 
-def make_pipe():
-    unet = CountingUNet(tiny_unet())
-    return Text2ImagePipeline(unet, FakeAutoencoder(), FakeTextEncoder(), NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012),
-                              SamplingConfig(), sample_size=8)
+def make_pipe(onnx=False):
+    unet, autoencoder, text_encoder = CountingUNet(tiny_unet()), FakeAutoencoder(), FakeTextEncoder()
+    backend = OnnxBackend.for_modules(unet.inner, autoencoder, text_encoder) if onnx else None
+    return Text2ImagePipeline(unet, autoencoder, text_encoder, NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012),
+                              SamplingConfig(), sample_size=8, backend=backend)
 
 
 def test_images_and_one_batched_unet_call_per_step():
@@ -89,13 +92,45 @@ def test_bad_input(kwargs, message):
 
 
 def test_onnx_backend_gives_the_same_images(tmp_path, monkeypatch):
-    from ldm.onnx_backend import use_onnx
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    torch_pipe, onnx_pipe = make_pipe(), make_pipe()
-    onnx_pipe.unet = onnx_pipe.unet.inner
-    use_onnx(onnx_pipe)
+    torch_pipe, onnx_pipe = make_pipe(), make_pipe(onnx=True)
     kwargs = dict(prompt=["a koala", "a cat", "a dog"], steps=4, guidance=3.0, seed=0, height=32, width=24, output="tensor")
     ref, got = torch_pipe(**kwargs), onnx_pipe(**kwargs)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in (tmp_path / "ldm-toolkit" / "onnx" / "unsaved").glob("*.onnx")) == ["decoder-8x6.onnx", "unet-8x6.onnx"]
+
+
+class RecordingBackend(TorchBackend):
+    """The torch backend, noting each call the pipeline makes to it."""
+
+    def __init__(self, unet, autoencoder):
+        super().__init__(unet, autoencoder)
+        self.calls = []
+
+    def unet(self, x_t, t, context):
+        self.calls.append("unet")
+        return super().unet(x_t, t, context)
+
+    def decode(self, z):
+        self.calls.append("decode")
+        return super().decode(z)
+
+
+def test_the_pipeline_runs_the_unet_and_decoder_only_through_its_backend():
+    pipe = make_pipe()
+    recording = RecordingBackend(pipe.unet, pipe.autoencoder)
+    given = pipe.with_backend(recording)
+    kwargs = dict(prompt=["a koala", "a cat"], steps=3, guidance=3.0, seed=0, output="tensor")
+    torch.testing.assert_close(given(**kwargs), pipe(**kwargs), rtol=0, atol=0)
+    assert recording.calls == ["unet"] * 3 + ["decode"]
+    assert pipe.backend is not recording  # the first pipeline keeps its own backend
+
+
+def test_make_backend_names_and_refusals():
+    unet, autoencoder, text_encoder = tiny_unet(), FakeAutoencoder(), FakeTextEncoder()
+    assert isinstance(make_backend("torch", unet, autoencoder, text_encoder), TorchBackend)
+    assert isinstance(make_backend("auto", unet, autoencoder, text_encoder, dtype=torch.bfloat16), TorchBackend)
+    with pytest.raises(ValueError, match="backend='onnx' runs fp32 on the CPU"):
+        make_backend("onnx", unet, autoencoder, text_encoder, device="cuda")
+    with pytest.raises(ValueError, match="backend='tensorrt' is not supported; allowed values: auto, torch, onnx"):
+        make_backend("tensorrt", unet, autoencoder, text_encoder)

@@ -66,9 +66,9 @@ def run_page(browser, **values):
 
 
 def python_image(bundle, *, negative, steps, method, eta, guidance, seed):
-    from ldm.bundle import load_pipeline
+    from ldm.pipeline import Text2ImagePipeline
 
-    pipe = load_pipeline(bundle, backend="onnx")
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     images = pipe(PROMPT, negative or None, steps=steps, method=method, eta=eta, guidance=guidance, seed=seed,
                   output="tensor")
     return ((images[0].clamp(-1, 1) / 2 + 0.5) * 255).round().permute(1, 2, 0).numpy()  # (H, W, 3) as to_pil

@@ -83,12 +83,12 @@ def test_table_lists_every_sampler_and_step_count():
 @pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.5)])
 def test_rows_and_exported_noise_reproduce_the_pipeline(tmp_path, method, eta):
     """The page's recipe (rows + the exporter's noise for a seed) gives the pipeline's latents for that seed."""
-    from ldm.bundle import load_pipeline
+    from ldm.pipeline import Text2ImagePipeline
     from ldm.guidance import ClassifierFreeGuidance
     from ldm.testing import build_bundle
     from ldm.web.export import noise_draws
 
-    pipe = load_pipeline(build_bundle(tmp_path / "bundle"))
+    pipe = Text2ImagePipeline.from_pretrained(build_bundle(tmp_path / "bundle"))
     steps, seed, guidance = 6, 3, 3.0
     req = pipe.request("koala, twemoji style", "blurry", seed, 1)
     ref = pipe.generate_latents(req, steps=steps, method=method, eta=eta, guidance=guidance)[0].numpy()  # (C, h, w)

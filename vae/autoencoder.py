@@ -10,9 +10,6 @@ The pipeline and the U-Net trainer only ever see this class; which kind sits beh
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -20,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_io import atomic_directory
 from vae.config import AutoencoderConfig
 
 CONFIG_NAME = "config.json"
@@ -133,22 +131,9 @@ class Autoencoder(nn.Module):
     def save_pretrained(self, folder: Union[str, Path]) -> Path:
         """Write ``folder`` (config.json + diffusion_pytorch_model.safetensors) atomically: a sibling
         temporary folder is filled and renamed into place, so a reader never sees half a folder."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
+        with atomic_directory(folder) as tmp:
             self.model.save_pretrained(tmp, safe_serialization=True)
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return folder
+        return Path(folder)
 
 
 def build_autoencoder(config: AutoencoderConfig, sample_posterior: bool = False) -> Autoencoder:

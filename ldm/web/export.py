@@ -55,18 +55,19 @@ def export_site(
     default_prompt: str = "koala, twemoji style",
 ) -> Path:
     """Write the site for ``bundle`` to ``out`` (atomically: a sibling folder renamed into place)."""
-    from conditioning.files import atomic_directory
-    from ldm.bundle import bundle_hash, load_pipeline
+    from ldm.bundle import bundle_hash
     from ldm.onnx_backend import OnnxGraphs
+    from ldm.pipeline import Text2ImagePipeline
     from ldm.web.coefficients import sampler_table
     from ldm.web.tokenizer_spec import tokenizer_spec
     from ldm.web.vendor import vendor_ort_web
+    from ldm_io import atomic_directory
 
     if not isinstance(seeds, int) or seeds < 0:
         raise ValueError(f"seeds={seeds!r} must be an integer >= 0 (how many seeds, from 0, get Python's noise)")
     if any(not e >= 0 for e in etas):
         raise ValueError(f"etas={list(etas)} must all be >= 0")
-    pipe = load_pipeline(bundle, backend="torch")
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="torch")
     latent_shape = pipe.latent_shape(height, width)  # (C, h, w)
     tokens = pipe.text_encoder.tokenize([""])  # (1, L)
     context = pipe.text_encoder.empty_context(1)  # (1, L, D)
@@ -79,8 +80,7 @@ def export_site(
         "decoder.onnx": graphs.decoder_graph(latent_shape),
     }
 
-    with atomic_directory(out) as tmp:
-        tmp.chmod(0o755)  # a site folder others may serve
+    with atomic_directory(out) as tmp:  # the folder's mode follows the umask, as mkdir's does
         for name in PAGE_FILES:
             shutil.copyfile(STATIC / name, tmp / name)
         ort_version = vendor_ort_web(tmp)

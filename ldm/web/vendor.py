@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ldm_io import atomic_directory
+
 ORT_WEB_VERSION = "1.30.0"  # the one pin of onnxruntime-web
 ORT_WEB_FILES = ("ort.min.js", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 
@@ -42,16 +44,11 @@ def ort_web_dir(cache: Optional[Path] = None) -> Path:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise FileNotFoundError(f"npm pack onnxruntime-web@{ORT_WEB_VERSION} failed ({last}); the page needs it "
                                     f"and fetches it from the npm registry only")
-        staging = Path(tmp) / "files"
-        staging.mkdir()
-        with tarfile.open(tarballs[0]) as tar:
+        with tarfile.open(tarballs[0]) as tar, atomic_directory(folder) as staging:
             for name in ORT_WEB_FILES:
                 member = tar.getmember(f"package/dist/{name}")
                 with tar.extractfile(member) as src, open(staging / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
     return folder
 
 

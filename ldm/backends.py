@@ -1,0 +1,68 @@
+"""Backends: what runs the U-Net and the decoder for the pipeline.
+
+A backend is an object with two calls, given to ``Text2ImagePipeline`` when it is built
+(as ``denoise`` is given to the sampler), never patched into a built pipeline:
+
+    backend.unet(x_t, t, context) -> output   # (B, C, h, w), (B,) long, (B, L, D) -> (B, C, h, w)
+    backend.decode(z) -> images                # scaled latents (B, C, h, w) -> (B, 3, H, W), about [-1, 1]
+
+``TorchBackend`` calls the torch modules; ``ldm.onnx_backend.OnnxBackend`` runs the same modules
+exported to ONNX Runtime (fp32, CPU). ``make_backend`` builds one by name for ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+class Backend(Protocol):
+    name: str
+
+    def unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchBackend:
+    """The torch modules themselves: a diffusers-style U-Net (``unet(x, t, encoder_hidden_states=c).sample``)
+    and an autoencoder with ``decode`` (``vae.Autoencoder``). They run on whatever device and dtype they are on."""
+
+    name = "torch"
+
+    def __init__(self, unet: torch.nn.Module, autoencoder):
+        self.unet_module, self.autoencoder = unet, autoencoder
+
+    def unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet_module(x_t, t, encoder_hidden_states=context).sample  # (B, C, h, w)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(z)  # (B, 3, H, W)
+
+
+def resolve_backend(backend: str, device=None, dtype=None) -> str:
+    """``auto`` is the fastest exact path: ONNX Runtime for fp32 on the CPU (see
+    bench/bench_pipeline.py), PyTorch everywhere else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not supported; allowed values: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    cpu_fp32 = torch.device(device or "cpu").type == "cpu" and (dtype or torch.float32) == torch.float32
+    return "onnx" if cpu_fp32 else "torch"
+
+
+def make_backend(backend: str, unet, autoencoder, text_encoder, *, bundle: Optional[str] = None,
+                 device=None, dtype=None) -> Backend:
+    """The backend named ``backend`` (torch, onnx or auto) over these modules, for a pipeline that
+    runs on ``device`` in ``dtype``; ``bundle`` is the folder they were loaded from (the ONNX graph cache)."""
+    name = resolve_backend(backend, device, dtype)
+    if name == "torch":
+        return TorchBackend(unet, autoencoder)
+    if torch.device(device or "cpu").type != "cpu" or (dtype or torch.float32) != torch.float32:
+        raise ValueError("backend='onnx' runs fp32 on the CPU; use backend='torch' for other devices and dtypes")
+    from ldm.onnx_backend import OnnxBackend
+
+    return OnnxBackend.for_modules(unet, autoencoder, text_encoder, bundle)

@@ -1,0 +1,131 @@
+"""Atomic writes: a file or a folder appears complete under its final name, or not at all.
+
+    with atomic_path(out / "weights.safetensors") as tmp:     # a file
+        save_file(state, str(tmp))
+    with atomic_directory(out / "bundle") as tmp:              # a folder
+        (tmp / "model_index.json").write_text("{}")
+    write_text(out / "metrics.json", text)                     # conveniences over atomic_path
+    save_image(image, out / "grid.png", pnginfo=info)
+
+Each writer gets a temporary name in the destination's own folder (``.<name>.<random>.tmp``, so
+the final ``os.replace`` is a rename on one file system); on success it is renamed into place,
+on any error (an exception, Ctrl-C) it is removed and whatever was under the final name before
+is left untouched. A folder that already exists under the final name is moved aside
+(``.<name>.<random>.old``) and deleted only after the new one is in place.
+
+Temporary files and folders are created with the modes ``open`` and ``mkdir`` give (0o666 and
+0o777 less the umask), not ``tempfile``'s owner-only 0o600 / 0o700, so what lands under the final
+name has the permissions a plain write would have given it.
+
+Standard library only: every package of the project (``ldm``, ``vae``, ``conditioning``,
+``train``) may import it, and it imports none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator, Union
+
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["atomic_directory", "atomic_path", "save_image", "write_bytes", "write_text"]
+
+# Pillow's format names for the file suffixes save_image infers a format from.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}
+
+
+def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new name ``.<name>.<random><suffix>`` beside ``path``, created by ``create`` (which must
+    fail with FileExistsError when the name is taken, so two writers never share one)."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            create(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not find a free temporary name beside {path}")
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode less the umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path`` (an empty file already exists there; write over it);
+    rename it to ``path`` when the block succeeds. Missing parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, ".tmp", _new_file)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it replaces ``path`` when the block succeeds.
+
+    An existing ``path`` is renamed aside first and removed only once the new folder is in place, so
+    at every moment ``path`` is either the old folder or the new one. Missing parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, ".tmp", os.mkdir)  # mode 0o777 less the umask
+    try:
+        yield tmp
+        old = None
+        if os.path.lexists(path):
+            old = _sibling(path, ".old", os.mkdir)
+            try:
+                os.replace(path, old)  # a folder renamed onto an empty folder replaces it
+            except BaseException:
+                os.rmdir(old)
+                raise
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # put the old folder back
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns ``path`` as a Path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; returns ``path`` as a Path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def save_image(image, path: PathLike, *, format: str | None = None, **params) -> Path:
+    """Save a PIL image to ``path`` atomically, ``image.save(tmp, format=..., **params)`` (e.g.
+    ``pnginfo=PngInfo()``); the format comes from the suffix of ``path`` unless given."""
+    path = Path(path)
+    if format is None:
+        if path.suffix.lower() not in IMAGE_FORMATS:
+            raise ValueError(f"cannot tell an image format from {path.name!r}; use one of "
+                             f"{', '.join(IMAGE_FORMATS)} or pass format=")
+        format = IMAGE_FORMATS[path.suffix.lower()]
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=format, **params)
+    return path
