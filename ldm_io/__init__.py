@@ -70,18 +70,33 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Every file under ``folder`` on disk (so a rename that makes it visible cannot outlive its contents)."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 @contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[Path]:
+def atomic_directory(path: PathLike, *, durable: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; it replaces ``path`` when the block succeeds.
 
     An existing ``path`` is renamed aside first and removed only once the new folder is in place, so
     at every moment ``path`` is either the old folder or the new one. Missing parent folders are created.
+    ``durable``: fsync every file before the rename (checkpoints, caches: a power cut cannot leave a
+    complete-looking folder of empty files). ``keep_existing``: when ``path`` exists by the time the
+    block succeeds (another process wrote the same thing first), keep that one and drop ours.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, ".tmp", os.mkdir)  # mode 0o777 less the umask
     try:
         yield tmp
+        if durable:
+            _fsync_tree(tmp)
+        if keep_existing and os.path.lexists(path):
+            return
         old = None
         if os.path.lexists(path):
             old = _sibling(path, ".old", os.mkdir)

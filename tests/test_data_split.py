@@ -4,7 +4,8 @@ import json
 
 from PIL import Image
 
-from train.data.split import caption_index, heldout_flags, heldout_keys, load_split
+from train.data import heldout_keys, load_split
+from train.data.split import caption_index, heldout_flags
 
 
 def make_folder(folder, n, split=False, captions=1):

@@ -17,7 +17,7 @@ from conditioning import load_clip_scorer, load_text_encoder
 from conditioning.clip_model import build_open_clip_model
 from ldm.cli import main
 from train.run.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from train.data.split import heldout_keys, load_split
+from train.data import heldout_keys, load_split
 from train.run.log import read_csv
 from train_fakes import read_checkpoint, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from train.clip.config import load_train_config

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from train.data.split import load_split
+from train.data import load_split
 from train.unet.cache import LatentCache, build_cache
 from train_fakes import (TrainFakeAutoencoder, count_calls, make_imagefolder, tiny_config, tiny_text_encoder,  # noqa: F401
                          one_thread)

@@ -265,7 +265,7 @@ def test_trains_on_the_training_rows_of_the_shared_split(tmp_path):
     data = make_data(tmp_path / "data", n_train=32, n_test=0)
     split = load_vae_split(data, 0.2, progress=False)
     assert split.heldout is split.train and split.heldout_rows and len(split.train_rows) + len(split.heldout_rows) == 32
-    from train.data.split import heldout_keys, load_split
+    from train.data import heldout_keys, load_split
 
     assert heldout_keys(split) == heldout_keys(load_split(data, 0.2, progress=False, min_size=1))
     train_vae(config(tmp_path, "train.max_steps=1", "data.holdout_fraction=0.2"), progress=False)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from train.clip.config import ClipDataConfig, ClipTrainConfig
 from train.data import CaptionedImages
-from train.data.split import load_split
+from train.data import load_split
 
 
 class PairSet:

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from conditioning.clip_model import build_open_clip_model
-from conditioning.files import atomic_path
 from conditioning.open_clip_backend import OpenCLIPTextEncoder
 from train.clip.config import ClipTrainConfig
 from train.clip.data import augment, load_pair_sets
 from train.clip.eval import evaluate
 from train.clip.model import ContrastivePair, param_groups
+from ldm_io import write_text
 from train.run import checkpoint as ckpt
 from train.run.log import RunLog
 from train.run.lr import build_lr_scheduler, build_optimizer
@@ -245,8 +245,7 @@ class ClipTrainer:
             encoder.save_pretrained(self.output_dir)
             summary = {"step": step, "parameters": sum(p.numel() for p in self.unwrapped.clip.parameters()),
                        "train_seconds": round(time.time() - self.started, 1), **metrics}
-            with atomic_path(self.output_dir / "metrics.json") as tmp:
-                tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+            write_text(self.output_dir / "metrics.json", json.dumps(summary, indent=2))
             log.message(f"train-clip: wrote {self.output_dir / 'text_encoder'} and {self.output_dir / 'tokenizer'}")
         self.accelerator.wait_for_everyone()
         return metrics

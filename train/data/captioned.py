@@ -33,10 +33,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from train.data.sources import MISSING_CAPTION, Source, caption_list, open_source
-from train.data.split import caption_index
+from train.data.split import caption_index, heldout_flags
 from train.data.images import ImageError, ImageTransform, decode_image
 
-__all__ = ["CaptionedImages", "DataSummary", "ImageTransform", "clip_token_count", "load_captioned_images"]
+__all__ = ["CaptionedImages", "DataSummary", "ImageTransform", "Split", "clip_token_count", "heldout_keys",
+           "load_captioned_images", "load_captions", "load_split"]
 
 MAX_TOKENS = 77  # CLIP's context length, start and end tokens included
 EMPTY_CAPTION = "empty caption"
@@ -239,3 +240,42 @@ def load_captioned_images(
             longest = max(longest, tokens)
     summary = DataSummary(str(path), source.format, split, len(rows), dict(skipped), n_captions, n_long, longest, max_tokens)
     return CaptionedImages(source, refs, captions, rows, summary, transform, seed)
+
+
+@dataclass
+class Split:
+    """A data set cut into training and held-out rows (indices into ``train`` and ``heldout``)."""
+
+    train: CaptionedImages
+    train_rows: list[int]
+    heldout: CaptionedImages  # the test split's own rows, or the same object as ``train``
+    heldout_rows: list[int]
+
+    def summary(self) -> str:
+        same = self.heldout is self.train
+        lines = [str(self.train.summary())] + ([] if same else [str(self.heldout.summary())])
+        how = "by a hash of each image's path" if same else "the data set's test split"
+        lines.append(f"held out: {len(self.heldout_rows)} images ({how}); training on {len(self.train_rows)}")
+        return "\n".join(lines)
+
+
+def load_split(path: Union[str, Path], holdout_fraction: float, **load_kw) -> Split:
+    """``path`` loaded by ``train.data.load_captioned_images`` (``load_kw``) and split by the held-out rule."""
+    train = load_captioned_images(path, split="train", **load_kw)
+    if len(train):
+        test = load_captioned_images(path, split="test", **load_kw)
+        if len(test):
+            return Split(train, list(range(len(train))), test, list(range(len(test))))
+    else:
+        train = load_captioned_images(path, split=None, **load_kw)
+    if not len(train):
+        raise ValueError(f"{path}: no usable (image, caption) pair; see `ldm data check {path}`")
+    flags = heldout_flags([train.key(i) for i in range(len(train))], holdout_fraction)
+    return Split(train, [i for i, f in enumerate(flags) if not f], train, [i for i, f in enumerate(flags) if f])
+
+
+def heldout_keys(split: Split) -> list[str]:
+    """The keys of the held-out images (what a test compares across trainers)."""
+    return [split.heldout.key(i) for i in split.heldout_rows]
+
+

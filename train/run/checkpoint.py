@@ -31,7 +31,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from conditioning.files import atomic_directory
+from ldm_io import atomic_directory
 
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -91,7 +91,7 @@ def save_checkpoint(
 
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / checkpoint_name(step)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, durable=True) as tmp:  # on disk before the rename makes the checkpoint visible
         weights = model if isinstance(model, dict) else model.state_dict()
         save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         for name, opt in ({"optimizer": optimizer} | (extra_optimizers or {})).items():
@@ -101,9 +101,6 @@ def save_checkpoint(
         for name, group in (extra or {}).items():
             save_file({k: v.detach().to("cpu").contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2), encoding="utf-8")
-        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
     if keep_last > 0:
         for old in list_checkpoints(checkpoint_dir)[:-keep_last]:
             trash = old.with_name(f".{old.name}.trash")  # never a half-deleted folder under a step-* name

@@ -31,7 +31,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
-from conditioning.files import atomic_path
+from ldm_io import write_text
 
 T = TypeVar("T")
 
@@ -249,5 +249,4 @@ def load_config(cls: type[T], path: Optional[str | os.PathLike] = None, override
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write a dataclass config as YAML, atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

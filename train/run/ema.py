@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from train.unet.config import EMAConfig
+from train.run.sections import EMAConfig
 
 
 def build_ema(config: EMAConfig, parameters: Iterable[torch.nn.Parameter]):

@@ -1,5 +1,5 @@
 """The config sections every trainer shares: ``train`` (the loop), ``optim`` (AdamW and its
-learning-rate rule) and ``checkpoint``. A stage's config is these plus its own sections (model,
+learning-rate rule) and ``checkpoint``, and ``ema`` for a trainer that keeps an EMA of its weights. A stage's config is these plus its own sections (model,
 data, loss, ...); a stage that needs more loop settings subclasses ``RunConfig``.
 
 One dialect for every stage: the run folder is ``train.output_dir``, full precision is ``fp32``,
@@ -116,3 +116,21 @@ class CheckpointConfig:
     def __post_init__(self):
         if self.every < 1 or self.keep_last < 1:
             raise ValueError(f"checkpoint.every={self.every} and checkpoint.keep_last={self.keep_last} must be >= 1")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (diffusers' EMAModel); the bundle gets these."""
+
+    enabled: bool = True
+    decay: float = 0.9999  # the largest decay
+    min_decay: float = 0.0
+    update_after_step: int = 0  # optimizer steps before the average starts to move
+    # warm-up: decay_n = 1 - (1 + n / inv_gamma) ** -power (on) or (1 + n) / (10 + n) (off), capped at decay
+    warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75  # 3/4 reaches 0.999 at 10k steps; 2/3 at 31.6k steps
+
+    def __post_init__(self):
+        if not 0 <= self.min_decay <= self.decay <= 1:
+            raise ValueError(f"need 0 <= ema.min_decay <= ema.decay <= 1; got {self.min_decay}, {self.decay}")

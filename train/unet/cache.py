@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +36,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from train.data.split import Split, caption_index, load_split
+from ldm_io import atomic_directory
+from train.data import Split, load_split
+from train.data.split import caption_index
 from train.unet.config import CacheConfig, DataConfig
 
 FORMAT_VERSION = 4
@@ -151,9 +150,8 @@ def write_cache(folder: Path, key: dict, data: Split, autoencoder, text_encoder,
 
     rows = [(data.train, i, False) for i in data.train_rows] + [(data.heldout, i, True) for i in data.heldout_rows]
     n = len(rows)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    # another process that finished the same cache first keeps its folder
+    with atomic_directory(folder, durable=True, keep_existing=True) as tmp:
         latents = None
         bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
         for start in range(0, n, batch_size):
@@ -179,16 +177,6 @@ def write_cache(folder: Path, key: dict, data: Split, autoencoder, text_encoder,
         meta = {"key": key, "captions": captions, "keys": [ds.key(i) for ds, i, _ in rows], "distinct_captions": distinct,
                 "contexts": contexts.path.name, "summary": data.summary()}
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if folder.exists():  # another process finished the same cache first; keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

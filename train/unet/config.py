@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ldm.unet import UNetConfig
-from train.run.sections import CheckpointConfig, OptimConfig, RunConfig
+from train.run.sections import CheckpointConfig, EMAConfig, OptimConfig, RunConfig
 
 DEFAULT_VALIDATION_PROMPTS = ["koala, twemoji style", "red apple, noto style"]
 
@@ -98,24 +98,6 @@ class UNetRunConfig(RunConfig):
         super().__post_init__()
         if self.max_consecutive_nonfinite < 1:
             raise ValueError(f"train.max_consecutive_nonfinite={self.max_consecutive_nonfinite} must be >= 1")
-
-
-@dataclass
-class EMAConfig:
-    """Exponential moving average of the trained weights (diffusers' EMAModel); the bundle gets these."""
-
-    enabled: bool = True
-    decay: float = 0.9999  # the largest decay
-    min_decay: float = 0.0
-    update_after_step: int = 0  # optimizer steps before the average starts to move
-    # warm-up: decay_n = 1 - (1 + n / inv_gamma) ** -power (on) or (1 + n) / (10 + n) (off), capped at decay
-    warmup: bool = True
-    inv_gamma: float = 1.0
-    power: float = 0.75  # 3/4 reaches 0.999 at 10k steps; 2/3 at 31.6k steps
-
-    def __post_init__(self):
-        if not 0 <= self.min_decay <= self.decay <= 1:
-            raise ValueError(f"need 0 <= ema.min_decay <= ema.decay <= 1; got {self.min_decay}, {self.decay}")
 
 
 @dataclass

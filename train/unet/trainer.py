@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import conditioning
+from ldm_io import save_image
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
 from ldm.unet import FP32AttentionProcessor
@@ -229,7 +230,7 @@ class LDMTrainer:
         if grid is not None:
             samples = self.output_dir / "samples"
             samples.mkdir(parents=True, exist_ok=True)
-            _save_png_atomic(grid, samples / f"step-{step:08d}.png")
+            save_image(grid, samples / f"step-{step:08d}.png")
             log.image("val/samples", step, grid)
         return values
 
@@ -423,12 +424,6 @@ class LDMTrainer:
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{values['images_per_s']:.1f}")
         sums.update(loss=0.0, n=0, t0=time.perf_counter(), cpu0=time.process_time(), images=0, steps=0)
-
-
-def _save_png_atomic(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 def train_from_config(config, *, resume: Optional[str] = None, autoencoder=None, text_encoder=None,

@@ -96,14 +96,11 @@ def holdout_fraction(args: argparse.Namespace) -> float:
 
 def write_grid(top, bottom, path: Path) -> None:
     """Two rows of images in [0, 1] (N, 3, H, W) -> one PNG, written atomically."""
-    import os
-
     import numpy as np
     from PIL import Image
 
+    from ldm_io import save_image
+
     rows = [np.concatenate(list(r.permute(0, 2, 3, 1).numpy()), axis=1) for r in (top, bottom)]  # (H, N*W, 3)
     grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_image(Image.fromarray(grid), path, format="PNG")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from train.data.captioned import CaptionedImages
-from train.data.split import Split, load_split
+from train.data import Split, load_split
 
 
 def load_vae_split(path: Union[str, Path], holdout_fraction: float, size: Optional[int] = None,
