@@ -35,8 +35,10 @@ and backward in fp32 and bf16, the frozen encoders, each AdamW kernel). Also pri
 torch.utils.flop_counter on one step, over wall time) against this machine's matmul peak, measured
 in the same run (2048^3 fp32 and bf16 matmuls).
 
-The defaults (2 rounds of 1 + 2 steps, 256 images) take ~4 minutes on 2 idle cores of this
-machine; on cores shared with other work a step takes several times longer.
+The defaults (2 rounds of 1 + 2 steps, 256 images) took 97 s on this machine's 2 cores when idle
+(AMD EPYC with AVX512-BF16: auto picked bf16, which ran 1.49x fp32 in the trainer), and 22 minutes
+beside other work (load average 5-8: two threads on shared cores wait on each other, every step
+~15x slower and the ratios noise; --threads 1 fares better there).
 
 The frozen encoders are the project's, built untrained from configs/vae/vq-f4-64.yaml and
 configs/clip/emoji.yaml (untrained weights cost the same as trained ones).

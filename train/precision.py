@@ -12,7 +12,8 @@ One thread: the ratio is a property of the cores' instructions, and on shared co
 multi-threaded probe measures the other processes (here, 2 threads beside busy processes gave
 bf16 0.63x fp32 where 1 thread gives 2.0x, every step ~50x slower).
 Hopeless bf16 is found in a few tenths of a second: the probe first times a 1/60 workload and
-stops there when bf16 is over ``HOPELESS`` times slower than fp32. ~0.3 s in all here (bf16 2.0x).
+stops there when bf16 is over ``HOPELESS`` times slower than fp32. ~0.3 s in all here (AMD EPYC with
+AVX512-BF16: bf16 1.6-2.6x fp32 over several runs).
 
 The probe runs once per process, and its result is kept in ``$LDM_CACHE/precision.json`` (else
 ``~/.cache/ldm-toolkit/precision.json``) keyed by the CPU's model string, its bf16-related
