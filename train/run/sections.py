@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-MIXED_PRECISION = ("auto", "fp32", "bf16", "fp16")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 # Keys of the three trainers' earlier dialects -> the key that replaced them.
 RENAMED = {
