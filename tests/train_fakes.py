@@ -79,7 +79,8 @@ def count_calls(encoder) -> list[list[str]]:
 
 
 def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: int = 7) -> Path:
-    """``n`` images of coloured shapes with captions ("a red circle"), every ``heldout_every``-th in split "test"."""
+    """``n`` images of coloured shapes with captions ("a red circle"), every ``heldout_every``-th in split "test"
+    (``heldout_every=0``: no split column)."""
     from PIL import ImageDraw
 
     folder = Path(folder)
@@ -99,7 +100,10 @@ def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: i
             d.rectangle((2, lo, size - 3, lo + size // 6), fill=COLOURS[colour])
         name = f"{i:04d}.png"
         im.save(folder / name)
-        rows.append({"file_name": name, "text": f"a {colour} {shape}", "split": "test" if i % heldout_every == heldout_every - 1 else "train"})
+        row = {"file_name": name, "text": f"a {colour} {shape}"}
+        if heldout_every:
+            row["split"] = "test" if i % heldout_every == heldout_every - 1 else "train"
+        rows.append(row)
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
