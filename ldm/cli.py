@@ -1,7 +1,10 @@
 """The ``ldm`` command line: one console script, one subcommand per job.
 
-Errors the user can fix (bad arguments, missing files) are printed as one line
-``ldm <command>: error: ...`` with exit code 2 and no traceback.
+Errors are printed as one line ``ldm <command>: error: ...`` with no traceback, and the exit code
+says whose they are (``EXIT_CODES``): 2 for what the user can fix (bad arguments, missing or wrong
+files, a folder that cannot be written), 3 for a fault of the machine (a full disk, out of memory,
+an I/O error), 130 for Ctrl-C. A training run that stops on its own (diverged) exits with 1. An
+exception of any other kind is a bug in the toolkit and keeps its traceback, for the report.
 
 Each subcommand lives in a module with two functions, ``add_arguments(parser)``
 and ``run(args) -> exit code``. The library's own subcommands are listed in
@@ -15,6 +18,7 @@ imported, and those modules import torch and friends inside ``run``, so
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from types import ModuleType
@@ -30,6 +34,12 @@ LIBRARY_COMMANDS = {
     "export-web": ("ldm.web.export_cli", "export a model as a static web page that generates images in the browser"),
     "serve-web": ("ldm.web.serve_cli", "serve an exported web page on 127.0.0.1 (with the headers wasm threads need)"),
 }
+
+EXIT_CODES = {0: "done", 1: "a training run stopped on its own (diverged)", 2: "a user error: arguments, inputs, outputs",
+              3: "a fault of the machine: disk full, out of memory, I/O error", 130: "interrupted (Ctrl-C)"}
+
+# errno values of an OSError that is the machine's fault, not the user's (exit 3)
+_MACHINE_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error"}
 
 # The order `ldm --help` lists them in.
 ORDER = ["generate", "sweep", "data", "train-vae", "eval-vae", "train-clip", "train", "finetune", "pack",
@@ -85,9 +95,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
-        print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001  (sorted by _error_line; bugs are re-raised there)
+        code, line = _error_line(exc)
+        print(f"ldm {args.command}: error: {line}", file=sys.stderr)
+        return code
+
+
+def _error_line(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an exception that reached the command line; re-raises a bug's."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted; what was written so far is complete (every file is renamed into place when done)"
+    if isinstance(exc, OSError) and exc.errno in _MACHINE_FAULTS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return 3, f"{_MACHINE_FAULTS[exc.errno]}{where}; free some space (or choose another folder) and run again"
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return 3, "out of memory; lower the batch size, the image size or the number of images"
+    if isinstance(exc, (UsageError, ValueError, OSError)):  # the user's to fix: arguments, files, folders
+        return 2, _one_line(exc)
+    raise exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (an OSError without its own message: its strerror and file)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename and str(exc).startswith("[Errno"):
+        text = f"{exc.filename}: {exc.strerror}"
+        if exc.errno == errno.EROFS:
+            text += " (a read-only file system); choose another folder"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            text += " (permission denied); choose a folder you can write to"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

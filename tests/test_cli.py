@@ -63,3 +63,33 @@ def test_finetune_takes_the_packaged_models_by_name_as_generate_does(name, tmp_p
 
 class _Done:
     bundle = None
+
+
+@pytest.mark.parametrize("exc,code,words", [
+    (ValueError("data.path is empty; give a folder"), 2, "data.path is empty"),
+    (FileNotFoundError(2, "No such file or directory", "conf.yaml"), 2, "conf.yaml: No such file or directory"),
+    (PermissionError(13, "Permission denied", "/out/x.png"), 2, "choose a folder you can write to"),
+    (OSError(30, "Read-only file system", "/mnt/ro/run"), 2, "a read-only file system"),
+    (IsADirectoryError(21, "Is a directory", "adir.png"), 2, "adir.png: Is a directory"),
+    (OSError(28, "No space left on device", "/runs/x/checkpoints"), 3, "no space left on the device writing /runs/x"),
+    (MemoryError(), 3, "out of memory"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_every_error_class_is_one_line_with_its_exit_code(exc, code, words, monkeypatch, capsys):
+    from train.unet import cli as ldm_cli
+
+    def run(args):
+        raise exc
+
+    monkeypatch.setattr(ldm_cli, "run", run)
+    assert main(["train", "c.yaml"]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ldm train: error: ") and words in err, err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    from train.unet import cli as ldm_cli
+
+    monkeypatch.setattr(ldm_cli, "run", lambda args: [][1])
+    with pytest.raises(IndexError):
+        main(["train", "c.yaml"])
