@@ -40,10 +40,12 @@ def test_contexts_are_computed_once_and_equal_the_encoders(encoder, tmp_path):
     assert emb.computed and calls.prompts == 4  # the 4 distinct captions, once each
     context, pooled = emb.batch(range(len(CAPTIONS)))
     ref_context, ref_pooled = encoder(CAPTIONS)
-    torch.testing.assert_close(context, ref_context, rtol=0, atol=1e-6)
-    torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=1e-6)
+    # the cache encoded batches of 2, the reference one batch of 5: other GEMM blockings and kernels give
+    # float32 results a few ulps apart (1.1e-6 seen on values ~3), so float tolerances scaled to |values| ~ 1-3
+    torch.testing.assert_close(context, ref_context, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-5)
     c3, p3 = emb[3]
-    assert c3.shape == (77, 16) and torch.allclose(c3, ref_context[3], atol=1e-6)
+    assert c3.shape == (77, 16) and torch.allclose(c3, ref_context[3], rtol=1e-5, atol=1e-5)
     stored = load_file(emb.path)  # a plain safetensors file
     assert stored["context"].shape == (4, 77, 16) and stored["pooled"].shape == (4, 16)
 
@@ -66,7 +68,8 @@ def test_changed_weights_or_captions_recompute(encoder, tmp_path):
     encoder.clear_cache()
     changed = cache.get(CAPTIONS)
     assert changed.computed and changed.path != first.path
-    torch.testing.assert_close(changed.batch([0])[0], encoder(CAPTIONS[:1])[0], rtol=0, atol=1e-6)
+    # a batch of 4 distinct captions against a batch of 1: equal up to float32 rounding
+    torch.testing.assert_close(changed.batch([0])[0], encoder(CAPTIONS[:1])[0], rtol=1e-5, atol=1e-5)
     assert cache.get(CAPTIONS + ["a new caption"]).computed
     assert len(list(tmp_path.glob("*.safetensors"))) == 3 and not list(tmp_path.glob(".*"))
 

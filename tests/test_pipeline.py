@@ -47,7 +47,9 @@ def test_each_image_is_reproducible_alone_from_its_seed():
     for method, eta in [("ddim", 0.0), ("ddpm", 0.0), ("ddim", 1.0)]:
         batch = pipe(["a koala", "a cat"], steps=5, method=method, eta=eta, seed=10, num_images=2, output="tensor")
         alone = pipe("a cat", steps=5, method=method, eta=eta, seed=13, num_images=1, output="tensor")  # image 3
-        torch.testing.assert_close(batch[3:], alone, rtol=1e-5, atol=1e-5)
+        # U-Net rows in a batch of 8 vs 2 round differently, and guidance 7.5 over 5 steps amplifies that
+        # (8.2e-6 seen with AVX2 kernels): 1e-4 on pixels in [-1, 1], far below the seeds' O(1) differences
+        torch.testing.assert_close(batch[3:], alone, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(batch[2], batch[3], atol=1e-3)  # different seeds differ
 
 

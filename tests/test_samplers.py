@@ -84,6 +84,8 @@ def test_a_generator_per_sample_makes_each_row_reproducible_alone():
     both = sample(denoise, x, SCHEDULE, method="ddpm", steps=20,
                   generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
     second = sample(denoise, x[1:], SCHEDULE, method="ddpm", steps=20, generator=[torch.Generator().manual_seed(6)])
-    torch.testing.assert_close(both[1:], second, rtol=1e-6, atol=1e-6)
+    # a batch of 2 against a batch of 1: elementwise kernels may take other vector/tail paths (an ulp per
+    # op, 20 steps), so float32 tolerances relative to values up to ~300
+    torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         sample(denoise, x, SCHEDULE, method="ddpm", steps=2, generator=[torch.Generator()] * 3)

@@ -155,8 +155,8 @@ def test_trimmed_text_encoding_equals_open_clip_encode_text():
     cfg = load_train_config(CONFIG, ["data.path=x"]).model.to_open_clip()
     model = build_open_clip_model(cfg).eval()
     tokens = open_clip.tokenize(["a red circle", "koala, twemoji style with a much longer caption", "hi!!"])
-    with torch.no_grad():
-        torch.testing.assert_close(encode_text_trimmed(model, tokens), model.encode_text(tokens), rtol=0, atol=1e-5)
+    with torch.no_grad():  # attention over the trimmed length: other shapes, other rounding; values ~3
+        torch.testing.assert_close(encode_text_trimmed(model, tokens), model.encode_text(tokens), rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoints_are_atomic_and_restore_model_and_optimizer(tmp_path):
