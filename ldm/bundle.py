@@ -202,7 +202,7 @@ def bundle_hash(path: PathLike, length: int = 16) -> str:
     root = Path(path)
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".gz") and "onnx" not in f.parts:
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".gz") and "onnx" not in f.relative_to(root).parts:
             h.update(str(f.relative_to(root)).encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):

@@ -9,12 +9,16 @@ exact CPU path; see bench/bench_pipeline.py. The same graphs, with the text enco
 (tokens -> context), serve the in-browser demo (``ldm export-web``, ``ldm.web``).
 
 Graphs are exported per latent size with a dynamic batch axis, into ``<bundle>/onnx/`` when
-the bundle folder is writable and ``~/.cache/ldm-toolkit/onnx/<bundle hash>/`` otherwise, and
-re-exported when the bundle's hash changes.
+the bundle folder is writable and ``~/.cache/ldm-toolkit/onnx/<bundle hash>/`` otherwise. Each
+graph ``<name>.onnx`` is keyed by what it was made from (``module_key``: the module's weights and
+buffers, its structure and settings, the example shapes, the opset), recorded beside it in
+``<name>.json``, and re-exported when that differs: replacing a bundle's ``vae/`` re-exports the
+decoder graph, however the U-Net's is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -97,6 +101,30 @@ class _DecoderGraph(torch.nn.Module):
         return self.autoencoder.decode(z)
 
 
+def module_key(module: torch.nn.Module, args: tuple) -> str:
+    """A hash of what a graph exported from ``module(*args)`` depends on: every parameter and buffer
+    (name, dtype, shape, bytes), the module's structure (its repr), the plain settings of each
+    submodule (e.g. an autoencoder's scaling_factor), the example inputs' shapes, and the opset."""
+    h = hashlib.sha256(f"opset {OPSET} {torch.__version__}\n{module!r}\n".encode())
+    for name, sub in module.named_modules():
+        settings = {}
+        for k, v in sorted(vars(sub).items()):
+            if (k.startswith("_") and k != "_internal_dict") or k == "training":  # _internal_dict: diffusers' config
+                continue
+            try:
+                settings[k] = json.loads(json.dumps(v))  # only plain values: numbers, strings, lists, dicts
+            except (TypeError, ValueError):
+                continue
+        h.update(f"{name} {json.dumps(settings, sort_keys=True)}\n".encode())
+    tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    h.update(repr([tuple(a.shape) for a in args]).encode())
+    return h.hexdigest()[:32]
+
+
 def cache_dir(bundle: Optional[str], key: str) -> Path:
     """Where a bundle's graphs live: beside it if writable, else in the user's cache."""
     if bundle is not None and os.access(bundle, os.W_OK):
@@ -133,14 +161,19 @@ class OnnxGraphs:
 
     def graph(self, name: str, module, args, input_names, exporting=nullcontext) -> Path:
         """The path of graph ``name``, exported from ``module(*args)`` (within the context
-        ``exporting()``) unless a fresh one is cached."""
+        ``exporting()``) unless one made from the same weights (``module_key``) is cached."""
         path = self.dir / f"{name}.onnx"
-        stamp = self.dir / "source.json"
-        fresh = path.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("bundle_hash") == self.key
+        stamp = self.dir / f"{name}.json"
+        key = module_key(module, args)
+        try:
+            fresh = path.is_file() and json.loads(stamp.read_text()).get("weights") == key
+        except (OSError, ValueError, AttributeError):  # no stamp, or not ours
+            fresh = False
         if not fresh:
+            stamp.unlink(missing_ok=True)  # a process stopped between the two writes leaves no stale stamp
             with exporting():
                 export(module, args, path, input_names)
-            write_text(stamp, json.dumps({"bundle_hash": self.key}))
+            write_text(stamp, json.dumps({"weights": key, "bundle_hash": self.key}))
         return path
 
     def _unet_args(self, latent_shape: tuple[int, int, int]):

@@ -17,6 +17,10 @@ Temporary files and folders are created with the modes ``open`` and ``mkdir`` gi
 0o777 less the umask), not ``tempfile``'s owner-only 0o600 / 0o700, so what lands under the final
 name has the permissions a plain write would have given it.
 
+A full disk (or a used-up quota) inside any of these writers is raised as ``DiskFull`` (an
+``OSError`` with errno ENOSPC or EDQUOT) naming the final path, also when the writer was
+safetensors (whose own error is not an OSError); nothing under the final name has changed then.
+
 Standard library only: every package of the project (``ldm``, ``vae``, ``conditioning``,
 ``train``) may import it, and it imports none of them.
 """
@@ -24,7 +28,9 @@ Standard library only: every package of the project (``ldm``, ``vae``, ``conditi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -32,10 +38,52 @@ from typing import Callable, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_directory", "atomic_path", "save_image", "write_bytes", "write_text"]
+__all__ = ["DiskFull", "atomic_directory", "atomic_path", "save_image", "write_bytes", "write_text"]
 
 # Pillow's format names for the file suffixes save_image infers a format from.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}
+
+
+class DiskFull(OSError):
+    """No space left on the device (errno ENOSPC, or EDQUOT: the quota used up) while writing ``filename``.
+
+    ``str()`` is one line: what was being written, that nothing under that name changed (``intact``: the
+    write was an atomic one of this module), and ``hint`` (what to do next, e.g. which checkpoint to
+    resume from)."""
+
+    def __init__(self, path: PathLike, hint: str = "", code: int = errno.ENOSPC, intact: bool = True):
+        super().__init__(code, os.strerror(code), str(path))
+        self.hint, self.intact = hint, intact
+
+    def __str__(self) -> str:
+        text = "no space left on the device" if self.errno == errno.ENOSPC else "disk quota exceeded"
+        text += f" while writing {self.filename}"
+        if self.intact:
+            text += "; nothing under that name was changed or left half-written"
+        return f"{text}; {self.hint}" if self.hint else text
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors' I/O errors: "... No space left on device (os error 28)"
+
+
+@contextlib.contextmanager
+def _disk_full_as_oserror(path: Path, tmp: Path) -> Iterator[None]:
+    """Within the block, a full disk (an OSError, or safetensors' SafetensorError carrying the OS error)
+    is raised as ``DiskFull(path)``; safetensors' other OS errors as ``OSError(code, ..., path)``."""
+    try:
+        yield
+    except Exception as exc:
+        code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+        if code is None and type(exc).__name__ == "SafetensorError" and (m := _OS_ERROR.search(str(exc))):
+            code = int(m[1])
+        if code is None or (isinstance(exc, OSError) and code not in _FULL):
+            raise
+        if isinstance(exc, DiskFull) and not str(exc.filename).startswith(str(tmp)):
+            raise  # a write elsewhere, already named
+        if code in _FULL:
+            raise DiskFull(path, getattr(exc, "hint", ""), code) from exc
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def _sibling(path: Path, suffix: str, create: Callable[[Path], None]) -> Path:
@@ -63,8 +111,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, ".tmp", _new_file)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _disk_full_as_oserror(path, tmp):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -92,9 +141,10 @@ def atomic_directory(path: PathLike, *, durable: bool = False, keep_existing: bo
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, ".tmp", os.mkdir)  # mode 0o777 less the umask
     try:
-        yield tmp
-        if durable:
-            _fsync_tree(tmp)
+        with _disk_full_as_oserror(path, tmp):
+            yield tmp
+            if durable:
+                _fsync_tree(tmp)
         if keep_existing and os.path.lexists(path):
             return
         old = None

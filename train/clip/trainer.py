@@ -45,6 +45,7 @@ from train.run import checkpoint as ckpt
 from train.run.log import RunLog
 from train.run.lr import build_lr_scheduler, build_optimizer
 from train.run.order import DataOrder
+from train.run.resume import OptimizerSettings
 from train.run.start import make_accelerator, open_run_folder, start_run
 
 
@@ -104,17 +105,22 @@ class ClipTrainer:
             state = dict(pos, elapsed_s=time.time() - self.started, lr_scheduler=self.lr_scheduler.state_dict(),
                          rng=rngs, **self._batch_settings())
             ckpt.save_checkpoint(self.checkpoint_root, pos["step"], self.unwrapped, self.optimizer, state,
-                                 keep_last=self.config.checkpoint.keep_last)
+                                 keep_last=self.config.checkpoint.keep_last, log=self.log)  # skipped: weights not sane
         acc.wait_for_everyone()
 
     def _load_checkpoint(self, path: Path) -> dict:
+        """Weights, optimizer (with this config's hyperparameters), LR schedule and random states from
+        ``path``; returns the position. What differs from the checkpoint goes to ``self.resume_notes``."""
+        settings = OptimizerSettings(self.optimizer, self.lr_scheduler)
         state = ckpt.load_checkpoint(path, self.unwrapped, self.optimizer)
         saved = {k: state.get(k) for k in self._batch_settings()}
         if saved != self._batch_settings():
             raise ValueError(f"checkpoint {path} was written with {saved}, this run has {self._batch_settings()}; "
                              "resume with the same settings (the data order and the result depend on them)")
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        ckpt.set_rng_state(state["rng"][self.accelerator.process_index], {"augment": self.generator})
+        self.resume_notes = settings.reapply(path)
+        rng = ckpt.set_rng_state(state["rng"][self.accelerator.process_index], {"augment": self.generator})
+        self.resume_notes += [ckpt.rng_warning(path, rng)] if rng else []
         return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "elapsed_s")}
 
     # -- the loop --------------------------------------------------------------------------------
@@ -129,25 +135,31 @@ class ClipTrainer:
         checkpoint = open_run_folder(self.output_dir, resume)
         self._setup()
         acc = self.accelerator
+        self.log, self.resume_notes = None, []
         pos = self._load_checkpoint(checkpoint) if checkpoint is not None else {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "elapsed_s": 0.0}
         self.started = time.time() - pos["elapsed_s"]
-        log = start_run(acc, self.output_dir, self.config, checkpoint, pos["step"], show=run.progress, notes=self.notes)
+        log = self.log = start_run(acc, self.output_dir, self.config, checkpoint, pos["step"], show=run.progress,
+                                   notes=self.notes)
+        if acc.is_main_process:
+            for note in self.resume_notes:
+                ckpt.warn(note, log)
         stop = min(run.max_steps, run.stop_at or run.max_steps)
         bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train-clip", unit="step",
                    disable=not (run.progress and acc.is_main_process))
         window = _new_window()
         self.module.train()
         try:
-            while pos["step"] < stop:
-                lr = self._optimizer_step(pos, window)
-                self._after_step(pos, lr, stop, window, log, bar)
-            if pos["step"] < run.max_steps:
-                if log is not None:
-                    log.message(f"train-clip: stopped at step {pos['step']} of {run.max_steps} (train.stop_at); "
-                                "continue with --resume latest")
-                return {}
-            return self._finish(pos["step"], log)
+            with ckpt.resumable_writes(self.checkpoint_root):  # a full disk: one line naming the checkpoint to resume
+                while pos["step"] < stop:
+                    lr = self._optimizer_step(pos, window)
+                    self._after_step(pos, lr, stop, window, log, bar)
+                if pos["step"] < run.max_steps:
+                    if log is not None:
+                        log.message(f"train-clip: stopped at step {pos['step']} of {run.max_steps} (train.stop_at); "
+                                    "continue with --resume latest")
+                    return {}
+                return self._finish(pos["step"], log)
         finally:
             bar.close()
             if log is not None:

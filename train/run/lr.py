@@ -13,7 +13,9 @@ for step (a test), including its convention that warm-up starts from 0 at step 0
 
 ``constant`` has no warm-up; ``constant_with_warmup`` is the warm-up followed by ``constant``.
 ``build_lr_scheduler`` wraps the rule in a ``torch.optim.lr_scheduler.LambdaLR`` (its state goes
-into checkpoints), stepped once per optimizer step.
+into checkpoints), stepped once per optimizer step. A resumed run continues at the checkpoint's
+step under its own config's rule and peak lr (``train.run.resume``): ``optim.lr=...`` given with
+``--resume`` applies, and the run log says so.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ stopped one was.
 A non-finite loss (any process) or gradient norm skips the optimizer step on every process and
 is counted; ``max_consecutive_nonfinite`` of them in a row raise ``TrainingDiverged``. Skipped
 steps leave the weights untouched, and no checkpoint is written during a run of them (one that
-falls due waits for the next good step), so the latest checkpoint is from before the trouble.
+falls due waits for the next good step), so the latest checkpoint is from before the trouble. Nor is
+one written from weights that are not sane (``train.run.checkpoint.weights_problem``: non-finite, or
+huge, as weights that grew for a while before the loss overflowed): it is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ldm.unet import FP32AttentionProcessor
 from train.run import checkpoint as ckpt
 from train.run.lr import build_lr_scheduler, build_optimizer
 from train.run.order import DataOrder
+from train.run.resume import OptimizerSettings
 from train.run.start import make_accelerator, open_run_folder, start_run
 from train.run.config import save_config
 from train.unet.cache import LatentCache, build_cache
@@ -156,13 +159,14 @@ class LDMTrainer:
             if self.ema is not None:
                 extra["ema"], state["ema"] = ema_state(self.ema, self.param_names)
             path = ckpt.save_checkpoint(self.checkpoint_root, pos["step"], {n: named[n] for n in self.param_names},
-                                        self.optimizer, state, self.config.checkpoint.keep_last, extra=extra)
+                                        self.optimizer, state, self.config.checkpoint.keep_last, extra=extra,
+                                        log=self.log)  # None (with a warning) for weights not worth keeping
         acc.wait_for_everyone()
         return path
 
     def _load_checkpoint(self, path: Path) -> dict:
-        from safetensors.torch import load_file
-
+        """Weights, optimizer (with this config's hyperparameters), EMA, LR schedule and random states from
+        ``path``; returns the position. What differs from the checkpoint goes to ``self.resume_notes``."""
         acc = self.accelerator
         state = json.loads((path / "state.json").read_text())
         run = self.config.train
@@ -174,20 +178,23 @@ class LDMTrainer:
                 "resume with the same settings (the data order and the result depend on them)"
             )
         named = dict(acc.unwrap_model(self.model).named_parameters())
-        weights = load_file(path / "model.safetensors")
+        weights = ckpt.load_tensors(path / "model.safetensors")
         missing = [n for n in self.param_names if n not in weights]
         if missing:
             raise ValueError(f"checkpoint {path} lacks weights for {missing[0]} (and {len(missing) - 1} more); was it saved from another model?")
         with torch.no_grad():
             for n in self.param_names:
                 named[n].copy_(weights[n])
+        settings = OptimizerSettings(self.optimizer, self.lr_scheduler)
         ckpt.load_optimizer(path, self.optimizer)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.resume_notes = settings.reapply(path)
         if self.ema is not None:
             if not (path / "ema.safetensors").is_file():
                 raise ValueError(f"checkpoint {path} has no EMA weights (ema.safetensors) but ema.enabled is true")
-            load_ema_state(self.ema, self.param_names, load_file(path / "ema.safetensors"), state["ema"])
-        ckpt.set_rng_state(state["rng"][acc.process_index], {"step": self.generator})
+            load_ema_state(self.ema, self.param_names, ckpt.load_tensors(path / "ema.safetensors"), state["ema"])
+        rng = ckpt.rng_warning(path, ckpt.set_rng_state(state["rng"][acc.process_index], {"step": self.generator}))
+        self.resume_notes += [rng] if rng else []
         return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped_steps", "nonfinite_streak")}
 
     # -- validation ------------------------------------------------------------------------------
@@ -276,9 +283,13 @@ class LDMTrainer:
         checkpoint = open_run_folder(self.output_dir, resume)
         self._setup()
         acc, run = self.accelerator, self.config.train
+        self.log, self.resume_notes = None, []
         pos = self._load_checkpoint(checkpoint) if checkpoint is not None else {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
-        log = start_run(acc, self.output_dir, self.saved_config, checkpoint, pos["step"])
+        log = self.log = start_run(acc, self.output_dir, self.saved_config, checkpoint, pos["step"])
+        if acc.is_main_process:
+            for note in self.resume_notes:
+                ckpt.warn(note, log)
         self.last_checkpoint, self.checkpoint_due = checkpoint, False
         seen: Optional[list[int]] = [] if record_rows else None
         bar = None
@@ -288,11 +299,12 @@ class LDMTrainer:
             bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train", unit="step")
         sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "cpu0": time.process_time(), "images": 0, "steps": 0}
         try:
-            while pos["step"] < run.max_steps:
-                problem = self._optimizer_step(pos, sums, seen)
-                self._after_step(pos, problem, sums, log, bar)
-                if stop_at_step is not None and pos["step"] >= stop_at_step:
-                    break
+            with ckpt.resumable_writes(self.checkpoint_root):  # a full disk: one line naming the checkpoint to resume
+                while pos["step"] < run.max_steps:
+                    problem = self._optimizer_step(pos, sums, seen)
+                    self._after_step(pos, problem, sums, log, bar)
+                    if stop_at_step is not None and pos["step"] >= stop_at_step:
+                        break
         finally:
             if bar is not None:
                 bar.close()
@@ -301,7 +313,8 @@ class LDMTrainer:
         bundle = None
         if pos["step"] >= run.max_steps:
             if acc.is_main_process:
-                bundle = self._save_bundle()
+                with ckpt.resumable_writes(self.checkpoint_root):
+                    bundle = self._save_bundle()
             acc.wait_for_everyone()
         return TrainResult(pos["step"], pos["epoch"], pos["skipped_steps"], bundle, self.last_checkpoint, seen or [])
 

@@ -39,6 +39,7 @@ from train.run.config import to_dict
 from train.run.log import RunLog
 from train.run.lr import build_lr_scheduler, build_optimizer
 from train.run.order import DataOrder
+from train.run.resume import OptimizerSettings
 from train.run.start import make_accelerator, open_run_folder, start_run
 from train.vae.config import VAETrainingConfig
 from train.vae.images import load_vae_split, pixels, to_model_range
@@ -178,32 +179,40 @@ class VAETrainer:
                 extra[DISCRIMINATOR] = acc.unwrap_model(self.discriminator).state_dict()
                 optimizers[DISCRIMINATOR_OPTIMIZER] = self.d_optimizer
             path = ckpt.save_checkpoint(self.output_dir / "checkpoints", pos["step"], self.unwrapped, self.optimizer, state,
-                                        cfg.checkpoint.keep_last, extra=extra, extra_optimizers=optimizers)
-            self.message(f"checkpoint {path}")
+                                        cfg.checkpoint.keep_last, extra=extra, extra_optimizers=optimizers, log=self.log)
+            if path is not None:  # None: skipped, the weights not sane (a warning says why)
+                self.message(f"checkpoint {path}")
         acc.wait_for_everyone()
         return path
 
     def _load_checkpoint(self, path: Path, state: dict) -> dict:
-        """Weights, optimizers, codebook, LR schedule and RNG states from ``path``; returns the position."""
-        from safetensors.torch import load_file
-
+        """Weights, optimizers (with this config's hyperparameters), codebook, LR schedule and RNG states
+        from ``path``; returns the position. What differs from the checkpoint is warned about."""
         acc = self.accelerator
         expected = expected_files(self.config)
         missing = [name for name in expected if not (path / name).is_file()]
         if missing:
             raise FileNotFoundError(f"checkpoint {path} lacks {', '.join(missing)}; expected {', '.join(expected)} "
                                     "as written by ldm train-vae")
+        settings = [OptimizerSettings(self.optimizer, self.lr_scheduler)]
+        if self.discriminator is not None:
+            settings.append(OptimizerSettings(self.d_optimizer, keys={"lr": "loss.disc_lr", "eps": "optim.eps"},
+                                              label="discriminator"))
         try:
             ckpt.load_checkpoint(path, self.unwrapped, self.optimizer)
             if self.codebook is not None:
-                self.codebook.load_state_dict(load_file(path / f"{CODEBOOK}.safetensors", device=str(acc.device)))
+                self.codebook.load_state_dict(ckpt.load_tensors(path / f"{CODEBOOK}.safetensors", device=str(acc.device)))
             if self.discriminator is not None:
-                acc.unwrap_model(self.discriminator).load_state_dict(load_file(path / f"{DISCRIMINATOR}.safetensors"))
+                acc.unwrap_model(self.discriminator).load_state_dict(ckpt.load_tensors(path / f"{DISCRIMINATOR}.safetensors"))
                 ckpt.load_optimizer(path, self.d_optimizer, DISCRIMINATOR_OPTIMIZER)
         except (RuntimeError, KeyError) as exc:
             raise ValueError(f"checkpoint {path} does not match this config's model: {str(exc)[:300]}") from exc
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        ckpt.set_rng_state(state["rng"][acc.process_index], {})
+        notes = [note for s in settings for note in s.reapply(path)]
+        notes.append(ckpt.rng_warning(path, ckpt.set_rng_state(state["rng"][acc.process_index], {})))
+        if acc.is_main_process:
+            for note in filter(None, notes):
+                ckpt.warn(note, self.log)
         return {"step": state["step"], "micro_batches": state["micro_batches"]}
 
     # -- one step --------------------------------------------------------------------------------
@@ -327,13 +336,13 @@ class VAETrainer:
             window = {"loss": 0.0, "psnr": 0.0, "n": 0}
             bar = tqdm(total=t.max_steps, initial=pos["step"], desc="train-vae", dynamic_ncols=True,
                        disable=not (self.progress and self.accelerator.is_main_process))
-            with bar:
+            with bar, ckpt.resumable_writes(self.output_dir / "checkpoints"):  # a full disk: one line, what to resume
                 while pos["step"] < t.max_steps:
                     self._optimizer_step(pos, window)
                     if self._after_step(pos, window, bar, stop_at_step):
                         break
-            self.message(f"trained {pos['step'] - self.start_step} steps in {time.time() - self.start:.0f} s")
-            return self._finish() if pos["step"] >= t.max_steps or self.out_of_time else None
+                self.message(f"trained {pos['step'] - self.start_step} steps in {time.time() - self.start:.0f} s")
+                return self._finish() if pos["step"] >= t.max_steps or self.out_of_time else None
         finally:
             self.close()
 
