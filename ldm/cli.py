@@ -106,6 +106,8 @@ def _error_line(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, KeyboardInterrupt):
         return 130, "interrupted; what was written so far is complete (every file is renamed into place when done)"
     if isinstance(exc, OSError) and exc.errno in _MACHINE_FAULTS:
+        if not str(exc).startswith("[Errno"):  # a message of ours (ldm_io.DiskFull: what is intact, how to resume)
+            return 3, _one_line(exc)
         where = f" writing {exc.filename}" if exc.filename else ""
         return 3, f"{_MACHINE_FAULTS[exc.errno]}{where}; free some space (or choose another folder) and run again"
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
