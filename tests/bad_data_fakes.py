@@ -10,10 +10,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle")
+from train_fakes import make_imagefolder
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -38,16 +37,6 @@ def bomb_png(width: int = 40000, height: int = 40000) -> bytes:
             + png_chunk(b"IEND", b""))
 
 
-def shape_image(i: int, size: int = 32) -> tuple[Image.Image, str]:
-    colour = list(COLOURS)[i % len(COLOURS)]
-    shape = SHAPES[(i // len(COLOURS)) % len(SHAPES)]
-    im = Image.new("RGB", (size, size), "white")
-    d = ImageDraw.Draw(im)
-    lo, hi = size // 4 + i % 3, 3 * size // 4 - (i % 2)
-    (d.ellipse if shape == "circle" else d.rectangle)((lo, lo, hi, hi), fill=COLOURS[colour])
-    return im, f"a {colour} {shape}"
-
-
 # reason -> rows of that reason in ``make_bad_data_set``'s folder
 BAD_REASONS = {
     "truncated or corrupt": 1,  # a PNG cut in half
@@ -66,20 +55,16 @@ KEPT_AWKWARD = 5  # CMYK JPEG, 16-bit grey, palette with transparency, animated 
 
 
 def make_bad_data_set(root: Path, n_good: int = 24, size: int = 32) -> Path:
-    """``root/data``: ``n_good`` shapes images plus one of every bad kind (``BAD_REASONS``, ``TOO_LARGE``,
-    ``OUTSIDE``) and usable awkward ones (``KEPT_AWKWARD``); ``root/outside.png`` is a good image outside it."""
-    folder = Path(root) / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    lines: list[bytes] = []
+    """``root/data``: ``n_good`` shapes images (``train_fakes.make_imagefolder``) plus one of every bad kind
+    (``BAD_REASONS``, ``TOO_LARGE``, ``OUTSIDE``) and usable awkward ones (``KEPT_AWKWARD``);
+    ``root/outside.png`` is a good image outside it."""
+    folder = make_imagefolder(Path(root) / "data", n=n_good, size=size, heldout_every=0)
+    lines = [(folder / "metadata.jsonl").read_bytes()]
 
     def add(name, caption="a thing", **extra):
         lines.append(json.dumps({"file_name": name, "text": caption, **extra}).encode() + b"\n")
 
-    for i in range(n_good):
-        im, caption = shape_image(i, size)
-        im.save(folder / f"{i:04d}.png")
-        add(f"{i:04d}.png", caption)
-    good = shape_image(0, size)[0]
+    good = Image.open(folder / "0000.png").convert("RGB")
     buf = io.BytesIO()
     good.save(buf, "PNG")
     full = buf.getvalue()

@@ -118,6 +118,20 @@ def test_every_trainer_finishes_on_bad_data_and_counts_it(bad, bundle, tmp_path,
     assert_counted(captured.out + captured.err + (log.read_text() if command in ("train-vae", "train-clip") else ""))
 
 
+@pytest.mark.parametrize("command,flag", [("data check", "--allow-outside"), ("eval-vae", "--allow-outside"),
+                                          ("train-vae", "data.allow_outside_paths=true"),
+                                          ("train-clip", "data.allow_outside_paths=true"),
+                                          ("train", "data.allow_outside_paths=true")])
+def test_every_trainer_reads_outside_paths_when_allowed(bad, bundle, tmp_path, capsys, command, flag):
+    args = trainer_commands(bad, bundle, tmp_path / "run")[command]
+    assert main([*args, flag]) == 0
+    captured = capsys.readouterr()
+    log = tmp_path / "run" / "logs" / "log.txt"
+    text = captured.out + captured.err + (log.read_text() if command in ("train-vae", "train-clip") else "")
+    assert f"kept: {N_GOOD + KEPT_AWKWARD + OUTSIDE - 1} image-caption pairs" in text  # /etc/passwd: no image
+    assert OUTSIDE_REASON not in text
+
+
 def corrupt_after_scan(monkeypatch, victim: Path) -> None:
     """The first scan that finds rows is followed by ``victim`` becoming a zero-byte file."""
     real = captioned.load_captioned_images
