@@ -328,3 +328,117 @@ def test_a_rows_file_given_by_a_relative_path_outside_the_working_directory(tmp_
     monkeypatch.chdir(tmp_path)
     data = load(Path("tab") / path.name)
     assert data.summary().total_skipped == 0 and pairs_of(data) == EXPECTED
+
+
+def test_text_files_in_other_encodings(tmp_path):
+    """Byte-order marks are honoured (UTF-16 from PowerShell, UTF-8 with BOM from Excel); a caption whose
+    bytes are not UTF-8 is skipped and counted, never trained on with replacement characters."""
+    from train.data.sources import NOT_UTF8
+
+    side = tmp_path / "side"
+    names = write_good_images(side)
+    (side / names[0]).with_suffix(".txt").write_bytes("a red block, caf\u00e9".encode("utf-16"))
+    (side / names[1]).with_suffix(".txt").write_bytes("a green block\n".encode("utf-8-sig"))
+    (side / names[2]).with_suffix(".txt").write_bytes("a blue block, caf\u00e9".encode("latin-1"))
+    (side / names[3]).with_suffix(".txt").write_text("a black block")
+    data = load(side)
+    assert sorted(c for i in range(len(data)) for c in data.captions(i)) == [
+        "a black block", "a green block", "a red block, caf\u00e9"]
+    assert data.summary().skipped == {NOT_UTF8: 1}
+
+    excel = tmp_path / "excel"
+    names = write_good_images(excel)
+    text = "file_name,text\n" + "".join(f"{n},{g[2]}\n" for n, g in zip(names, GOOD))
+    (excel / "metadata.csv").write_bytes(text.encode("utf-8-sig"))  # the BOM must not end up in "file_name"
+    assert pairs_of(load(excel)) == EXPECTED
+
+    shell = tmp_path / "shell"
+    names = write_good_images(shell)
+    lines = [json.dumps({"file_name": n, "text": g[2]}, ensure_ascii=False) for n, g in zip(names, GOOD)]
+    lines[0] = lines[0].replace("a red block", "a red block \u2028 caf\u00e9")  # U+2028 inside a string: one row
+    (shell / "metadata.jsonl").write_bytes("\n".join(lines).encode("utf-16"))
+    data = load(shell)
+    assert len(data) == 4 and data.summary().total_skipped == 0
+
+    latin = tmp_path / "latin"
+    names = write_good_images(latin)
+    cafe = " caf\u00e9"
+    rows = "file_name,text\n" + "".join(f"{n},{g[2]}{cafe if i == 1 else ''}\n" for i, (n, g) in enumerate(zip(names, GOOD)))
+    (latin / "metadata.csv").write_bytes(rows.encode("latin-1"))
+    data = load(latin)
+    assert data.summary().skipped == {NOT_UTF8: 1} and len(data) == 3  # its image is not also "missing caption"
+
+
+def make_outside_rows(tmp, fmt):
+    """A data set in ``fmt`` whose rows name: two images inside (one by its absolute path), one by
+    ``..``, one by an absolute path outside, one through a symlink out of the folder, one through a
+    symlink inside it. Returns (the path to load, the folder)."""
+    folder = tmp / "set"
+    names = write_good_images(folder)
+    Image.new("RGB", (40, 40), "white").save(tmp / "out.png")
+    (folder / "link_out.png").symlink_to(tmp / "out.png")
+    (folder / "link_in.png").symlink_to(names[0])
+    paths = [names[0], str((folder / names[2]).resolve()), "../out.png", str((tmp / "out.png").resolve()),
+             "link_out.png", "link_in.png"]
+    captions = [f"row {i}" for i in range(len(paths))]
+    if fmt == "imagefolder":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": p, "text": c}) + "\n"
+                                                       for p, c in zip(paths, captions)))
+        for n in (names[1], names[3]):  # no image without a row ("missing caption")
+            (folder / n).unlink()
+        return folder, folder
+    if fmt == "csv":
+        pd.DataFrame({"path": paths, "text": captions}).to_csv(folder / "rows.csv", index=False)
+        return folder / "rows.csv", folder
+    pd.DataFrame({"image": paths, "text": captions}).to_parquet(folder / "rows.parquet")
+    return folder / "rows.parquet", folder
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "csv", "parquet"])
+def test_paths_out_of_the_data_folder_are_skipped_unless_allowed(tmp_path, fmt):
+    from train.data.sources import OUTSIDE
+
+    path, folder = make_outside_rows(tmp_path, fmt)
+    data = load(path)
+    assert sorted(c for i in range(len(data)) for c in data.captions(i)) == ["row 0", "row 1", "row 5"]
+    assert data.summary().skipped == {OUTSIDE: 3}
+    assert "allow_outside_paths" in OUTSIDE and "--allow-outside" in OUTSIDE
+    assert len(load(path, allow_outside_paths=True)) == 6
+    # a symlink that now leads out: refused when read, as at the scan
+    (folder / "link_in.png").unlink()
+    (folder / "link_in.png").symlink_to(tmp_path / "out.png")
+    index = [data.captions(i) for i in range(len(data))].index(["row 5"])
+    with pytest.raises(Exception, match="outside the data folder"):
+        data.image(index)
+
+
+def test_sidecars_and_metadata_linked_from_outside_are_not_read(tmp_path):
+    from train.data.sources import OUTSIDE
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("a secret caption")
+    side = tmp_path / "side"
+    names = write_good_images(side)
+    for n, g in zip(names[1:], GOOD[1:]):
+        (side / n).with_suffix(".txt").write_text(g[2])
+    (side / names[0]).with_suffix(".txt").symlink_to(elsewhere / "secret.txt")
+    assert load(side).summary().skipped == {OUTSIDE: 1}
+    assert "a secret caption" not in load_captions(side)
+    assert "a secret caption" in load_captions(side, allow_outside_paths=True)
+
+    meta = tmp_path / "meta"
+    write_good_images(meta / "imgs")
+    (elsewhere / "metadata.jsonl").write_text(json.dumps({"file_name": "../meta/imgs/img0.png", "text": "x"}) + "\n")
+    (meta / "metadata.jsonl").symlink_to(elsewhere / "metadata.jsonl")
+    summary = load(meta).summary()
+    assert summary.kept == 0 and summary.skipped[OUTSIDE] == 1
+
+
+def test_check_command_allow_outside(tmp_path, capsys):
+    path, _ = make_outside_rows(tmp_path, "csv")
+    assert main(["data", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "kept: 3 image-caption pairs" in out and "outside the data folder (allow with data.allow_outside_paths=true" in out
+    assert main(["data", "check", str(path), "--allow-outside"]) == 0
+    assert "kept: 6 image-caption pairs" in capsys.readouterr().out

@@ -3,11 +3,16 @@
 ``Cross-Origin-Opener-Policy: same-origin`` and ``Cross-Origin-Embedder-Policy: require-corp``
 make the page cross-origin isolated, so ``SharedArrayBuffer`` exists and onnxruntime-web runs its
 wasm kernels on several threads; without them it runs on one. Binds 127.0.0.1 by default.
+
+Only files inside the site folder are served: a symlink in it whose target lies outside (a link to
+``/etc``, to a home folder) answers 404, as a missing file does (a folder listing may show its name).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +30,20 @@ class SiteHandler(SimpleHTTPRequestHandler):
         self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.send_header("Cache-Control", "no-cache")
         super().end_headers()
+
+    def _inside(self, path: str) -> bool:
+        """Whether ``path`` (a translated request path), every symlink followed, lies in the site folder."""
+        real, root = os.path.realpath(path), os.path.realpath(self.directory)
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+    def send_head(self):
+        path = self.translate_path(self.path)
+        served = [path] + ([os.path.join(path, "index.html"), os.path.join(path, "index.htm")]
+                           if os.path.isdir(path) else [])  # a folder answers with its index file
+        if not all(self._inside(p) for p in served if os.path.lexists(p) or p == path):
+            self.send_error(HTTPStatus.NOT_FOUND, "File not found")
+            return None
+        return super().send_head()
 
     def log_message(self, format, *args):
         if not self.quiet:

@@ -32,6 +32,8 @@ class ClipDataConfig:
     min_crop_scale: float = 1.0
     # Train on at most this many pairs (0: all), for quick experiments.
     max_images: int = 0
+    # Read images outside the data set's folder (absolute paths, "..", symlinks out of it); off, such rows are skipped.
+    allow_outside_paths: bool = False
 
     def __post_init__(self):
         if not 0 <= self.holdout_fraction < 1:

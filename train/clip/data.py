@@ -24,13 +24,15 @@ from train.data import load_split
 
 
 class PairSet:
-    """Images (N, 3, S, S) uint8 in memory, their captions, and the token ids of every caption."""
+    """Images (N, 3, S, S) uint8 in memory, their captions, and the token ids of every caption. Rows whose
+    image changed on disk since the scan are left out (``CaptionedImages.read_rows``: counted in the summary)."""
 
     def __init__(self, data: Optional[CaptionedImages], rows: Sequence[int], size: int,
                  tokenize: Callable[[list[str]], torch.Tensor]):
-        self.data, self.rows = data, list(rows)
+        read = list(data.read_rows(rows, data.transform.resize_crop)) if data is not None else []
+        self.data, self.rows = data, [i for i, _ in read]
         self.captions = [data.captions(i) for i in self.rows] if data is not None else []  # per image, all captions
-        pixels = [np.asarray(data.transform.resize_crop(data.image(i)), dtype=np.uint8) for i in self.rows]
+        pixels = [np.asarray(image, dtype=np.uint8) for _, image in read]
         self.images = (torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous() if pixels
                        else torch.zeros(0, 3, size, size, dtype=torch.uint8))  # (N, 3, S, S)
         distinct = sorted({c for options in self.captions for c in options})
@@ -54,12 +56,14 @@ def load_pair_sets(config: ClipTrainConfig, tokenize: Callable[[list[str]], torc
     """(train, held-out) pairs of ``config.data.path`` at the image tower's size, split by
     ``train.data.split`` (the rows every trainer of this data set holds out)."""
     data, size = config.data, config.model.vision.image_size
-    split = load_split(data.path, data.holdout_fraction, size=size, crop="center", seed=config.train.seed, progress=progress)
-    log(split.summary())
+    split = load_split(data.path, data.holdout_fraction, size=size, crop="center", seed=config.train.seed, progress=progress,
+                       allow_outside_paths=data.allow_outside_paths)
     train_rows = split.train_rows[: data.max_images] if data.max_images else split.train_rows
-    if len(train_rows) < config.train.batch_size:
-        raise ValueError(f"{len(train_rows)} training pairs in {data.path}, fewer than train.batch_size={config.train.batch_size}")
-    return PairSet(split.train, train_rows, size, tokenize), PairSet(split.heldout, split.heldout_rows, size, tokenize)
+    train, heldout = PairSet(split.train, train_rows, size, tokenize), PairSet(split.heldout, split.heldout_rows, size, tokenize)
+    log(split.summary())
+    if len(train) < config.train.batch_size:
+        raise ValueError(f"{len(train)} training pairs in {data.path}, fewer than train.batch_size={config.train.batch_size}")
+    return train, heldout
 
 
 def augment(images: torch.Tensor, config: ClipDataConfig, generator: torch.Generator) -> torch.Tensor:

@@ -14,9 +14,12 @@ Formats (see ``train.data.sources``): imagefolder with metadata.jsonl/csv, kohya
 .caption sidecars, a CSV or JSONL file of (path, caption), a ``save_to_disk`` folder, parquet.
 
 Loading scans every row once: a row is skipped, and counted under its reason, when its caption
-is missing or empty, its image is missing, empty, not an image, truncated or corrupt, or smaller
-than ``min_size`` on its shorter side. Every kept image has decoded fully, so a training step
-never meets a bad file. Images of any mode become RGB (``train.data.images.to_rgb``).
+is missing, empty or not UTF-8, its image lies outside the data folder (``train.data.sources``:
+allowed by ``allow_outside_paths``), is missing, empty, not an image (an SVG is named as such),
+truncated or corrupt, over ``train.data.images.MAX_PIXELS`` pixels, or smaller than ``min_size`` on
+its shorter side. Every kept image has decoded fully, so a training step never meets a bad file.
+Images of any mode become RGB (``train.data.images.to_rgb``). A trainer that then reads its rows
+(``CaptionedImages.read_rows``) drops, and counts as ``CHANGED``, an image that no longer decodes.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from train.data.sources import MISSING_CAPTION, Source, caption_list, open_source
+from train.data.sources import MISSING_CAPTION, OUTSIDE, Source, caption_list, open_source
 from train.data.split import caption_index, heldout_flags
 from train.data.images import ImageError, ImageTransform, decode_image
 
@@ -42,6 +45,7 @@ __all__ = ["CaptionedImages", "DataSummary", "ImageTransform", "Split", "clip_to
 MAX_TOKENS = 77  # CLIP's context length, start and end tokens included
 EMPTY_CAPTION = "empty caption"
 TOO_SMALL = "too small"
+CHANGED = "changed on disk since the scan"
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,6 +109,7 @@ class CaptionedImages:
         self.seed = seed
         self.epoch = 0
         self._warned = False
+        self.dropped: set[int] = set()  # kept rows that ``read_rows`` found changed on disk since the scan
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -136,9 +141,30 @@ class CaptionedImages:
         return options[caption_index(len(options), self.seed, epoch, self.key(index))]
 
     def image(self, index: int) -> Image.Image:
-        """The RGB PIL image of kept row ``index``."""
+        """The RGB PIL image of kept row ``index``; ``ImageError`` if it no longer decodes (or its path
+        now leads out of the data folder)."""
         ref = self._refs[index]
+        if ref is not None and not self.source.inside(ref):  # a symlink swapped since the scan
+            raise ImageError(OUTSIDE, str(ref))
         return decode_image(ref if ref is not None else self.source.image_ref(self._rows[index]))
+
+    def read_rows(self, rows: Sequence[int], transform: Optional[Callable[[Image.Image], Any]] = None
+                  ) -> Iterator[tuple[int, Any]]:
+        """(row, its image through ``transform``) for each of ``rows`` whose image still decodes, in
+        order. A row whose image changed on disk since the scan is left out and counted in the summary
+        (under ``CHANGED``; ``dropped`` holds it), so a trainer reading its images once never fails
+        there and never pairs an image with another row's caption."""
+        for i in rows:
+            try:
+                image = self.image(i)
+            except ImageError as exc:
+                if i not in self.dropped:
+                    self.dropped.add(i)
+                    self._summary.kept -= 1
+                    self._summary.skipped[CHANGED] = self._summary.skipped.get(CHANGED, 0) + 1
+                    self._warn(f"{self.key(i)} decoded at the scan but no longer does ({exc}); left out")
+                continue
+            yield i, (transform(image) if transform is not None else image)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         if index < 0:
@@ -148,25 +174,30 @@ class CaptionedImages:
             try:
                 return self.transform(self.image(i)), self.caption(i)
             except ImageError as exc:  # changed on disk since the scan: use the next row
-                if not self._warned:
-                    warnings.warn(f"data: an image that loaded at the scan no longer does ({exc}); using the next row")
-                    self._warned = True
-        raise RuntimeError("data: no image can be read any more")
+                self._warn(f"an image that loaded at the scan no longer does ({exc}); using the next row")
+        raise ValueError(f"{self._summary.path}: none of its images can be read any more (they changed on disk "
+                         f"since the scan); see `ldm data check {self._summary.path}`")
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:  # once: the summary counts them all
+            warnings.warn(f"data: {message}")
+            self._warned = True
 
     def pairs(self, epoch: Optional[int] = None) -> Iterator[tuple[Image.Image, str]]:
-        """The raw stream: (RGB PIL image, caption) for every kept row, in order."""
-        for i in range(len(self)):
-            yield self.image(i), self.caption(i, epoch)
+        """The raw stream: (RGB PIL image, caption) for every kept row whose image still decodes, in order."""
+        for i, image in self.read_rows(range(len(self))):
+            yield image, self.caption(i, epoch)
 
     def summary(self) -> DataSummary:
         return self._summary
 
 
 def load_captions(path: Union[str, Path], *, caption_column: str = "text", format: Optional[str] = None,
-                  split: Optional[str] = None) -> list[str]:
+                  split: Optional[str] = None, allow_outside_paths: bool = False) -> list[str]:
     """Every non-empty caption of a data set, read without opening its images: the captions of
     ``load_captioned_images`` plus those of any row it would skip for its image."""
-    source = open_source(path, format=format, caption_column=caption_column, split=split)
+    source = open_source(path, format=format, caption_column=caption_column, split=split,
+                         allow_outside_paths=allow_outside_paths)
     return [c for cell in source.table[source.caption_column] for c in (caption_list(cell) or []) if c]
 
 
@@ -185,6 +216,7 @@ def load_captioned_images(
     max_tokens: int = MAX_TOKENS,
     seed: int = 0,
     progress: bool = True,
+    allow_outside_paths: bool = False,
 ) -> CaptionedImages:
     """Load a captioned image data set from ``path``, checking every row once.
 
@@ -203,11 +235,14 @@ def load_captioned_images(
         max_tokens: captions with more tokens than this are counted as too long (not dropped).
         seed: seeds the per-epoch caption draw.
         progress: show a progress bar while scanning.
+        allow_outside_paths: read images outside the data set's folder (absolute paths, ``..``,
+            symlinks out of it); off, such rows are skipped as ``train.data.sources.OUTSIDE``.
     """
     transform = ImageTransform(size, crop=crop, hflip=hflip)
     if min_size < 1:
         raise ValueError(f"min_size={min_size}; give a side length of at least 1 pixel")
-    source = open_source(path, format=format, caption_column=caption_column, image_column=image_column, split=split)
+    source = open_source(path, format=format, caption_column=caption_column, image_column=image_column, split=split,
+                         allow_outside_paths=allow_outside_paths)
     count_tokens = count_tokens or clip_token_count
     skipped = collections.Counter(source.skipped)
     refs, captions, rows = [], [], []
@@ -221,6 +256,9 @@ def load_captioned_images(
         options = [c for c in options if c]
         if not options:
             skipped[EMPTY_CAPTION] += 1
+            continue
+        if not source.inside(ref):  # checked before anything under the path is opened
+            skipped[OUTSIDE] += 1
             continue
         try:
             image = decode_image(ref)
@@ -255,7 +293,9 @@ class Split:
         same = self.heldout is self.train
         lines = [str(self.train.summary())] + ([] if same else [str(self.heldout.summary())])
         how = "by a hash of each image's path" if same else "the data set's test split"
-        lines.append(f"held out: {len(self.heldout_rows)} images ({how}); training on {len(self.train_rows)}")
+        heldout = sum(i not in self.heldout.dropped for i in self.heldout_rows)  # less rows read_rows dropped
+        train = sum(i not in self.train.dropped for i in self.train_rows)
+        lines.append(f"held out: {heldout} images ({how}); training on {train}")
         return "\n".join(lines)
 
 

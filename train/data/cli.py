@@ -3,8 +3,12 @@
   ldm data emoji --out DIR          Twemoji + Noto emoji (npm packages, 64x64, captions from emoji.json)
   ldm data shapes --out DIR [--size 32|64] [--n N] [--seed S]
                                     procedural shapes with exact captions ("a small red circle at the top left")
-  ldm data check PATH               load PATH as training would and print the summary: kept, skipped and
-                                    why, captions over 77 tokens; exit 0 when at least one pair is usable
+  ldm data check PATH [--allow-outside]
+                                    load PATH as training would and print the summary: kept, skipped and
+                                    why, captions over 77 tokens; exit 0 when at least one pair is usable.
+                                    Rows whose image lies outside PATH's folder (an absolute path, "..", a
+                                    symlink out of it) are skipped unless --allow-outside (in the trainers'
+                                    configs: data.allow_outside_paths=true)
 
 Formats `check` (and training) read: a folder with metadata.jsonl or metadata.csv (imagefolder),
 a folder of images with .txt/.caption sidecars, a .csv/.jsonl file of (path, caption), a
@@ -38,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--format", default=None, help="force a format: imagefolder, sidecar, csv, jsonl, disk, parquet")
     check.add_argument("--split", default=None, help="only rows of this split (e.g. train, test)")
     check.add_argument("--min-size", type=int, default=32, help="skip images whose shorter side is smaller (default 32)")
+    check.add_argument("--allow-outside", action="store_true",
+                       help="read images outside the data folder (absolute paths, '..', symlinks out of it); "
+                            "without it such rows are skipped and counted (trainers: data.allow_outside_paths=true)")
 
 
 def _emoji(args: argparse.Namespace) -> int:
@@ -61,7 +68,8 @@ def _check(args: argparse.Namespace) -> int:
     from train.data import load_captioned_images
 
     data = load_captioned_images(args.path, caption_column=args.caption_column, image_column=args.image_column,
-                                 format=args.format, split=args.split, min_size=args.min_size)
+                                 format=args.format, split=args.split, min_size=args.min_size,
+                                 allow_outside_paths=args.allow_outside)
     print(data.summary())
     if len(data) == 0:
         raise ValueError(f"{args.path} has no usable image-caption pair (see the reasons above)")

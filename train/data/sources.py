@@ -19,15 +19,29 @@ Formats (``FORMATS``), detected from ``path`` unless ``format`` is given:
   raw bytes or paths.
 
 A caption cell may hold one string or a list of strings (one is sampled per epoch).
+
+Text files (metadata, sidecars, CSV/JSONL) are read as UTF-8, or as UTF-16/32 when they start with
+a byte-order mark; a row holding bytes that are not UTF-8 is skipped ("not UTF-8 text"), never
+trained on with replacement characters.
+
+Paths stay inside the data set: an image path (``file_name``, a path column) that is absolute or
+climbs out with ``..``, and a symlink (image, sidecar, metadata file) whose target is outside, are
+skipped under ``OUTSIDE`` unless ``allow_outside_paths`` (``data.allow_outside_paths: true`` in the
+trainers' configs, ``ldm data check --allow-outside``). The data set's folder is ``Source.base_dir``:
+the folder given, or the folder holding the CSV/JSONL/parquet file given; absolute paths into it are
+fine.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import csv
+import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -35,7 +49,8 @@ from typing import Any, Iterator, Optional
 import datasets
 
 FORMATS = ("imagefolder", "sidecar", "csv", "jsonl", "disk", "parquet")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# listed as images (an .svg is listed so it is counted as skipped, "vector image (SVG)")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
 SIDECAR_EXTENSIONS = (".txt", ".caption")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # image columns tried in order when none is given
@@ -43,6 +58,12 @@ IMAGE_COLUMNS = ("image", "file_name", "path", "image_path", "file", "filename",
 
 BAD_ROW = "bad metadata row"
 MISSING_CAPTION = "missing caption"
+NOT_UTF8 = "not UTF-8 text"
+OUTSIDE = "outside the data folder (allow with data.allow_outside_paths=true, or ldm data check --allow-outside)"
+
+_BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass
@@ -54,8 +75,14 @@ class Source:
     table: datasets.Dataset
     image_column: str
     caption_column: str
-    base_dir: Path  # relative image paths resolve here
+    base_dir: Path  # relative image paths resolve here; the folder paths must stay in
     skipped: collections.Counter = field(default_factory=collections.Counter)  # reason -> rows dropped while listing
+    allow_outside_paths: bool = False
+
+    def inside(self, ref: Any) -> bool:
+        """Whether image ``ref`` (a path: its symlinks followed) may be read: inside ``base_dir``, or
+        anywhere when ``allow_outside_paths``; bytes and None always."""
+        return not isinstance(ref, Path) or self.allow_outside_paths or is_inside(ref, self.base_dir)
 
     def image_ref(self, index: int) -> Any:
         """Path (absolute) or bytes of row ``index``'s image, or None."""
@@ -65,6 +92,32 @@ class Source:
         """(image path or bytes or None, raw caption cell) for every row, in order."""
         for row in self.table.select_columns([self.image_column, self.caption_column]):
             yield resolve_image(row[self.image_column], self.base_dir), row[self.caption_column]
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path``, every symlink followed, lies in ``folder`` (its symlinks followed too)."""
+    real, root = os.path.realpath(path), os.path.realpath(folder)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def decode_text(raw: bytes) -> str:
+    """File bytes as text: UTF-32/16/8 by their byte-order mark, else UTF-8 with bytes that are not UTF-8
+    kept as lone surrogates (``has_bad_bytes`` finds them)."""
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            return raw.decode(encoding, errors="replace")
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def has_bad_bytes(value: Any) -> bool:
+    """Whether text from ``decode_text`` (a string, or a row's dict or list of them) held bytes that are not UTF-8."""
+    if isinstance(value, str):
+        return _BAD_BYTES.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_bad_bytes(k) or has_bad_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_bad_bytes(v) for v in value)
+    return False
 
 
 def resolve_image(value: Any, base_dir: Path) -> Any:
@@ -139,32 +192,31 @@ def _metadata_files(folder: Path) -> list[Path]:
 
 
 def _read_jsonl(path: Path, skipped: collections.Counter) -> list[dict]:
+    """The rows of a JSONL file; rows holding bytes that are not UTF-8 are kept for the caller to skip
+    (``has_bad_bytes``), so an imagefolder knows which image they name."""
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                skipped[BAD_ROW] += 1
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                skipped[BAD_ROW] += 1
+    for line in decode_text(path.read_bytes()).split("\n"):  # not splitlines: U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            skipped[BAD_ROW] += 1
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            skipped[BAD_ROW] += 1
     return rows
 
 
 def _read_csv(path: Path, skipped: collections.Counter) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            if None in row or None in row.values():  # too many or too few fields
-                skipped[BAD_ROW] += 1
-                continue
-            rows.append({k: (v if v != "" else None) for k, v in row.items()})
+    for row in csv.DictReader(io.StringIO(decode_text(path.read_bytes()), newline="")):
+        if None in row or None in row.values():  # too many or too few fields
+            skipped[BAD_ROW] += 1
+            continue
+        rows.append({k: (v if v != "" else None) for k, v in row.items()})
     return rows
 
 
@@ -204,11 +256,14 @@ def _keep_split(row: dict, split: Optional[str], subfolder: str) -> bool:
     return subfolder == split
 
 
-def _open_imagefolder(path: Path, caption_column: str, split: Optional[str]) -> Source:
+def _open_imagefolder(path: Path, caption_column: str, split: Optional[str], allow_outside: bool) -> Source:
     skipped: collections.Counter = collections.Counter()
     images, captions, listed, columns = [], [], set(), set()
     path = Path(os.path.abspath(path))
     for metadata in _metadata_files(path):
+        if not allow_outside and not is_inside(metadata, path):  # a symlink out of the folder: not read
+            skipped[OUTSIDE] += 1
+            continue
         folder = metadata.parent
         subfolder = folder.relative_to(path).parts[0] if folder != path else ""
         for row in _read_rows(metadata, skipped):
@@ -219,9 +274,13 @@ def _open_imagefolder(path: Path, caption_column: str, split: Optional[str]) -> 
                 continue
             image = Path(os.path.normpath(folder / file_name))
             listed.add(image)
-            if _keep_split(row, split, subfolder):
-                images.append(image)
-                captions.append(row.get(caption_column))
+            if not _keep_split(row, split, subfolder):
+                continue
+            if has_bad_bytes(row):
+                skipped[NOT_UTF8] += 1
+                continue
+            images.append(image)
+            captions.append(row.get(caption_column))
     if images:
         _check_caption_column(sorted(columns), caption_column, f"{path}'s metadata")
     # images that no metadata row names have no caption (only those in the requested split's folders)
@@ -230,30 +289,43 @@ def _open_imagefolder(path: Path, caption_column: str, split: Optional[str]) -> 
         subfolder = parts[0] if len(parts) > 1 else ""
         if image not in listed and (split is None or subfolder == split):
             skipped[MISSING_CAPTION] += 1
-    return Source(path, "imagefolder", _table(images, captions), "image", "captions", path, skipped)
+    return Source(path, "imagefolder", _table(images, captions), "image", "captions", path, skipped, allow_outside)
 
 
-def _read_sidecar(image: Path) -> Optional[list[str]]:
+def _read_sidecar(image: Path, root: Path, allow_outside: bool) -> tuple[Optional[list[str]], Optional[str]]:
+    """(caption lines or None when there is no sidecar, the reason to skip the row or None)."""
     for ext in SIDECAR_EXTENSIONS:
         sidecar = image.with_suffix(ext)
         if sidecar.is_file():
-            text = sidecar.read_text(encoding="utf-8", errors="replace")
-            return [line.strip() for line in text.splitlines()] or [""]
-    return None
+            if not allow_outside and not is_inside(sidecar, root):
+                return None, OUTSIDE
+            text = decode_text(sidecar.read_bytes())
+            if has_bad_bytes(text):
+                return None, NOT_UTF8
+            return [line.strip() for line in text.splitlines()] or [""], None
+    return None, None
 
 
-def _open_sidecar(path: Path) -> Source:
-    images = list(_image_files(path))
-    captions = [_read_sidecar(image) for image in images]
-    return Source(path, "sidecar", _table(images, captions), "image", "captions", path)
+def _open_sidecar(path: Path, allow_outside: bool) -> Source:
+    skipped: collections.Counter = collections.Counter()
+    images, captions = [], []
+    for image in _image_files(path):
+        caption, reason = _read_sidecar(image, path, allow_outside)
+        if reason:
+            skipped[reason] += 1
+        else:
+            images.append(image)
+            captions.append(caption)
+    return Source(path, "sidecar", _table(images, captions), "image", "captions", path, skipped, allow_outside)
 
 
-def _open_rows_file(path: Path, fmt: str, caption_column: str, image_column: Optional[str], split: Optional[str]) -> Source:
+def _open_rows_file(path: Path, fmt: str, caption_column: str, image_column: Optional[str], split: Optional[str],
+                    allow_outside: bool) -> Source:
     skipped: collections.Counter = collections.Counter()
     rows = _read_rows(path, skipped)
     columns = sorted({k for row in rows for k in row})
     if not rows:
-        return Source(path, fmt, _table([], []), "image", "captions", path.parent, skipped)
+        return Source(path, fmt, _table([], []), "image", "captions", path.parent, skipped, allow_outside)
     image_column = _pick_image_column(columns, image_column, str(path))
     _check_caption_column(columns, caption_column, str(path))
     images, captions = [], []
@@ -264,13 +336,16 @@ def _open_rows_file(path: Path, fmt: str, caption_column: str, image_column: Opt
         if not isinstance(value, str) or not value:
             skipped[BAD_ROW] += 1
             continue
+        if has_bad_bytes(row):
+            skipped[NOT_UTF8] += 1
+            continue
         images.append(value)  # resolved against base_dir when read (Source.rows), once
         captions.append(row.get(caption_column))
-    return Source(path, fmt, _table(images, captions), "image", "captions", path.parent, skipped)
+    return Source(path, fmt, _table(images, captions), "image", "captions", path.parent, skipped, allow_outside)
 
 
 def _from_table(path: Path, fmt: str, table: datasets.Dataset, caption_column: str, image_column: Optional[str],
-                split: Optional[str], base_dir: Path) -> Source:
+                split: Optional[str], base_dir: Path, allow_outside: bool) -> Source:
     columns = list(table.column_names)
     if image_column is None:
         images = [name for name, feature in table.features.items() if isinstance(feature, datasets.Image)]
@@ -281,10 +356,11 @@ def _from_table(path: Path, fmt: str, table: datasets.Dataset, caption_column: s
         table = table.cast_column(image_column, datasets.Image(decode=False))
     if split is not None and "split" in columns:
         table = table.select([i for i, s in enumerate(table["split"]) if s == split])
-    return Source(path, fmt, table, image_column, caption_column, base_dir)
+    return Source(path, fmt, table, image_column, caption_column, base_dir, allow_outside_paths=allow_outside)
 
 
-def _open_disk(path: Path, caption_column: str, image_column: Optional[str], split: Optional[str]) -> Source:
+def _open_disk(path: Path, caption_column: str, image_column: Optional[str], split: Optional[str],
+               allow_outside: bool) -> Source:
     with _quiet_datasets():
         loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
@@ -292,22 +368,27 @@ def _open_disk(path: Path, caption_column: str, image_column: Optional[str], spl
         if chosen not in loaded:
             raise ValueError(f"{path} holds splits {', '.join(loaded)}; pass split= one of them")
         loaded, split = loaded[chosen], None
-    return _from_table(path, "disk", loaded, caption_column, image_column, split, path)
+    return _from_table(path, "disk", loaded, caption_column, image_column, split, path, allow_outside)
 
 
-def _open_parquet(path: Path, caption_column: str, image_column: Optional[str], split: Optional[str]) -> Source:
+def _open_parquet(path: Path, caption_column: str, image_column: Optional[str], split: Optional[str],
+                  allow_outside: bool) -> Source:
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     with _quiet_datasets():
         table = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-    return _from_table(path, "parquet", table, caption_column, image_column, split, path if path.is_dir() else path.parent)
+    return _from_table(path, "parquet", table, caption_column, image_column, split, path if path.is_dir() else path.parent,
+                       allow_outside)
 
 
 def open_source(path, *, format: Optional[str] = None, caption_column: str = "text",
-                image_column: Optional[str] = None, split: Optional[str] = None) -> Source:
+                image_column: Optional[str] = None, split: Optional[str] = None,
+                allow_outside_paths: bool = False) -> Source:
     """List the (image, caption) rows of ``path`` in one of ``FORMATS`` (detected when ``format`` is None).
 
     ``split`` keeps the rows whose ``split`` column (or top-level subfolder, for imagefolders; or
     DatasetDict split, for ``save_to_disk`` data) equals it; None keeps every row.
+    ``allow_outside_paths``: read images, sidecars and metadata files outside the data set's folder
+    (off: they are skipped as ``OUTSIDE``; ``Source.inside`` tells).
     """
     path = Path(path).expanduser()
     fmt = format or detect_format(path)
@@ -315,12 +396,13 @@ def open_source(path, *, format: Optional[str] = None, caption_column: str = "te
         raise ValueError(f"format={fmt!r}; allowed: {', '.join(FORMATS)}")
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist")
+    allow = bool(allow_outside_paths)
     if fmt == "imagefolder":
-        return _open_imagefolder(path, caption_column, split)
+        return _open_imagefolder(path, caption_column, split, allow)
     if fmt == "sidecar":
-        return _open_sidecar(path)
+        return _open_sidecar(path, allow)
     if fmt in ("csv", "jsonl"):
-        return _open_rows_file(path, fmt, caption_column, image_column, split)
+        return _open_rows_file(path, fmt, caption_column, image_column, split, allow)
     if fmt == "disk":
-        return _open_disk(path, caption_column, image_column, split)
-    return _open_parquet(path, caption_column, image_column, split)
+        return _open_disk(path, caption_column, image_column, split, allow)
+    return _open_parquet(path, caption_column, image_column, split, allow)

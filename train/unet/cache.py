@@ -11,8 +11,9 @@ the text encoder's ``weights_hash()``, the bytes of every file of the data set (
 ``data.path``, or the folder holding that file), the resolution and the caption column, so a changed
 encoder or data set gets a fresh cache and an unchanged one is reused by every run. The folder is
 written under a temporary name and renamed when complete. The data is read by ``train.data``
-(every format it knows, bad rows skipped and counted), resized and centre-cropped once: a cached
-run has no random crops or flips.
+(every format it knows, bad rows skipped and counted, paths kept inside the data folder unless
+``data.allow_outside_paths``), resized and centre-cropped once: a cached run has no random crops or
+flips. An image that changed on disk between the scan and the encoding is left out and counted.
 
 Files: ``latents.npy`` (N, C, h, w) float32; ``caption_offsets.npy`` (N + 1,) and
 ``caption_rows.npy``: image i's caption options are rows
@@ -27,7 +28,9 @@ For a VQ autoencoder the latents are the continuous pre-quantisation ones its ``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +41,7 @@ import torch
 
 from ldm_io import atomic_directory
 from train.data import Split, load_split
+from train.data.sources import is_inside
 from train.data.split import caption_index
 from train.unet.config import CacheConfig, DataConfig
 
@@ -64,14 +68,18 @@ def autoencoder_hash(autoencoder) -> str:
     return hashlib.sha256((module_hash(autoencoder) + extra).encode()).hexdigest()
 
 
-def folder_hash(folder: Path) -> str:
-    """sha256 over every file under ``folder`` (relative path and bytes), hidden files excluded."""
+def folder_hash(folder: Path, allow_outside: bool = False) -> str:
+    """sha256 over every file under ``folder`` (relative path and bytes), hidden files excluded; a symlink
+    out of the folder counts by its target's name, its bytes unread (unless ``allow_outside``)."""
     h = hashlib.sha256()
     for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         rel = f.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
             continue
         h.update(str(rel).encode() + b"\0")
+        if not allow_outside and f.is_symlink() and not is_inside(f, folder):
+            h.update(b"link\0" + os.readlink(f).encode(errors="surrogateescape"))
+            continue
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -86,7 +94,7 @@ def cache_key(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder) -
         "format": FORMAT_VERSION,
         "autoencoder": autoencoder_hash(autoencoder),
         "text_encoder": text_encoder.weights_hash(),
-        "data": folder_hash(Path(data.path) if Path(data.path).is_dir() else Path(data.path).parent),
+        "data": folder_hash(Path(data.path) if Path(data.path).is_dir() else Path(data.path).parent, data.allow_outside_paths),
         "data_config": asdict(data) | {"path": None},
         "context_dtype": cache.context_dtype,
     }
@@ -148,22 +156,39 @@ def write_cache(folder: Path, key: dict, data: Split, autoencoder, text_encoder,
 
     from conditioning import EmbeddingCache
 
-    rows = [(data.train, i, False) for i in data.train_rows] + [(data.heldout, i, True) for i in data.heldout_rows]
-    n = len(rows)
+    n = len(data.train_rows) + len(data.heldout_rows)  # at most: rows changed on disk since the scan are left out
+    readable = ((ds, i, heldout, image) for ds, ds_rows, heldout in ((data.train, data.train_rows, False),
+                                                                      (data.heldout, data.heldout_rows, True))
+                for i, image in ds.read_rows(ds_rows, ds.transform))
+    rows = []  # (data set, row, held out) of every image encoded
     # another process that finished the same cache first keeps its folder
     with atomic_directory(folder, durable=True, keep_existing=True) as tmp:
         latents = None
         bar = tqdm(total=n, desc="caching latents", unit="img", disable=not progress)
-        for start in range(0, n, batch_size):
-            images = torch.stack([ds[i][0] for ds, i, _ in rows[start : start + batch_size]])  # (B, 3, H, W)
+        while batch := list(itertools.islice(readable, batch_size)):
+            images = torch.stack([image for *_, image in batch])  # (B, 3, H, W)
             z = autoencoder.encode(images.to(device)).float().cpu()  # (B, C, h, w)
             if latents is None:
                 latents = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float32, shape=(n, *z.shape[1:]))
-            latents[start : start + len(z)] = z.numpy()
+            latents[len(rows) : len(rows) + len(z)] = z.numpy()
+            rows += [(ds, i, heldout) for ds, i, heldout, _ in batch]
             bar.update(len(z))
         bar.close()
+        if latents is None:
+            raise ValueError(f"{data.train.summary().path}: none of its images can be read any more (they changed on "
+                             "disk since the scan)")
         latents.flush()
-        del latents
+        if len(rows) < n:  # keep the rows written
+            kept = np.lib.format.open_memmap(tmp / "latents.tmp.npy", mode="w+", dtype=np.float32,
+                                             shape=(len(rows), *latents.shape[1:]))
+            for start in range(0, len(rows), 4096):
+                end = min(start + 4096, len(rows))
+                kept[start:end] = latents[start:end]
+            kept.flush()
+            del kept, latents
+            os.replace(tmp / "latents.tmp.npy", tmp / "latents.npy")
+        else:
+            del latents
 
         captions = [ds.captions(i) for ds, i, _ in rows]  # per image, its options
         distinct = sorted({c for options in captions for c in options})
@@ -188,9 +213,10 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
     if (folder / "meta.json").is_file():
         return folder, False
     parts = load_split(data.path, data.holdout_fraction, caption_column=data.caption_column, size=data.resolution,
-                       crop="center", min_size=min(32, data.resolution), progress=progress)
-    if progress:
-        print(parts.summary(), file=sys.stderr)
+                       crop="center", min_size=min(32, data.resolution), progress=progress,
+                       allow_outside_paths=data.allow_outside_paths)
     write_cache(folder, key, parts, autoencoder, text_encoder, batch_size=cache.batch_size,
                 context_dtype=cache.context_dtype, device=device, progress=progress)
+    if progress:
+        print(parts.summary(), file=sys.stderr)  # after the encoding: it counts the rows that changed since the scan
     return folder, True

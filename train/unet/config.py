@@ -35,6 +35,8 @@ class DataConfig:
     caption_column: str = "text"  # metadata column holding the caption
     # share of images held out for the validation loss when the data has no split column ("test" rows are held out)
     holdout_fraction: float = 0.05
+    # read images outside the data set's folder (absolute paths, "..", symlinks out of it); off, such rows are skipped
+    allow_outside_paths: bool = False
 
     def __post_init__(self):
         if self.resolution != 0 and self.resolution < 8:

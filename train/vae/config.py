@@ -20,6 +20,8 @@ class VAEDataConfig:
     holdout_fraction: float = 0.05
     flip: bool = True  # random horizontal flips
     max_images: int = 0  # train on at most this many images (0: all training rows)
+    # read images outside the data set's folder (absolute paths, "..", symlinks out of it); off, such rows are skipped
+    allow_outside_paths: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.holdout_fraction < 1:

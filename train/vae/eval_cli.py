@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="PNG", help="where to write the PNG")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     parser.add_argument("--sample-posterior", action="store_true", help="KL: decode a posterior sample, not the mean")
+    parser.add_argument("--allow-outside", action="store_true",
+                        help="read images outside the data folder (absolute paths, '..', symlinks out of it; default: "
+                             "the run's data.allow_outside_paths, else off: such rows are skipped)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.grid < 0 or args.max_images < 0:
         raise ValueError("--batch-size must be >= 1, --grid and --max-images >= 0")
     ae = load_autoencoder(args.vae, sample_posterior=args.sample_posterior)
-    split = load_vae_split(args.data, holdout_fraction(args), progress=False)
+    split = load_vae_split(args.data, holdout_fraction(args), progress=False,
+                           allow_outside_paths=args.allow_outside or bool(run_data(args).get("allow_outside_paths")))
     data, rows = (split.heldout, split.heldout_rows) if args.split == "test" else (split.train, split.train_rows)
     if not rows:
         raise ValueError(f"{args.data} has no {'held-out' if args.split == 'test' else 'training'} rows "
                          "(give --holdout-fraction above 0, or use a data set with a test split)")
     images = pixels(data, rows[: args.max_images or None])  # (N, 3, H, W) uint8
+    print(split.summary(), file=sys.stderr)  # kept, and skipped by reason
     psnrs, ssims, originals, recons = [], [], [], []
     counts = torch.zeros(ae.num_embeddings or 1)
     with torch.no_grad():
@@ -80,18 +86,24 @@ def run(args: argparse.Namespace) -> int:
 
 def holdout_fraction(args: argparse.Namespace) -> float:
     """--holdout-fraction, else the training run's data.holdout_fraction, else the config default."""
-    import yaml
-
     from train.vae.config import VAEDataConfig
 
     if args.holdout_fraction is not None:
         return args.holdout_fraction
+    data = run_data(args)
+    if "holdout_fraction" in data:
+        return float(data["holdout_fraction"])
+    return VAEDataConfig.holdout_fraction
+
+
+def run_data(args: argparse.Namespace) -> dict:
+    """The data section of the training run's VAE_DIR/../config.yaml ({} when there is none)."""
+    import yaml
+
     run_config = Path(args.vae).resolve().parent / "config.yaml"
     if run_config.is_file():
-        data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
-        if "holdout_fraction" in data:
-            return float(data["holdout_fraction"])
-    return VAEDataConfig.holdout_fraction
+        return (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
+    return {}
 
 
 def write_grid(top, bottom, path: Path) -> None:

@@ -108,7 +108,8 @@ class VAETrainer:
         """The training rows of the held-out rule, decoded once; their order."""
         cfg, acc = self.config, self.accelerator
         size = cfg.model.resolution if cfg.model.resize_input else None
-        split = load_vae_split(cfg.data.path, cfg.data.holdout_fraction, size, progress=self.progress and acc.is_main_process)
+        split = load_vae_split(cfg.data.path, cfg.data.holdout_fraction, size, progress=self.progress and acc.is_main_process,
+                               allow_outside_paths=cfg.data.allow_outside_paths)
         rows = split.train_rows[: cfg.data.max_images or None]
         self.images = pixels(split.train, rows)  # (N, 3, H, W) uint8
         self.order = DataOrder(np.arange(len(self.images)), cfg.train.batch_size, acc.num_processes, acc.process_index,
