@@ -17,6 +17,9 @@ Temporary files and folders are created with the modes ``open`` and ``mkdir`` gi
 0o777 less the umask), not ``tempfile``'s owner-only 0o600 / 0o700, so what lands under the final
 name has the permissions a plain write would have given it.
 
+Before the work, a writer claims its output (``ldm_io.outputs``: ``claim_output_dir``,
+``claim_output_file``): the one check of where it may write, the same rule for every command.
+
 Standard library only: every package of the project (``ldm``, ``vae``, ``conditioning``,
 ``train``) may import it, and it imports none of them.
 """
@@ -30,9 +33,12 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
+from ldm_io.outputs import OutputError, claim_output_dir, claim_output_file, write_marker
+
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["atomic_directory", "atomic_path", "save_image", "write_bytes", "write_text"]
+__all__ = ["OutputError", "atomic_directory", "atomic_path", "claim_output_dir", "claim_output_file", "save_image",
+           "write_bytes", "write_marker", "write_text"]
 
 # Pillow's format names for the file suffixes save_image infers a format from.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}
