@@ -31,9 +31,10 @@ from ldm_io import atomic_directory, claim_output_dir, write_marker
 PathLike = str | os.PathLike
 PARTS = ("unet", "vae", "text_encoder")
 COMMAND = "ldm pack"
-# What a bundle folder holds (ldm.bundle.save_bundle, and the ONNX cache beside the weights): an unmarked
+# What a bundle folder holds (ldm.bundle.save_bundle, the trainer's training_config.yaml, the ONNX cache): an unmarked
 # folder with model_index.json and nothing else is an earlier bundle that --overwrite may replace.
-BUNDLE_ENTRIES = ("model_index.json", "unet", "unet_lora", "vae", "text_encoder", "tokenizer", "scheduler", "onnx")
+BUNDLE_ENTRIES = ("model_index.json", "unet", "unet_lora", "vae", "text_encoder", "tokenizer", "scheduler",
+                  "training_config.yaml", "onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

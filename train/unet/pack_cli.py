@@ -1,6 +1,6 @@
 """Pack a trained bundle for shipping: fp16 weights and a token table cut to the training vocabulary.
 
-  ldm pack runs/ldm-emoji/bundle --out ldm/default_model --vocab-from data/emoji
+  ldm pack runs/ldm-emoji/bundle --out ldm/default_model --vocab-from data/emoji --overwrite
 
 The packed bundle loads into the same pipeline (weights are cast back to the compute dtype).
 --vocab-from keeps the token-embedding rows of every token in that data set's captions; all other
