@@ -38,7 +38,8 @@ from typing import Callable, Iterable, Optional, Union
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["MARKER", "OutputError", "check_inputs", "check_location", "claim_output_dir", "claim_output_file",
-           "earlier_output", "entries", "is_main_process", "png_text_keys", "remove_output", "software_text", "write_marker", "written_by_ldm"]
+           "earlier_output", "entries", "is_main_process", "png_text_keys", "remove_output", "software_text",
+           "write_marker", "written_by_ldm"]
 
 MARKER = ".ldm-output"  # JSON {"command": ..., "entries": [...]}; no .json suffix, so bundle hashes skip it
 SOFTWARE = "ldm-toolkit"  # a PNG of ours: a text chunk of this name (generate's record) or Software "ldm-toolkit ..."
@@ -107,10 +108,12 @@ def check_location(path: PathLike, *, option: str = "--out", folder: bool, repla
     if folder and os.path.lexists(path) and not path.is_dir():
         raise OutputError(f"{_named(option, path)} is a file; give a folder (a new or empty one)")
     if not folder and path.is_dir():
-        raise OutputError(f"{_named(option, path)} is a folder; give a file name, e.g. {path / ('out' + (path.suffix or '.png'))}")
+        example = path / ("out" + (path.suffix or ".png"))
+        raise OutputError(f"{_named(option, path)} is a folder; give a file name, e.g. {example}")
     ancestor = _nearest_existing(path.parent)
     if not ancestor.is_dir():
-        raise OutputError(f"{_named(option, path)} cannot be made: {ancestor} is a file, not a folder; choose another {option}")
+        raise OutputError(f"{_named(option, path)} cannot be made: {ancestor} is a file, not a folder; "
+                          f"choose another {option}")
     if folder and path.is_dir():
         _try_write(path, path, option)
         if replace:
@@ -136,6 +139,9 @@ def check_inputs(path: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, o
         if not holding and _within(inp, out) and os.path.lexists(out):
             raise OutputError(f"{_named(option, path)} holds the input {given}, which replacing it would delete; "
                               f"choose another {option}")
+    if not holding and _within(_abs(os.getcwd()), out) and os.path.lexists(out):
+        raise OutputError(f"{_named(option, path)} holds the current folder, which replacing it would delete; "
+                          "run the command from outside it")
 
 
 def read_marker(folder: Path) -> Optional[dict]:
@@ -156,8 +162,10 @@ def write_marker(folder: PathLike, command: str, names: Optional[Iterable[str]] 
 def earlier_output(path: PathLike, *, command: str, known: Iterable[str] = (),
                    signature: Iterable[str] = ()) -> tuple[bool, str]:
     """Whether folder ``path`` (existing, not empty) is an earlier output of ``command`` holding nothing
-    else; (False, the reason and the way out, as the end of a sentence about ``path``) when not. Ours: its marker names ``command``, or (an output made
-    before markers) every name of ``signature`` is there; and each entry is one the marker lists or in ``known``."""
+    else; (False, the reason and the way out, as the end of a sentence about ``path``) when not.
+
+    Ours: its marker names ``command``, or (an output made before markers) every name of ``signature``
+    is there; and each entry is one the marker lists or one of ``known``."""
     path = Path(path)
     names = entries(path)
     marker = read_marker(path)
@@ -173,8 +181,9 @@ def earlier_output(path: PathLike, *, command: str, known: Iterable[str] = (),
         allowed = set(known)
     foreign = [n for n in names if n not in allowed]
     if foreign:
-        return False, (f"holds {_short(foreign)}, which {command} did not write; move {'it' if len(foreign) == 1 else 'them'} "
-                       "out, or choose a new or empty folder")
+        them = "it" if len(foreign) == 1 else "them"
+        return False, (f"holds {_short(foreign)}, which {command} did not write; move {them} out, "
+                       "or choose a new or empty folder")
     return True, ""
 
 

@@ -258,6 +258,12 @@ def test_a_real_run_is_refused_then_replaced_with_overwrite_leaving_the_rest(ws,
     ok(capsys, [*args, "train.max_steps=1", "--overwrite"])
     assert sorted(p.name for p in (ws / "run" / "checkpoints").iterdir()) == ["step-00000001"]  # the old run is gone
     assert {k: v for k, v in hashes(ws).items() if not k.startswith("run")} == outside
+    # eval-vae's PNG (default: beside vae/) and JSON: written, then replaced by the next evaluation
+    evaluate = ["eval-vae", "--vae", "run/vae", "--data", "shapes", "--grid", "2", "--json", "run/m.json"]
+    ok(capsys, evaluate)
+    assert written_by_ldm(ws / "run" / "eval-vae.png") and "psnr" in json.loads((ws / "run" / "m.json").read_text())
+    ok(capsys, evaluate)
+    refused_unchanged(ws, capsys, [*evaluate[:-1], "notes.txt"], "--json notes.txt exists and was not written")
 
 
 def test_overwrite_holding_an_input_is_refused(ws, capsys):
@@ -342,7 +348,7 @@ def test_a_read_only_file_system_is_one_line(ws):
 # -- the guard itself -------------------------------------------------------------------------------
 
 
-def test_claim_output_dir_rules(tmp_path):
+def test_claim_output_dir_rules(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert claim_output_dir(out, command="ldm x") is False  # absent
     out.mkdir()
@@ -357,6 +363,9 @@ def test_claim_output_dir_rules(tmp_path):
     with pytest.raises(OutputError, match="earlier output of ldm y; pass --overwrite"):
         claim_output_dir(out, command="ldm y")
     assert claim_output_dir(out, command="ldm y", overwrite=True) is True
+    monkeypatch.chdir(out)
+    with pytest.raises(OutputError, match="holds the current folder"):
+        claim_output_dir(out, command="ldm y", overwrite=True)
     with pytest.raises(OutputError, match=r"train.output_dir=.* is the input"):
         claim_output_dir(out, command="ldm y", option="train.output_dir", inputs=[out])
 
