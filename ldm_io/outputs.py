@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["MARKER", "OutputError", "check_inputs", "check_location", "claim_output_dir", "claim_output_file",
+__all__ = ["MARKER", "OutputError", "check_inputs", "check_location", "check_replaceable", "claim_output_dir", "claim_output_file",
            "earlier_output", "entries", "is_main_process", "png_text_keys", "remove_output", "software_text",
            "write_marker", "written_by_ldm"]
 
@@ -139,7 +139,11 @@ def check_inputs(path: PathLike, inputs: Iterable[Optional[PathLike]] = (), *, o
         if not holding and _within(inp, out) and os.path.lexists(out):
             raise OutputError(f"{_named(option, path)} holds the input {given}, which replacing it would delete; "
                               f"choose another {option}")
-    if not holding and _within(_abs(os.getcwd()), out) and os.path.lexists(out):
+
+
+def check_replaceable(path: PathLike, *, option: str = "--out") -> None:
+    """An earlier output about to be replaced is not the folder the command runs in, nor around it."""
+    if _within(_abs(os.getcwd()), _abs(path)):
         raise OutputError(f"{_named(option, path)} holds the current folder, which replacing it would delete; "
                           "run the command from outside it")
 
@@ -208,6 +212,7 @@ def claim_output_dir(path: PathLike, *, command: str, option: str = "--out", ove
     if not overwrite:
         raise OutputError(f"{_named(option, path)} holds an earlier output of {command}; "
                           "pass --overwrite to replace it, or choose another folder")
+    check_replaceable(path, option=option)
     return True
 
 

@@ -76,7 +76,7 @@ def check_run_folder(output_dir: str | os.PathLike, resume: Optional[str], *, co
     encoders, the bundle fine-tuned, which may not hold it either), or holds one when replaced, a
     file where the folder should be, and a place that cannot be written (tried, not guessed).
     """
-    from ldm_io.outputs import check_inputs, check_location, earlier_output, entries
+    from ldm_io.outputs import check_inputs, check_location, check_replaceable, earlier_output, entries
 
     out = Path(output_dir)
     if resume is not None and overwrite:
@@ -101,6 +101,7 @@ def check_run_folder(output_dir: str | os.PathLike, resume: Optional[str], *, co
     if not overwrite:
         raise ValueError(f"{OPTION}={out} holds an earlier run (no checkpoint left to resume); "
                          f"replace it with --overwrite, or choose another {OPTION}")
+    check_replaceable(out, option=OPTION)
     return True
 
 
