@@ -120,7 +120,47 @@ def output_paths(out: Optional[Path], n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(n)]
 
 
+def marked_png_info():
+    """PNG text chunks that tell a later run this image is ldm generate's (so it may be replaced)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from ldm_io.outputs import software_text
+
+    info = PngInfo()
+    info.add_text(*software_text("generate"))
+    return info
+
+
+def grid_path(paths: list[Path]) -> Path:
+    """NAME-grid.png beside NAME-0.png ... (several images)."""
+    return paths[0].with_name(paths[0].stem.rsplit("-", 1)[0] + "-grid.png")
+
+
+def regenerate_path(args: argparse.Namespace) -> Path:
+    """Where --from-png's image goes: --out, else FILE-again.png beside it."""
+    return args.out or args.from_png.with_name(args.from_png.stem + "-again.png")
+
+
+def claim_outputs(args: argparse.Namespace) -> list[Path]:
+    """Every PNG this command will write, checked before the model loads: a file name (not a folder)
+    in a writable place, and where it exists, a PNG an ldm command wrote (replaced); never --from-png."""
+    from ldm_io import claim_output_file
+    from ldm_io.outputs import written_by_ldm
+
+    if args.from_png is not None:
+        paths = [regenerate_path(args)]
+        if paths[0].resolve() == args.from_png.resolve():
+            raise UsageError(f"--out {paths[0]} is the --from-png file; write the remade image to another file")
+    else:
+        paths = output_paths(args.out, max(args.num_images, 1))
+        paths += [grid_path(paths)] if len(paths) > 1 else []
+    for path in paths:
+        claim_output_file(path, command="ldm generate", ours=written_by_ldm, inputs=[args.from_png])
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
+    claim_outputs(args)
     if args.from_png is not None:
         return regenerate(args)
     if not args.prompt:
@@ -139,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         rows = -(-len(images) // cols)
         filler = [images[0].copy().point(lambda _: 255)] * (rows * cols - len(images))
         grid = image_grid(images + filler, rows, cols)
-        save_image(grid, paths[0].with_name(paths[0].stem.rsplit("-", 1)[0] + "-grid.png"))
+        save_image(grid, grid_path(paths), pnginfo=marked_png_info())
     print("\n".join(str(p) for p in paths))
     return 0
 
@@ -207,7 +247,7 @@ def regenerate(args: argparse.Namespace) -> int:
     finally:
         close()
     image = to_pil(pipe.decode(latents))[rec["batch_index"]]
-    out = args.out or args.from_png.with_name(args.from_png.stem + "-again.png")
+    out = regenerate_path(args)
     save_png(image, out, rec)
     with Image.open(args.from_png) as original:
         diff = np.abs(np.asarray(original.convert("RGB"), dtype=np.int16) - np.asarray(image, dtype=np.int16))

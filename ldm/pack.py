@@ -11,7 +11,9 @@ A bundle straight out of ``ldm train`` stores fp32 weights and the text encoder'
   prompts made of kept tokens encode as before, up to fp16 rounding
   (``conditioning.clip_model.compact_token_table``).
 
-The copy is written beside ``out`` and renamed into place; an ONNX cache is not copied.
+The copy is written beside ``out`` and renamed into place; an ONNX cache is not copied. ``out`` must
+be new or empty, or with ``overwrite`` an earlier bundle (``claim_pack_output``), never the source
+or a folder around or inside it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ from typing import Iterable, Optional
 import torch
 
 from ldm.bundle import check_bundle
-from ldm_io import atomic_directory
+from ldm_io import atomic_directory, claim_output_dir, write_marker
 
 PathLike = str | os.PathLike
 PARTS = ("unet", "vae", "text_encoder")
+COMMAND = "ldm pack"
+# What a bundle folder holds (ldm.bundle.save_bundle, the trainer's training_config.yaml, the ONNX cache): an unmarked
+# folder with model_index.json and nothing else is an earlier bundle that --overwrite may replace.
+BUNDLE_ENTRIES = ("model_index.json", "unet", "unet_lora", "vae", "text_encoder", "tokenizer", "scheduler",
+                  "training_config.yaml", "onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -47,19 +54,30 @@ def caption_token_ids(bundle: PathLike, captions: Iterable[str]) -> set[int]:
     return ids
 
 
+def claim_pack_output(src: PathLike, out: PathLike, *, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Path:
+    """Check, before any work, that ``out`` may receive a packed copy of bundle ``src``: not the source,
+    not inside it nor around it, new or empty, or with ``overwrite`` an earlier bundle; the bundle checked
+    too. ``inputs``: other inputs (the --vocab-from data sets). Returns the source bundle's folder."""
+    root = check_bundle(src)
+    if Path(out).resolve() == root.resolve():
+        raise ValueError(f"--out {out} is the source bundle; write the packed copy to another folder")
+    claim_output_dir(out, command=COMMAND, overwrite=overwrite, inputs=inputs, sealed=[root],
+                     known=BUNDLE_ENTRIES, signature=("model_index.json",))
+    return root
+
+
 def pack_bundle(src: PathLike, out: PathLike, *, dtype: str = "float16",
-                keep_captions: Optional[Iterable[str]] = None) -> dict[str, int]:
-    """Write a packed copy of bundle ``src`` to ``out``; returns bytes per part before and after."""
+                keep_captions: Optional[Iterable[str]] = None, overwrite: bool = False) -> dict[str, int]:
+    """Write a packed copy of bundle ``src`` to ``out``; returns bytes per part before and after.
+    ``overwrite``: ``out`` may be an earlier bundle, replaced (see ``claim_pack_output``)."""
     from safetensors.torch import load_file, save_file
 
     from conditioning.clip_model import TOKEN_TABLE, compact_token_table
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
-    root = check_bundle(src)
+    root = claim_pack_output(src, out, overwrite=overwrite)
     final = Path(out)
-    if final.resolve() == root.resolve():
-        raise ValueError(f"out={out} is the source bundle; write the packed copy to another folder")
     keep = caption_token_ids(root, keep_captions) if keep_captions is not None else None
     sizes: dict[str, int] = {}
     with atomic_directory(final) as tmp:
@@ -72,4 +90,6 @@ def pack_bundle(src: PathLike, out: PathLike, *, dtype: str = "float16",
                     state = compact_token_table(state, keep)
                 save_file(state, str(path), metadata={"format": "pt"})
                 sizes[f"{part} after"] = sizes.get(f"{part} after", 0) + path.stat().st_size
+        write_marker(tmp, COMMAND)
+        claim_pack_output(root, final, overwrite=overwrite)  # again: nothing came into ``out`` meanwhile
     return sizes

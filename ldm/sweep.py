@@ -25,7 +25,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm.pipeline import GenerationRequest, Text2ImagePipeline, to_pil
-from ldm_io import atomic_path, save_image, write_text
+from ldm_io import atomic_path, claim_output_dir, save_image, write_text
+
+COMMAND = "ldm sweep"
+SWEEP_FILES = ("grid.png", "metrics.csv", "metrics.json", "metrics.png")  # a folder of these (and no marker) is a sweep's
 
 
 @dataclass
@@ -132,9 +135,19 @@ def labelled_grid(result: SweepResult) -> Image.Image:
     return grid
 
 
-def write_outputs(result: SweepResult, out: Path) -> dict[str, Path]:
-    """grid.png, metrics.csv, metrics.json and metrics.png (metrics against w) in ``out``, each written atomically."""
-    paths = {name: out / name for name in ("grid.png", "metrics.csv", "metrics.json", "metrics.png")}
+def claim_sweep_output(out: Path, *, overwrite: bool = False, models: Sequence[Optional[Path]] = ()) -> None:
+    """``out`` may receive a sweep: new or empty, or with ``overwrite`` an earlier sweep's folder (holding
+    nothing else: grid.png, the first file written, and the other three); not inside one of ``models``
+    (``ldm_io.claim_output_dir``)."""
+    claim_output_dir(out, command=COMMAND, overwrite=overwrite, sealed=models, known=SWEEP_FILES,
+                     signature=("grid.png",), replace=False)
+
+
+def write_outputs(result: SweepResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """grid.png, metrics.csv, metrics.json and metrics.png (metrics against w) in ``out``, each written
+    atomically; ``out`` is claimed first (``claim_sweep_output``)."""
+    claim_sweep_output(out, overwrite=overwrite)
+    paths = {name: out / name for name in SWEEP_FILES}
     save_image(labelled_grid(result), paths["grid.png"])
     names = sorted({k for m in result.metrics.values() for k in m})
     table = io.StringIO(newline="")

@@ -5,6 +5,7 @@ Each seed's starting noise is shared across weights. Writes to --out:
   metrics.csv   one row per weight: CLIP score, diversity across seeds, and for shapes
   metrics.json  prompts the exact attribute accuracies read back by the shapes checker
   metrics.png   each metric against w
+--out must be a new or empty folder; --overwrite replaces an earlier sweep's files there.
 
 examples:
   ldm sweep "koala, twemoji style" "red apple, noto style" --guidance 1,2,4,8 --seeds 0,1,2,3 --out sweep/
@@ -27,17 +28,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds (default 0,1,2,3)")
     p.add_argument("--clip", type=Path, default=None,
                    help="CLIP for the metrics: a bundle or CLIP folder (default: the model's own text encoder, if it is a CLIP)")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder: new or empty")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier sweep in --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ldm.sweep import clip_metrics, parse_list, run_sweep, shapes_metrics, write_outputs
+    from ldm.sweep import claim_sweep_output, clip_metrics, parse_list, run_sweep, shapes_metrics, write_outputs
 
     weights = parse_list(args.guidance, float, "--guidance")
     seeds = parse_list(args.seeds, int, "--seeds")
     if any(not w >= 0 for w in weights):
         raise UsageError(f"--guidance {args.guidance}: every weight must be >= 0")
     model = model_path(args.model)
+    claim_sweep_output(args.out, overwrite=args.overwrite, models=[model, args.clip])  # before loading anything
     pipe = load(args, model)
     progress, close = progress_bar(args.quiet, "sweep")
     try:
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if scorer is not None:
         clip_metrics(result, scorer)
     shapes_metrics(result)
-    paths = write_outputs(result, args.out)
+    paths = write_outputs(result, args.out, overwrite=args.overwrite)
     for w in weights:
         print(f"w={w:g}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.get(w, {}).items())))
     print("\n".join(str(p) for p in paths.values()))

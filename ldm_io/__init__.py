@@ -21,6 +21,9 @@ A full disk (or a used-up quota) inside any of these writers is raised as ``Disk
 ``OSError`` with errno ENOSPC or EDQUOT) naming the final path, also when the writer was
 safetensors (whose own error is not an OSError); nothing under the final name has changed then.
 
+Before the work, a writer claims its output (``ldm_io.outputs``: ``claim_output_dir``,
+``claim_output_file``): the one check of where it may write, the same rule for every command.
+
 Standard library only: every package of the project (``ldm``, ``vae``, ``conditioning``,
 ``train``) may import it, and it imports none of them.
 """
@@ -36,9 +39,12 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Union
 
+from ldm_io.outputs import OutputError, claim_output_dir, claim_output_file, write_marker
+
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["DiskFull", "atomic_directory", "atomic_path", "save_image", "write_bytes", "write_text"]
+__all__ = ["DiskFull", "OutputError", "atomic_directory", "atomic_path", "claim_output_dir", "claim_output_file",
+           "save_image", "write_bytes", "write_marker", "write_text"]
 
 # Pillow's format names for the file suffixes save_image infers a format from.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF"}

@@ -37,7 +37,7 @@ emoji() {
     stage "emoji U-Net" "$RUNS/ldm-emoji/bundle" ldm train configs/ldm/emoji-64.yaml \
         data.path="$DATA/emoji" encoders.autoencoder="$RUNS/vae-emoji-f4/vae" encoders.text_encoder="$RUNS/clip-emoji" \
         cache.dir="$RUNS/cache" train.output_dir="$RUNS/ldm-emoji" $(resume_flag "$RUNS/ldm-emoji")
-    ldm pack "$RUNS/ldm-emoji/bundle" --out ldm/default_model --vocab-from "$DATA/emoji"
+    ldm pack "$RUNS/ldm-emoji/bundle" --out ldm/default_model --vocab-from "$DATA/emoji" --overwrite
 }
 
 shapes() {
@@ -49,7 +49,7 @@ shapes() {
     stage "shapes U-Net" "$RUNS/ldm-shapes/bundle" ldm train configs/ldm/shapes-32.yaml \
         data.path="$DATA/shapes32" encoders.autoencoder="$RUNS/vae-shapes/vae" encoders.text_encoder="$RUNS/clip-shapes" \
         cache.dir="$RUNS/cache" train.output_dir="$RUNS/ldm-shapes" $(resume_flag "$RUNS/ldm-shapes")
-    ldm pack "$RUNS/ldm-shapes/bundle" --out ldm/shapes_model --vocab-from "$DATA/shapes32"
+    ldm pack "$RUNS/ldm-shapes/bundle" --out ldm/shapes_model --vocab-from "$DATA/shapes32" --overwrite
 }
 
 case "$which" in

@@ -57,7 +57,8 @@ def test_finetune_takes_the_packaged_models_by_name_as_generate_does(name, tmp_p
 
     seen = []
     monkeypatch.setattr(finetune, "finetune", lambda model, config, resume=None: seen.append(model) or _Done())
-    assert main(["finetune", "--model", name, "--data", str(tmp_path), f"train.output_dir={tmp_path / 'run'}"]) == 0
+    # the run folder beside the data, not inside it (an output is never written into an input)
+    assert main(["finetune", "--model", name, "--data", str(tmp_path / "data"), f"train.output_dir={tmp_path / 'run'}"]) == 0
     assert seen == [PACKAGED_MODELS[name]]
 
 

@@ -28,6 +28,18 @@ import torch
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = ("index.html", "app.js", "tokenizer.js")
+COMMAND = "ldm export-web"
+SITE_FILES = (*PAGE_FILES, "ort", "text_encoder.onnx", "unet.onnx", "decoder.onnx", "tokenizer.json", "schedule.json",
+              "noise.bin", "model.json")
+
+
+def claim_site(bundle: Path, out: Path, *, overwrite: bool = False) -> None:
+    """``out`` may receive the site: new or empty, or with ``overwrite`` an earlier site (and nothing
+    else); never the bundle, nor a folder inside it or around it (``ldm_io.claim_output_dir``)."""
+    from ldm_io import claim_output_dir
+
+    claim_output_dir(out, command=COMMAND, overwrite=overwrite, sealed=[bundle], known=SITE_FILES,
+                     signature=("model.json", "index.html"))
 
 
 def noise_draws(seeds: Sequence[int], latent_shape: tuple[int, int, int], draws: int) -> np.ndarray:
@@ -53,20 +65,23 @@ def export_site(
     height: Optional[int] = None,
     width: Optional[int] = None,
     default_prompt: str = "koala, twemoji style",
+    overwrite: bool = False,
 ) -> Path:
-    """Write the site for ``bundle`` to ``out`` (atomically: a sibling folder renamed into place)."""
+    """Write the site for ``bundle`` to ``out`` (atomically: a sibling folder renamed into place).
+    ``out`` must be new or empty; ``overwrite``: it may be an earlier site, replaced (``claim_site``)."""
     from ldm.bundle import bundle_hash
     from ldm.onnx_backend import OnnxGraphs
     from ldm.pipeline import Text2ImagePipeline
     from ldm.web.coefficients import sampler_table
     from ldm.web.tokenizer_spec import tokenizer_spec
     from ldm.web.vendor import vendor_ort_web
-    from ldm_io import atomic_directory
+    from ldm_io import atomic_directory, write_marker
 
     if not isinstance(seeds, int) or seeds < 0:
         raise ValueError(f"seeds={seeds!r} must be an integer >= 0 (how many seeds, from 0, get Python's noise)")
     if any(not e >= 0 for e in etas):
         raise ValueError(f"etas={list(etas)} must all be >= 0")
+    claim_site(bundle, out, overwrite=overwrite)  # before loading anything
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="torch")
     latent_shape = pipe.latent_shape(height, width)  # (C, h, w)
     tokens = pipe.text_encoder.tokenize([""])  # (1, L)
@@ -104,4 +119,6 @@ def export_site(
             "default_prompt": default_prompt,
         }
         (tmp / "model.json").write_text(json.dumps(model, indent=2))
+        write_marker(tmp, COMMAND)
+        claim_site(bundle, out, overwrite=overwrite)  # again: nothing came into ``out`` meanwhile
     return out

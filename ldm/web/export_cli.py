@@ -9,6 +9,9 @@ examples:
   ldm export-web --out site/
   ldm export-web --model my-bundle --out site/ --seeds 8 --max-steps 100
   ldm serve-web site/
+
+--out must be a new or empty folder; --overwrite replaces an earlier exported site there (one holding
+only a site's files), never the model bundle, a folder around it, or a folder of other files.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from ldm.errors import UsageError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="model bundle folder, or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
-    p.add_argument("--out", type=Path, required=True, help="site folder to write (replaced if it exists)")
+    p.add_argument("--out", type=Path, required=True, help="site folder to write: new or empty")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier exported site (never the model or a folder around it)")
     p.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 get Python's exact noise in the page (default 4)")
     p.add_argument("--max-steps", type=int, default=50, help="largest step count the page offers (default 50)")
     p.add_argument("--etas", default="0,0.5,1", help="DDIM eta values the page offers, comma-separated (default 0,0.5,1)")
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--etas is empty; give at least one DDIM eta, e.g. 0")
     model = model_path(args.model)
     out = export_site(model, args.out, seeds=args.seeds, max_steps=args.max_steps, etas=etas,
-                      height=args.height, width=args.width, default_prompt=args.prompt)
+                      height=args.height, width=args.width, default_prompt=args.prompt, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out} ({size / 2**20:.1f} MiB); serve it with: ldm serve-web {out}")
     return 0

@@ -24,12 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=5e-4")
     parser.add_argument("--resume", metavar="latest|DIR", default=None,
                         help="continue from the newest checkpoint of train.output_dir ('latest') or from a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace train.output_dir when it holds an earlier run (and nothing else)")
 
 
 def run(args: argparse.Namespace) -> int:
     from train.clip.config import load_train_config
     from train.clip.trainer import train
+    from train.run.start import claim_run_folder
 
     config = load_train_config(args.config, args.overrides)
+    claim_run_folder(config.train.output_dir, args.resume, command="ldm train-clip", overwrite=args.overwrite,
+                     inputs=[config.data.path])
     train(config, resume=args.resume)
     return 0

@@ -24,16 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="{emoji,shapes,check}", required=True)
 
     emoji = sub.add_parser("emoji", help="build the emoji set from the npm packages (needs npm or cached tarballs)")
-    emoji.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    emoji.add_argument("--out", required=True, help="output folder: new or empty")
     emoji.add_argument("--cache", default=None, help="where the npm tarballs are kept (default $LDM_CACHE/npm or ~/.cache/ldm-toolkit/npm)")
-    emoji.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    emoji.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier data set (and nothing else)")
 
     shapes = sub.add_parser("shapes", help="generate the procedural shapes set")
-    shapes.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    shapes.add_argument("--out", required=True, help="output folder: new or empty")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels: 32 or 64 (default 64)")
     shapes.add_argument("--n", type=int, default=5000, help="number of images (default 5000)")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    shapes.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    shapes.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier data set (and nothing else)")
 
     check = sub.add_parser("check", help="print the data summary of a data set")
     check.add_argument("path", help="data folder or file")

@@ -245,7 +245,7 @@ def build_emoji_dataset(out: Path, *, cache_dir: Optional[Path] = None, overwrit
     Returns counts: ``{"twemoji": n, "noto": n, "test": n, "total": n}``.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+    with atomic_output_dir(Path(out), overwrite=overwrite, inputs=[cache_dir]) as tmp:
         tarballs = {s.key: fetch_tarball(s.package, cache_dir) for s in SETS}
         rows, counts = [], {}
         for emoji_set in SETS:

@@ -55,20 +55,81 @@ def make_accelerator(run: RunConfig, *, log: Callable[[str], None] = print, cpu:
     return accelerator
 
 
+# What the trainers write into a run folder (start_run, the checkpoints, each stage's result): an earlier
+# run holding these names and nothing else is what --overwrite may replace.
+RUN_ENTRIES = ("config.yaml", "logs", "checkpoints", "samples", "bundle", "vae", "text_encoder", "tokenizer",
+               "metrics.json", "eval-vae.png")
+OPTION = "train.output_dir"
+STARTED_ONLY = ("config.yaml", "logs", "checkpoints")  # no complete checkpoint (checked first), no result
+
+
+def check_run_folder(output_dir: str | os.PathLike, resume: Optional[str], *, command: str = "the trainer",
+                     overwrite: bool = False, inputs: Sequence[Optional[str | os.PathLike]] = (),
+                     models: Sequence[Optional[str | os.PathLike]] = ()) -> bool:
+    """Whether ``output_dir`` may hold this run; raises ValueError (one line) when not. True when it holds
+    an earlier run that ``overwrite`` replaces.
+
+    A fresh run needs a new or empty folder, or one where a run stopped before its first checkpoint and
+    result (only its config.yaml and logs); one holding a run needs ``resume`` (continue) or ``overwrite``
+    (replace: only a folder that holds nothing but a run's files, and no input). A folder of other files
+    is refused either way; so is an output folder that is an input (``inputs``: data, cache; ``models``:
+    encoders, the bundle fine-tuned, which may not hold it either), or holds one when replaced, a
+    file where the folder should be, and a place that cannot be written (tried, not guessed).
+    """
+    from ldm_io.outputs import check_inputs, check_location, check_replaceable, earlier_output, entries
+
+    out = Path(output_dir)
+    if resume is not None and overwrite:
+        raise ValueError(f"--resume continues the run in {out} and --overwrite replaces it; give one of them")
+    check_location(out, option=OPTION, folder=True)
+    check_inputs(out, inputs, option=OPTION, holding=not overwrite, sealed=models)
+    if not out.is_dir() or not entries(out):
+        return False
+    if resume is not None:
+        if resume != "latest" and not (out / "config.yaml").is_file() and not (out / "checkpoints").is_dir():
+            raise ValueError(f"{OPTION}={out} is not empty and holds no run to continue; "
+                             f"choose a new or empty {OPTION}")
+        return False  # latest: the folder's checkpoints say (resolve_resume names a folder without any)
+    if ckpt.list_checkpoints(out / "checkpoints") and not overwrite:
+        raise ValueError(f"{out} already holds checkpoints of a run; continue it with --resume latest, "
+                         f"replace it with --overwrite, or choose another {OPTION}")
+    ours, why = earlier_output(out, command=command, known=RUN_ENTRIES, signature=("config.yaml",))
+    if not ours:
+        raise ValueError(f"{OPTION}={out} {why}")
+    if set(entries(out)) <= set(STARTED_ONLY):
+        return False  # a run that stopped before its first checkpoint (an error in the data, say): started again
+    if not overwrite:
+        raise ValueError(f"{OPTION}={out} holds an earlier run (no checkpoint left to resume); "
+                         f"replace it with --overwrite, or choose another {OPTION}")
+    check_replaceable(out, option=OPTION)
+    return True
+
+
+def claim_run_folder(output_dir: str | os.PathLike, resume: Optional[str], *, command: str, overwrite: bool = False,
+                     inputs: Sequence[Optional[str | os.PathLike]] = (),
+                     models: Sequence[Optional[str | os.PathLike]] = ()) -> None:
+    """The CLIs' check of ``train.output_dir`` before anything is loaded (``check_run_folder``); with
+    ``overwrite``, an earlier run there is removed now. Only on the first process of a distributed launch."""
+    from ldm_io.outputs import is_main_process, remove_output
+
+    if is_main_process() and check_run_folder(output_dir, resume, command=command, overwrite=overwrite,
+                                                 inputs=inputs, models=models):
+        remove_output(output_dir)
+
+
 def open_run_folder(output_dir: str | os.PathLike, resume: Optional[str], is_main_process: bool = True) -> Optional[Path]:
     """The checkpoint to resume from (None for a fresh run), after clearing what a killed process left.
 
-    A fresh run into a folder that already holds checkpoints is refused: it would mix two runs.
+    The folder is checked first (``check_run_folder``, on the main process): a fresh run into a folder
+    that already holds a run, or other files, is refused: it would mix two runs or replace files.
     """
+    from ldm_io.outputs import is_main_process as first_process
+
     root = Path(output_dir) / "checkpoints"
-    if Path(output_dir).exists() and not Path(output_dir).is_dir():
-        raise ValueError(f"train.output_dir={output_dir} is a file; give a folder for the run")
-    if is_main_process:
+    if is_main_process and first_process():
+        check_run_folder(output_dir, resume)
         ckpt.remove_partial(root)
     if resume is None:
-        if ckpt.list_checkpoints(root):
-            raise ValueError(f"{output_dir} already holds checkpoints of a run; continue it with --resume latest "
-                             "or choose another train.output_dir")
         return None
     return ckpt.resolve_resume(resume, root)
 

@@ -23,16 +23,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 train.max_steps=100")
     p.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the newest complete checkpoint in train.output_dir (latest) or from a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace train.output_dir when it holds an earlier run (and nothing else); without it a "
+                        "folder holding a run needs --resume")
 
 
 def run(args: argparse.Namespace) -> int:
     from train.run.config import load_config
+    from train.run.start import claim_run_folder
     from train.unet.config import LDMTrainConfig
     from train.unet.trainer import train_from_config
 
     if not args.config.is_file():
         raise FileNotFoundError(f"config {args.config} does not exist; see configs/ldm/ for examples")
     config = load_config(LDMTrainConfig, args.config, args.overrides)
+    claim_run_folder(config.train.output_dir, args.resume, command="ldm train", overwrite=args.overwrite,
+                     inputs=[config.data.path, config.cache.dir],
+                     models=[config.encoders.autoencoder, config.encoders.text_encoder])
     return report("ldm train", lambda: train_from_config(config, resume=args.resume))
 
 

@@ -25,12 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="captioned image folder (metadata.jsonl)")
     p.add_argument("--config", type=Path, default=None, help="YAML with FinetuneConfig sections (default: built-in defaults)")
     p.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from a checkpoint of train.output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace train.output_dir when it holds an earlier run (and nothing else)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=16 optim.lr=1e-4")
 
 
 def run(args: argparse.Namespace) -> int:
     from ldm.generate_cli import model_path
     from train.run.config import load_config
+    from train.run.start import claim_run_folder
     from train.unet.finetune import finetune
     from train.unet.config import FinetuneConfig
     from train.unet.cli import report
@@ -39,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--config {args.config} does not exist")
     config = load_config(FinetuneConfig, args.config, [*args.overrides, f"data.path={args.data}"])
     model = model_path(Path(args.model))  # the packaged models by name, as `ldm generate` takes them
+    claim_run_folder(config.train.output_dir, args.resume, command="ldm finetune", overwrite=args.overwrite,
+                     inputs=[config.data.path, config.cache.dir], models=[model])
     return report("ldm finetune", lambda: finetune(model, config, resume=args.resume))

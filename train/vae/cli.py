@@ -18,15 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
     parser.add_argument("--resume", metavar="latest|DIR", default=None,
                         help="continue from the newest checkpoint of train.output_dir, or from a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace train.output_dir when it holds an earlier run (and nothing else)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the run log is still written)")
 
 
 def run(args: argparse.Namespace) -> int:
     from train.run.config import load_config
+    from train.run.start import claim_run_folder
     from train.vae.config import VAETrainingConfig
     from train.vae.trainer import train_vae
 
     config = load_config(VAETrainingConfig, args.config, args.overrides)
+    claim_run_folder(config.train.output_dir, args.resume, command="ldm train-vae", overwrite=args.overwrite,
+                     inputs=[config.data.path])
     folder = train_vae(config, resume=args.resume, progress=not args.quiet)
     print(folder)
     return 0

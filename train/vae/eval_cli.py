@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from ldm_io import write_text
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", required=True, metavar="DIR", help="autoencoder folder (diffusers VQModel/AutoencoderKL)")
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.grid < 0 or args.max_images < 0:
         raise ValueError("--batch-size must be >= 1, --grid and --max-images >= 0")
+    out = claim_outputs(args)  # before loading anything
     ae = load_autoencoder(args.vae, sample_posterior=args.sample_posterior)
     split = load_vae_split(args.data, holdout_fraction(args), progress=False,
                            allow_outside_paths=args.allow_outside or bool(run_data(args).get("allow_outside_paths")))
@@ -75,13 +78,35 @@ def run(args: argparse.Namespace) -> int:
         result.update(codebook_usage=codebook_usage(counts), perplexity=perplexity(counts),
                       codes_used=int((counts > 0).sum()), codebook_size=len(counts))
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-    out = Path(args.out) if args.out else Path(args.vae).resolve().parent / "eval-vae.png"
     if args.grid:
         write_grid(torch.cat(originals)[: args.grid], torch.cat(recons)[: args.grid], out)
         print(f"wrote {out} (top: originals, bottom: reconstructions)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_text(args.json, json.dumps(result, indent=1))
     return 0
+
+
+def claim_outputs(args: argparse.Namespace) -> Path:
+    """The PNG path (default VAE_DIR/../eval-vae.png); it and --json checked: a file name in a writable
+    place, outside the inputs, and where one exists, an earlier eval-vae output (then replaced)."""
+    from ldm_io import claim_output_file
+    from ldm_io.outputs import written_by_ldm
+
+    def our_json(path: Path) -> bool:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and {"psnr", "ssim", "kind"} <= set(record)
+
+    out = Path(args.out) if args.out else Path(args.vae).resolve().parent / "eval-vae.png"
+    if args.grid:
+        claim_output_file(out, command="ldm eval-vae", option="--out", inputs=[args.data], sealed=[args.vae],
+                          ours=written_by_ldm)
+    if args.json:
+        claim_output_file(args.json, command="ldm eval-vae", option="--json", inputs=[args.data], sealed=[args.vae],
+                          ours=our_json)
+    return out
 
 
 def holdout_fraction(args: argparse.Namespace) -> float:
@@ -110,9 +135,13 @@ def write_grid(top, bottom, path: Path) -> None:
     """Two rows of images in [0, 1] (N, 3, H, W) -> one PNG, written atomically."""
     import numpy as np
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     from ldm_io import save_image
+    from ldm_io.outputs import software_text
 
     rows = [np.concatenate(list(r.permute(0, 2, 3, 1).numpy()), axis=1) for r in (top, bottom)]  # (H, N*W, 3)
     grid = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
-    save_image(Image.fromarray(grid), path, format="PNG")
+    info = PngInfo()
+    info.add_text(*software_text("eval-vae"))  # an earlier grid may be replaced by the next run
+    save_image(Image.fromarray(grid), path, format="PNG", pnginfo=info)
