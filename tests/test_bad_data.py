@@ -4,8 +4,6 @@ each finishes and its data summary counts the skipped rows by reason. Paths out 
 never opened unless allowed; an image that changes on disk after the scan is left out and counted;
 `serve-web` serves nothing outside its site."""
 
-import json
-import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -15,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-import torch
-from PIL import Image
 
 import train.data.captioned as captioned
 from bad_data_fakes import KEPT_AWKWARD, OUTSIDE, bomb_png, expected_skips, grey_png, make_bad_data_set
