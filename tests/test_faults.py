@@ -427,3 +427,18 @@ def test_onnx_decoder_graph_follows_replaced_vae_weights(tmp_path):
     expected = Text2ImagePipeline.from_pretrained(bundle, backend="torch")(**kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert (bundle / "onnx" / "unet-8x8.onnx").stat().st_mtime_ns == unet_graph  # the U-Net's graph still fits
+
+
+def test_a_killed_final_write_leaves_nothing_behind_at_the_next_start(tmp_path):
+    """A process killed while renaming its bundle into place leaves ldm_io's temporary folder in the run
+    folder; the next start (a resume) removes it, and keeps everything else."""
+    from train.run.start import remove_leftovers
+
+    run = tmp_path / "run"
+    (run / ".bundle.0a1b2c3d.tmp" / "unet").mkdir(parents=True)
+    (run / ".config.yaml.deadbeef.tmp").write_text("half")
+    (run / "checkpoints").mkdir()
+    (run / "config.yaml").write_text("train: {}")
+    (run / ".notes.0a1b2c3d.tmp").write_text("not ours")  # not a product of a run: left alone
+    remove_leftovers(run)
+    assert sorted(p.name for p in run.iterdir()) == [".notes.0a1b2c3d.tmp", "checkpoints", "config.yaml"]

@@ -10,6 +10,8 @@ run folder (a fresh one, or the checkpoint to resume from), its config.yaml and 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -129,9 +131,27 @@ def open_run_folder(output_dir: str | os.PathLike, resume: Optional[str], is_mai
     if is_main_process and first_process():
         check_run_folder(output_dir, resume)
         ckpt.remove_partial(root)
+        remove_leftovers(output_dir)
     if resume is None:
         return None
     return ckpt.resolve_resume(resume, root)
+
+
+# What a process killed while writing a run's product leaves beside it: ldm_io's temporary and set-aside
+# folders and files (.bundle.<8 hex>.tmp, .vae.<8 hex>.old, .config.yaml.<8 hex>.tmp, ...).
+_LEFTOVER = re.compile(r"^\.(bundle|vae|text_encoder|tokenizer|samples|config\.yaml|metrics\.json)\.[0-9a-f]{8}\.(tmp|old)$")
+
+
+def remove_leftovers(output_dir: str | os.PathLike) -> None:
+    """Delete the temporary files and folders of writes into the run folder that a killed process left."""
+    folder = Path(output_dir)
+    for p in (folder.iterdir() if folder.is_dir() else ()):
+        if not _LEFTOVER.match(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def start_run(accelerator, output_dir: str | os.PathLike, config, checkpoint: Optional[Path], step: int, *,
