@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -150,14 +151,26 @@ def load_schedule(root: PathLike) -> tuple[NoiseSchedule, SamplingConfig]:
 
 
 def load_unet(root: PathLike):
+    """The U-Net of ``root/unet`` (float32): its weights as ``ldm_io.weights.find_weights`` finds and checks
+    them (safetensors, an fp16 variant, or .bin read with ``weights_only=True``), a LoRA fused in."""
+    import torch
     from diffusers import UNet2DConditionModel
 
+    from ldm_io.weights import check_safetensors, find_weights, refused_pickle
+
     folder = Path(root) / "unet"
-    if not any(folder.glob("*.safetensors")):
-        raise BundleError(f"{folder} has no .safetensors weights; expected config.json + diffusion_pytorch_model.safetensors")
-    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+    weights = find_weights(folder, "diffusion_pytorch_model")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=weights.safetensors, variant=weights.variant,
+                                                    torch_dtype=torch.float32).eval()
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        if weights.safetensors:
+            raise
+        raise refused_pickle(weights.files[0], exc) from None
     lora = Path(root) / LORA_DIR
     if lora.is_dir():
+        for f in sorted(lora.glob("*.safetensors")):
+            check_safetensors(f)
         unet.load_lora_adapter(lora, prefix=None, use_safetensors=True)
         unet.fuse_lora()  # W + (alpha / r) B A, then a plain U-Net again
         unet.unload_lora()
@@ -202,7 +215,7 @@ def bundle_hash(path: PathLike, length: int = 16) -> str:
     root = Path(path)
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".gz") and "onnx" not in f.parts:
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt", ".gz") and "onnx" not in f.parts:
             h.update(str(f.relative_to(root)).encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
