@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Optional
 
@@ -105,12 +106,21 @@ def _load_tokenizer(tok_dir: str | os.PathLike):
 
 
 def load_hf_encoder(text_dir: Path, tok_dir: Path, layer: Optional[str] = None) -> HFCLIPTextEncoder:
+    """The weights as ``ldm_io.weights.find_weights`` finds and checks them: model.safetensors, or only
+    model.fp16.safetensors (loaded into float32), or pytorch_model.bin (read with ``weights_only=True``)."""
     from transformers import CLIPTextConfig
 
+    from ldm_io.weights import find_weights, refused_pickle
+
     config = CLIPTextConfig.from_pretrained(str(text_dir), local_files_only=True)
-    if not any(text_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"{text_dir} has {HF_CONFIG} but no .safetensors weights")
-    model = _model_class(config).from_pretrained(str(text_dir), local_files_only=True, use_safetensors=True)
+    weights = find_weights(text_dir, "model", "pytorch_model")
+    try:
+        model = _model_class(config).from_pretrained(str(text_dir), local_files_only=True, dtype=torch.float32,
+                                                     use_safetensors=weights.safetensors, variant=weights.variant)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        if weights.safetensors:
+            raise
+        raise refused_pickle(weights.files[0], exc) from None
     saved_layer = getattr(config, CONTEXT_LAYER_KEY, "final")
     return HFCLIPTextEncoder(model, _load_tokenizer(tok_dir), layer=layer or saved_layer)
 

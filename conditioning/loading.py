@@ -48,17 +48,21 @@ def load_text_encoder(
     ``layer`` overrides the saved choice ("final" or "penultimate"; transformers folders default to
     "final", as Stable Diffusion's diffusers folders expect).
     """
+    from ldm_io.weights import check_safetensors
+
     text_dir, tok_dir = resolve_bundle(path)
     if layer is not None:
         check_layer(layer)
     if detect_backend(text_dir) == "open_clip":
         from conditioning.open_clip_backend import load_open_clip_encoder
 
+        if (text_dir / "model.safetensors").is_file():
+            check_safetensors(text_dir / "model.safetensors")  # truncated or corrupt: one line, not a traceback
         encoder = load_open_clip_encoder(text_dir, tok_dir, layer)
     else:
         from conditioning.hf_clip_backend import load_hf_encoder
 
-        encoder = load_hf_encoder(text_dir, tok_dir, layer)
+        encoder = load_hf_encoder(text_dir, tok_dir, layer)  # model.safetensors, model.fp16.safetensors or .bin
     encoder.frozen()
     if device is not None or dtype is not None:
         encoder.to(device=device, dtype=dtype)

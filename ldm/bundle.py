@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -106,7 +107,7 @@ def schedule_from_config(config: dict) -> tuple[NoiseSchedule, SamplingConfig]:
 
 def _library_entries(root: Path) -> dict:
     """model_index.json's [library, class] for each part, read off what was written."""
-    vae_class = json.loads((root / "vae" / "config.json").read_text()).get("_class_name", "VQModel")
+    vae_class = read_config(root / "vae" / "config.json").get("_class_name", "VQModel")
     te_config = root / "text_encoder" / "config.json"
     if te_config.is_file():
         text = {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
@@ -142,22 +143,95 @@ def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: No
 # -- loading -----------------------------------------------------------------------------------
 
 
+def read_config(path: Path) -> dict:
+    """A part's JSON config; a missing, unreadable or malformed file is an error naming it."""
+    if not path.is_file():
+        raise BundleError(f"{path} is missing; copy or download the model folder again")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); copy or download the model folder again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object; copy or download the model folder again")
+    return config
+
+
 def load_schedule(root: PathLike) -> tuple[NoiseSchedule, SamplingConfig]:
     config_path = Path(root) / "scheduler" / SCHEDULER_CONFIG
     if not config_path.is_file():
         raise BundleError(f"{config_path} is missing; expected a diffusers scheduler config")
-    return schedule_from_config(json.loads(config_path.read_text()))
+    return schedule_from_config(read_config(config_path))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a bundle's configs say about the sizes it works at, read without loading any weights
+    (``read_geometry``): enough to check a request and estimate its memory before anything runs."""
+
+    factor: int  # the autoencoder's downsampling f (image side / latent side)
+    unet_factor: int  # the U-Net's downsampling: 2 ** (resolutions - 1)
+    latent_channels: int
+    sample_size: int  # the latent side the U-Net was trained at (default image side: sample_size * f)
+    unet_channels: tuple[int, ...]  # block_out_channels, finest first
+    layers_per_block: int
+    vae_channels: tuple[int, ...]  # the autoencoder's block_out_channels, finest first
+    num_train_timesteps: int
+    weights_bytes: int  # every part's weights in float32
+
+    @property
+    def granularity(self) -> int:
+        """Image sides must be multiples of this: f times the U-Net's downsampling."""
+        return self.factor * self.unet_factor
+
+
+def read_geometry(path: PathLike) -> Geometry:
+    """The ``Geometry`` of a bundle folder (ours or Stable Diffusion's); its weight files are found and
+    checked (``ldm_io.weights``) but not read, so a corrupt file is reported here, before any loading."""
+    from ldm_io.weights import find_weights
+
+    root = check_bundle(path)
+    unet, ae = read_config(root / "unet" / "config.json"), read_config(root / "vae" / "config.json")
+    scheduler = read_config(root / "scheduler" / SCHEDULER_CONFIG)
+    found = [find_weights(root / "unet", "diffusion_pytorch_model"), find_weights(root / "vae", "diffusion_pytorch_model"),
+             find_weights(root / "text_encoder", "model", "pytorch_model")]
+    weights_bytes = sum(f.stat().st_size * (2 if w.variant in ("fp16", "bf16") else 1) for w in found for f in w.files)
+    try:
+        unet_channels = tuple(int(c) for c in unet["block_out_channels"])
+        vae_channels = tuple(int(c) for c in ae["block_out_channels"])
+        layers = unet.get("layers_per_block", 2)
+        size = unet.get("sample_size", 64)
+        return Geometry(
+            factor=2 ** (len(vae_channels) - 1), unet_factor=2 ** (len(unet_channels) - 1),
+            latent_channels=int(ae.get("vq_embed_dim") or ae.get("latent_channels", 4)),
+            sample_size=int(size[0] if isinstance(size, (list, tuple)) else size), unet_channels=unet_channels,
+            layers_per_block=int(max(layers) if isinstance(layers, (list, tuple)) else layers), vae_channels=vae_channels,
+            num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)), weights_bytes=weights_bytes)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{root}: unet/config.json or vae/config.json is not a diffusers config "
+                         f"({type(exc).__name__}: {exc}); copy or download the model folder again") from None
 
 
 def load_unet(root: PathLike):
+    """The U-Net of ``root/unet`` (float32): its weights as ``ldm_io.weights.find_weights`` finds and checks
+    them (safetensors, an fp16 variant, or .bin read with ``weights_only=True``), a LoRA fused in."""
+    import torch
     from diffusers import UNet2DConditionModel
 
+    from ldm_io.weights import check_safetensors, find_weights, refused_pickle
+
     folder = Path(root) / "unet"
-    if not any(folder.glob("*.safetensors")):
-        raise BundleError(f"{folder} has no .safetensors weights; expected config.json + diffusion_pytorch_model.safetensors")
-    unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=True).eval()
+    weights = find_weights(folder, "diffusion_pytorch_model")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, use_safetensors=weights.safetensors, variant=weights.variant,
+                                                    torch_dtype=torch.float32).eval()
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        if weights.safetensors:
+            raise
+        raise refused_pickle(weights.files[0], exc) from None
     lora = Path(root) / LORA_DIR
     if lora.is_dir():
+        for f in sorted(lora.glob("*.safetensors")):
+            check_safetensors(f)
         unet.load_lora_adapter(lora, prefix=None, use_safetensors=True)
         unet.fuse_lora()  # W + (alpha / r) B A, then a plain U-Net again
         unet.unload_lora()
@@ -202,7 +276,7 @@ def bundle_hash(path: PathLike, length: int = 16) -> str:
     root = Path(path)
     h = hashlib.sha256()
     for f in sorted(root.rglob("*")):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".txt", ".gz") and "onnx" not in f.relative_to(root).parts:
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt", ".gz") and "onnx" not in f.relative_to(root).parts:
             h.update(str(f.relative_to(root)).encode())
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):

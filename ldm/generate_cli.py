@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,8 @@ from typing import Optional
 from ldm.errors import UsageError
 
 PNG_KEY = "ldm-toolkit"  # the PNG text chunk holding our JSON record
+LONG_RUN = 120  # seconds: a run estimated to take longer says so after its second step
+MEMORY_SHARE = 0.8  # the most of the free memory a run's estimate may claim
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +67,125 @@ def model_path(model: Optional[Path]) -> Path:
     return check_bundle(model)
 
 
+def check_device(device: str, backend: str = "torch") -> None:
+    """Raise UsageError unless ``device`` names a torch device this machine has and ``backend`` runs on it."""
+    import torch
+
+    from ldm.backends import resolve_backend
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if d.type != "cpu":
+        module = torch.backends.mps if d.type == "mps" else getattr(torch, d.type, None)
+        if not getattr(module, "is_available", lambda: False)():
+            why = " (this torch was built without CUDA)" if d.type == "cuda" and torch.version.cuda is None else ""
+            raise UsageError(f"--device {device}: no {d.type} device is available on this machine{why}; use --device cpu")
+        count = getattr(module, "device_count", lambda: 1)()
+        if d.index is not None and d.index >= count:
+            raise UsageError(f"--device {device}: this machine has {count} {d.type} device(s), "
+                             f"{d.type}:0 to {d.type}:{count - 1}")
+    if resolve_backend(backend, device) == "onnx" and d.type != "cpu":
+        raise UsageError(f"--backend onnx runs on the CPU only; use --backend torch (or auto) with --device {device}")
+
+
+def available_memory(device: str) -> tuple[int, str]:
+    """(bytes free for a run, where): the GPU's free memory for a CUDA device, else the host's available RAM."""
+    import torch
+
+    d = torch.device(device)
+    if d.type == "cuda":
+        return torch.cuda.mem_get_info(d)[0], f"{device} has"
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available, "this machine has"
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine has"
+
+
+def size_text(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1024
+
+
+def duration_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def check_request(args: argparse.Namespace, model: Path, num_images: int, *, grid: bool, fewer: str,
+                  guidances: Optional[list[float]] = None, origin: str = ""):
+    """Check every option against the model's configs and the memory at hand before anything is loaded:
+    device, sampler options, image size (a multiple of the model's granularity), and that the images fit
+    in memory (``ldm.pipeline.memory_estimate``). Returns the estimate and the memory free, for ``with_estimate``.
+    ``fewer`` says how to ask for fewer images (e.g. "fewer --num-images"); ``origin`` prefixes the messages
+    about options that came from elsewhere than the command line (a PNG's record)."""
+    from ldm.bundle import load_schedule, read_geometry
+    from ldm.pipeline import check_sampling, image_size, memory_estimate
+
+    check_device(args.device, args.backend)
+    geometry = read_geometry(model)
+    _, sampling = load_schedule(model)
+    try:
+        for guidance in guidances or [args.guidance]:
+            check_sampling(geometry.num_train_timesteps, sampling, steps=args.steps, method=args.method, eta=args.eta,
+                           guidance=guidance, batch_size=args.batch_size)
+        height, width = image_size(args.height, args.width, factor=geometry.factor, granularity=geometry.granularity,
+                                   sample_size=geometry.sample_size)
+    except ValueError as exc:
+        raise UsageError(f"{origin}{exc}") from None
+    est = memory_estimate(geometry, num_images=num_images, batch_size=args.batch_size, height=height, width=width,
+                          grid=grid)
+    free, where = available_memory(args.device)
+    limit = MEMORY_SHARE * free  # the estimate is good to about 40%; leave the rest to the machine
+    if est.total > limit:
+        b = min(args.batch_size, num_images)
+        if est.images > est.batch:
+            advice = f"ask for {fewer} per command"
+        elif b > 1 and est.total - est.batch + est.batch / b <= limit:
+            advice = f"lower --batch-size (now {args.batch_size})"
+        else:
+            advice = f"use a smaller --height/--width (the model's own size is {geometry.sample_size * geometry.factor})"
+        raise UsageError(f"{num_images} image(s) of {width}x{height} need about {size_text(est.total)} of memory "
+                         f"(weights {size_text(est.model)}, a batch of {b} {size_text(est.batch)}, the images "
+                         f"{size_text(est.images)}), more than {MEMORY_SHARE:.0%} of the {size_text(free)} {where} free; "
+                         f"{advice}")
+    return est, free
+
+
+def with_estimate(progress, est, free: int):
+    """``progress`` (or None), wrapped: the second step's time, times the steps left, is the run's estimate;
+    when that is LONG_RUN seconds or more, a note on stderr says it, and the memory the run was estimated
+    to need (``check_request``). The first step is not timed: it includes warm-up (ONNX graph export)."""
+    import time
+
+    from tqdm import tqdm
+
+    marks: list[float] = []
+
+    def step(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total)
+        if len(marks) < 2:
+            marks.append(time.perf_counter())
+            seconds = marks[-1] - marks[0]
+            if len(marks) == 2 and (total - done) * seconds >= LONG_RUN:
+                tqdm.write(f"note: about {duration_text((total - done) * seconds)} to go ({total} sampler steps of "
+                           f"{seconds:.2g} s here, then decoding); memory about {size_text(est.total)} of "
+                           f"{size_text(free)} free", file=sys.stderr)
+
+    return step
+
+
 def progress_bar(quiet: bool, desc: str):
     """A progress(done, total) callback drawing a tqdm bar on stderr, or None when quiet."""
     if quiet:
@@ -101,16 +223,46 @@ def save_png(image, path: Path, record: dict) -> None:
     save_image(image, path, format="PNG", pnginfo=info)
 
 
+# The record's fields that --from-png reads, and their JSON types.
+RECORD_FIELDS = {"model": str, "model_hash": str, "steps": int, "method": str, "eta": (int, float),
+                 "guidance": (int, float), "height": int, "width": int, "batch_size": int, "backend": str,
+                 "negative_prompt": (str, type(None)), "batch_prompts": list, "batch_seeds": list, "batch_index": int}
+
+
 def read_record(path: Path) -> dict:
+    """The JSON record in ``path``'s PNG text chunk, with every field --from-png needs there and of its type;
+    anything else (not an image, no record, an edited or damaged one) is a UsageError saying which."""
     from PIL import Image
 
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}) or {}
+    try:
+        with Image.open(path) as im:
+            im.load()  # reads the text chunks (and checks the file is whole)
+            text = getattr(im, "text", {}) or {}
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable image ({exc}); give a PNG written by ldm generate") from None
     if PNG_KEY not in text:
         raise UsageError(f"{path} has no '{PNG_KEY}' metadata; it was not written by ldm generate")
-    return json.loads(text[PNG_KEY])
+    damaged, fix = f"the record in {path} was edited or damaged", "use a PNG as ldm generate wrote it"
+    try:
+        rec = json.loads(text[PNG_KEY])
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{damaged} (it is not JSON: {exc}); {fix}") from None
+    if not isinstance(rec, dict):
+        raise UsageError(f"{damaged} (it is a JSON {type(rec).__name__}, not an object); {fix}")
+    missing = [k for k in RECORD_FIELDS if k not in rec]
+    if missing:
+        raise UsageError(f"{damaged} (it lacks {', '.join(missing)}); {fix}")
+    for key, kind in RECORD_FIELDS.items():
+        if isinstance(rec[key], bool) or not isinstance(rec[key], kind):
+            raise UsageError(f"{damaged} ({key}={rec[key]!r} is not {getattr(kind, '__name__', 'a number')}); {fix}")
+    n = len(rec["batch_prompts"])
+    if not (n and n == len(rec["batch_seeds"]) and 0 <= rec["batch_index"] < n
+            and all(isinstance(p, str) for p in rec["batch_prompts"])
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in rec["batch_seeds"])):
+        raise UsageError(f"{damaged} (batch_prompts, batch_seeds and batch_index do not describe a batch); {fix}")
+    return rec
 
 
 def output_paths(out: Optional[Path], n: int) -> list[Path]:
@@ -196,8 +348,11 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     from ldm.bundle import bundle_hash
 
     model = model_path(model or args.model)
+    n = len(batch_prompts) * num_images
+    est, free = check_request(args, model, n, grid=n > 1, fewer="fewer --num-images")
     pipe = load(args, model)
     progress, close = progress_bar(args.quiet, "generate")
+    progress = with_estimate(progress, est, free)
     req = pipe.request(batch_prompts, args.negative, seed, num_images)
     try:
         images = pipe(batch_prompts, args.negative, steps=args.steps, method=args.method, eta=args.eta,
@@ -237,10 +392,13 @@ def regenerate(args: argparse.Namespace) -> int:
     args.negative = rec["negative_prompt"]
     from ldm.pipeline import GenerationRequest, to_pil
 
-    pipe = load(args, model)
     n = len(rec["batch_prompts"])
+    est, free = check_request(args, model, n, grid=False, fewer="a PNG from a smaller batch",
+                              origin=f"the record in {args.from_png}: ")
+    pipe = load(args, model)
     req = GenerationRequest(rec["batch_prompts"], [args.negative] * n, rec["batch_seeds"])
     progress, close = progress_bar(args.quiet, "regenerate")
+    progress = with_estimate(progress, est, free)
     try:
         latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, guidance=args.guidance,
                                         height=args.height, width=args.width, batch_size=args.batch_size, progress=progress)

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from ldm.errors import UsageError
-from ldm.generate_cli import add_model_arguments, load, model_path, progress_bar
+from ldm.generate_cli import add_model_arguments, check_request, load, model_path, progress_bar, with_estimate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,8 +41,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--guidance {args.guidance}: every weight must be >= 0")
     model = model_path(args.model)
     claim_sweep_output(args.out, overwrite=args.overwrite, models=[model, args.clip])  # before loading anything
+    n = len(args.prompts) * len(seeds) * len(weights)
+    est, free = check_request(args, model, n, grid=True, fewer="fewer prompts, --seeds or --guidance weights",
+                              guidances=weights)
     pipe = load(args, model)
     progress, close = progress_bar(args.quiet, "sweep")
+    progress = with_estimate(progress, est, free)
     try:
         result = run_sweep(pipe, args.prompts, weights, seeds, negative_prompt=args.negative, steps=args.steps,
                            method=args.method, eta=args.eta, height=args.height, width=args.width,

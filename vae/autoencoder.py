@@ -10,6 +10,7 @@ The pipeline and the U-Net trainer only ever see this class; which kind sits beh
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -146,13 +147,18 @@ def load_autoencoder(path: Union[str, Path], sample_posterior: bool = False, res
                      device: Union[str, torch.device, None] = None) -> Autoencoder:
     """Load a diffusers-layout autoencoder folder (a bundle's ``vae/``): VQModel or AutoencoderKL.
 
-    Weights are read from safetensors and checked key by key and shape by shape against the architecture
-    config.json describes; a missing file or a mismatch raises an error naming the file and what was expected.
+    Weights are found and checked by ``ldm_io.weights.find_weights`` (safetensors; only an fp16 variant,
+    ``diffusion_pytorch_model.fp16.safetensors``, loaded into float32; or ``.bin`` read with
+    ``torch.load(weights_only=True)``), then matched key by key and shape by shape against the architecture
+    config.json describes; a missing or corrupt file or a mismatch raises an error naming the file and what
+    was expected.
     """
     from safetensors.torch import load_file
 
+    from ldm_io.weights import find_weights, refused_pickle
+
     path = Path(path)
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: an autoencoder folder needs {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME} (diffusers layout, _class_name VQModel or AutoencoderKL)")
@@ -160,11 +166,18 @@ def load_autoencoder(path: Union[str, Path], sample_posterior: bool = False, res
     name = config.get("_class_name")
     if name not in CLASS_TO_KIND:
         raise ValueError(f"{config_file}: _class_name must be one of {', '.join(CLASS_TO_KIND)}; got {name!r}")
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} not found: expected the {name} weights in safetensors "
-                                f"next to {CONFIG_NAME}")
+    weights = find_weights(path, WEIGHTS_NAME.removesuffix(".safetensors"))
+    weights_file = weights.files[0] if len(weights.files) == 1 else path
     model = _diffusers_class(CLASS_TO_KIND[name]).from_config(config)
-    state = load_file(weights_file, device=str(device or "cpu"))
+    state = {}
+    for f in weights.files:
+        if weights.safetensors:
+            state.update(load_file(f, device=str(device or "cpu")))
+            continue
+        try:
+            state.update(torch.load(f, map_location=device or "cpu", weights_only=True))
+        except (RuntimeError, pickle.UnpicklingError) as exc:
+            raise refused_pickle(f, exc) from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -17,6 +17,7 @@ only a site's files), never the model bundle, a folder around it, or a folder of
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ldm.errors import UsageError
@@ -35,6 +36,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="koala, twemoji style", help="the prompt the page starts with")
 
 
+NOTE_NOISE = 256 << 20  # bytes: a larger noise.bin gets a note (the page downloads it whole)
+
+
+def check_noise_size(model: Path, args: argparse.Namespace) -> None:
+    """noise.bin holds --seeds x --max-steps latents of float32; it is built in memory, written, and downloaded
+    by the page: refuse it where it cannot fit in memory or on the disk, and say its size when it is large."""
+    import shutil
+
+    from ldm.bundle import read_geometry
+    from ldm.generate_cli import MEMORY_SHARE, available_memory, size_text
+    from ldm.pipeline import image_size
+
+    g = read_geometry(model)
+    height, width = image_size(args.height, args.width, factor=g.factor, granularity=g.granularity,
+                               sample_size=g.sample_size)
+    size = max(args.seeds, 0) * max(args.max_steps, 0) * g.latent_channels * (height // g.factor) * (width // g.factor) * 4
+    what = f"noise.bin would be {size_text(size)} (--seeds {args.seeds} x --max-steps {args.max_steps} latents of {width}x{height})"
+    free, where = available_memory("cpu")
+    parent = args.out.resolve().parent
+    disk = shutil.disk_usage(parent if parent.is_dir() else Path.cwd()).free
+    if size > MEMORY_SHARE * free or size > disk:
+        room = f"{size_text(free)} of memory" if size > MEMORY_SHARE * free else f"{size_text(disk)} of disk"
+        raise UsageError(f"{what}, and {where} {room} free; give fewer --seeds (the page draws noise of its own "
+                         "for the others)")
+    if size > NOTE_NOISE:
+        print(f"note: {what}; the page downloads it whole before its first image", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from ldm.generate_cli import model_path
     from ldm.web.export import export_site
@@ -46,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if not etas:
         raise UsageError("--etas is empty; give at least one DDIM eta, e.g. 0")
     model = model_path(args.model)
+    check_noise_size(model, args)
     out = export_site(model, args.out, seeds=args.seeds, max_steps=args.max_steps, etas=etas,
                       height=args.height, width=args.width, default_prompt=args.prompt, overwrite=args.overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -23,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ldm.web.serve import make_server
 
-    server = make_server(args.dir, args.port, args.host)
+    server = make_server(args.dir, args.port, args.host)  # a bad port or host, or one it cannot bind: a ValueError
     host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
     print(f"serving {args.dir} at http://{host}:{port}/ (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()

@@ -18,6 +18,7 @@ save_to_disk folder, parquet files.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +57,53 @@ def _emoji(args: argparse.Namespace) -> int:
     return 0
 
 
+ROW_BYTES = 1024  # memory per image while the set is built (its metadata row: about 430 bytes, measured)
+LONG_BUILD = 120  # seconds: a longer build says its estimate first
+
+
+def _check_shapes_size(args: argparse.Namespace) -> None:
+    """Time and size a few images, then refuse an --n whose files cannot fit on the disk (bytes rounded up to
+    the file system's blocks, and inodes) or whose rows cannot fit in memory; say the time of a long build."""
+    import io
+    import os
+    import sys
+    import time
+
+    from ldm import shapes
+    from ldm.generate_cli import MEMORY_SHARE, available_memory, duration_text, size_text
+
+    if args.n < 1 or args.size not in (32, 64):
+        return  # build_shapes_dataset says what is allowed
+    sample = min(args.n, 32)
+    start, written = time.perf_counter(), 0
+    for image, _, _ in shapes.generate(sample, args.size, args.seed):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        written += len(buffer.getvalue())
+    seconds = (time.perf_counter() - start) / sample
+    folder = Path(args.out).resolve().parent
+    while not folder.is_dir():
+        folder = folder.parent
+    fs = os.statvfs(folder)
+    block = fs.f_frsize or 4096
+    disk = args.n * (-(-written // sample // block) * block + 200)  # each file's blocks, its metadata line
+    memory = args.n * ROW_BYTES
+    free_memory, where = available_memory("cpu")
+    what = f"--n {args.n} images of {args.size} px"
+    if disk > fs.f_bavail * fs.f_frsize or (fs.f_files and args.n > fs.f_favail):
+        raise ValueError(f"{what} need about {size_text(disk)} and {args.n} files on the disk of {folder}, which has "
+                         f"{size_text(fs.f_bavail * fs.f_frsize)} and {fs.f_favail} files free; give a smaller --n")
+    if memory > MEMORY_SHARE * free_memory:
+        raise ValueError(f"{what} need about {size_text(memory)} of memory while the set is built and {where} "
+                         f"{size_text(free_memory)} free; give a smaller --n")
+    if args.n * seconds >= LONG_BUILD:
+        print(f"note: {what}: about {duration_text(args.n * seconds)} and {size_text(disk)} of disk", file=sys.stderr)
+
+
 def _shapes(args: argparse.Namespace) -> int:
     from train.data.shapes import build_shapes_dataset
 
+    _check_shapes_size(args)
     n = build_shapes_dataset(args.out, side=args.size, n=args.n, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {n} shapes images ({args.size} px, seed {args.seed}) to {args.out}")
     return 0

@@ -52,6 +52,9 @@ RENAMED = {
 }
 
 
+MAX_STEPS = 10**8 - 1  # checkpoint folders are step-NNNNNNNN (train.run.checkpoint): eight digits
+
+
 @dataclass
 class RunConfig:
     """The loop: where it writes, batch, length, precision, threads, logging."""
@@ -73,6 +76,11 @@ class RunConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps > MAX_STEPS:
+            days = self.max_steps / 10 / 86400
+            raise ValueError(f"train.max_steps={self.max_steps} is more steps than a run can count: checkpoints are "
+                             f"named step-NNNNNNNN, so at most {MAX_STEPS} (and at 10 steps a second it would take "
+                             f"{days:.0f} days); give fewer steps")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"train.num_threads={self.num_threads} must be >= 1 or null (torch's default)")
 
