@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 
+from train.run.cli import add_run_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config file (configs/clip/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=5e-4")
-    parser.add_argument("--resume", metavar="latest|DIR", default=None,
-                        help="continue from the newest checkpoint of train.output_dir ('latest') or from a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace train.output_dir when it holds an earlier run (and nothing else)")
+    add_run_arguments(parser, "configs/clip/*.yaml", "optim.lr=5e-4")
 
 
 def run(args: argparse.Namespace) -> int:

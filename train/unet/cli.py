@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from train.run.cli import add_run_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", type=Path, help="YAML config (configs/ldm/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=3e-4 train.max_steps=100")
-    p.add_argument("--resume", default=None, metavar="latest|DIR",
-                   help="continue from the newest complete checkpoint in train.output_dir (latest) or from a checkpoint folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace train.output_dir when it holds an earlier run (and nothing else); without it a "
-                        "folder holding a run needs --resume")
+    add_run_arguments(p, "configs/ldm/*.yaml", "optim.lr=3e-4 train.max_steps=100")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from train.run.cli import add_run_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR|default|shapes",
                    help="bundle folder to start from, or a packaged model's name (default, shapes)")
     p.add_argument("--data", type=Path, required=True, help="captioned image folder (metadata.jsonl)")
     p.add_argument("--config", type=Path, default=None, help="YAML with FinetuneConfig sections (default: built-in defaults)")
-    p.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from a checkpoint of train.output_dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace train.output_dir when it holds an earlier run (and nothing else)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=16 optim.lr=1e-4")
+    add_run_arguments(p, None, "lora.rank=16 optim.lr=1e-4")
 
 
 def run(args: argparse.Namespace) -> int:

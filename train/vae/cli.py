@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 
+from train.run.cli import add_run_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (configs/vae/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=2e-4")
-    parser.add_argument("--resume", metavar="latest|DIR", default=None,
-                        help="continue from the newest checkpoint of train.output_dir, or from a checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace train.output_dir when it holds an earlier run (and nothing else)")
+    add_run_arguments(parser, "configs/vae/*.yaml", "optim.lr=2e-4")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (the run log is still written)")
 
 
