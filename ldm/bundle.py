@@ -10,6 +10,12 @@ A Stable Diffusion 1.x/2.x folder in diffusers layout is a bundle too. The sched
 written as diffusers' DDIMScheduler reads it; reading accepts any diffusers scheduler config
 (Stable Diffusion ships PNDMScheduler's) and keeps only the schedule and the conventions.
 
+A fine-tuned bundle may hold a LoRA for ``unet/`` at its top level, ``pytorch_lora_weights.safetensors`` in
+diffusers' layout (``ldm.lora``; bundles made before kept it in ``unet_lora/``): ``load_unet`` merges it, and
+diffusers' ``StableDiffusionPipeline.load_lora_weights(bundle)`` reads it as it is. A bundle written from a
+``base`` bundle copies the parts whose weights did not change as they are stored there (fp16, a packed
+token table), so a LoRA fine-tune of a packed model is the packed model plus its adapter.
+
 This module reads and writes the folder; ``Text2ImagePipeline.from_pretrained`` puts the parts
 ``load_parts`` returns together (so this module never imports the pipeline).
 """
@@ -20,16 +26,17 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSchedule, SamplingConfig
 from ldm_io import atomic_directory
 
 PathLike = Union[str, os.PathLike]
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-LORA_DIR = "unet_lora"  # optional: a LoRA adapter for unet/, fused into it on loading
+LORA_DIR = "unet_lora"  # bundles made before: their LoRA for unet/ (ldm.lora.OLD_LORA_DIR); read, no longer written
 SCHEDULER_CONFIG = "scheduler_config.json"
 DEFAULT_BUNDLE = Path(__file__).parent / "default_model"
 # Models shipped in the package, by the name `--model` accepts: the emoji model and the shapes model
@@ -117,22 +124,85 @@ def _library_entries(root: Path) -> dict:
             "scheduler": ["diffusers", "DDIMScheduler"]}
 
 
+def _stored_as(state: dict, folder: Path, stem: str) -> bool:
+    """Whether the weights ``state`` (a module's ``state_dict()``) are exactly what ``folder``'s safetensors hold:
+    every stored tensor, cast to the module's dtype, equal to the module's (a compact token table expanded
+    first, ``conditioning.clip_model``), and no tensor more or less. Read one tensor at a time."""
+    import torch
+    from safetensors import safe_open
+
+    from conditioning.clip_model import FALLBACK, KEPT_IDS, TOKEN_TABLE, expand_token_table
+    from ldm_io.weights import find_weights
+
+    try:
+        weights = find_weights(folder, stem)
+    except (OSError, ValueError):
+        return False
+    if not weights.safetensors:
+        return False
+    seen = set()
+    for file in weights.files:
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for key in keys - {KEPT_IDS, FALLBACK}:
+                if key not in state:
+                    return False
+                ref, stored = state[key].detach(), f.get_tensor(key)
+                if key == TOKEN_TABLE and KEPT_IDS in keys:
+                    compact = {key: stored, KEPT_IDS: f.get_tensor(KEPT_IDS), FALLBACK: f.get_tensor(FALLBACK)}
+                    stored = expand_token_table(compact, ref.shape[0])[key]
+                if stored.shape != ref.shape or not torch.equal(stored.to(ref.dtype), ref.cpu()):
+                    return False
+                seen.add(key)
+    return seen == set(state)
+
+
+def _copy_unchanged(base: Optional[Path], tmp: Path, part: str, module, stem: str, also: tuple[str, ...] = ()) -> bool:
+    """Copy ``base/part`` (its configs and the weight files ``find_weights`` picks; ``also``: whole sibling
+    folders that go with it) into ``tmp`` when ``module``'s weights are what it stores; False otherwise."""
+    from ldm_io.weights import find_weights
+
+    if base is None or not callable(getattr(module, "state_dict", None)):
+        return False
+    if not _stored_as(module.state_dict(), base / part, stem):
+        return False
+    weights = find_weights(base / part, stem)
+    variant = f".{weights.variant}" if weights.variant else ""
+    index = base / part / f"{stem}{variant}.safetensors.index.json"
+    (tmp / part).mkdir()
+    for f in sorted((base / part).iterdir()):
+        if f in weights.files or f == index or (f.is_file() and f.suffix == ".json" and not f.name.endswith(".index.json")):
+            shutil.copy2(f, tmp / part / f.name)
+    for sibling in also:
+        shutil.copytree(base / sibling, tmp / sibling)
+    return True
+
+
 def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule, sampling: SamplingConfig,
-                unet_lora=None) -> Path:
+                unet_lora=None, base: Optional[PathLike] = None) -> Path:
     """Write a bundle atomically: everything goes to a temporary folder beside ``path``, renamed at the end.
 
     ``unet_lora``: a U-Net carrying a peft LoRA adapter (``add_adapter``); its adapter weights go to
-    ``unet_lora/`` (diffusers' ``save_lora_adapter``: safetensors with the LoRA config in the
-    metadata) beside the base weights of ``unet``. Loading applies and fuses it.
+    ``pytorch_lora_weights.safetensors`` in diffusers' layout (``ldm.lora.save_lora``) beside the base
+    weights of ``unet``. Loading merges it.
+    ``base``: the bundle the parts were loaded from. A part whose weights are exactly what ``base`` stores
+    (a LoRA fine-tune's U-Net, the frozen autoencoder and text encoder) is copied from there as stored,
+    fp16 or with a packed token table, rather than written again in float32.
     """
     from ldm import __version__
 
+    base = Path(base) if base is not None else None
     with atomic_directory(path) as tmp:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        if not _copy_unchanged(base, tmp, "unet", unet, "diffusion_pytorch_model"):
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
         if unet_lora is not None:
-            unet_lora.save_lora_adapter(tmp / LORA_DIR, safe_serialization=True)
-        autoencoder.save_pretrained(tmp / "vae")
-        text_encoder.save_pretrained(tmp)  # writes text_encoder/ and tokenizer/
+            from ldm.lora import save_lora
+
+            save_lora(tmp, unet_lora)
+        if not _copy_unchanged(base, tmp, "vae", getattr(autoencoder, "model", None), "diffusion_pytorch_model"):
+            autoencoder.save_pretrained(tmp / "vae")
+        if not _copy_unchanged(base, tmp, "text_encoder", getattr(text_encoder, "model", None), "model", also=("tokenizer",)):
+            text_encoder.save_pretrained(tmp)  # writes text_encoder/ and tokenizer/
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config(schedule, sampling), indent=2))
         index = {"_class_name": "Text2ImagePipeline", "_ldm_toolkit_version": __version__, **_library_entries(tmp)}
@@ -213,11 +283,11 @@ def read_geometry(path: PathLike) -> Geometry:
 
 def load_unet(root: PathLike):
     """The U-Net of ``root/unet`` (float32): its weights as ``ldm_io.weights.find_weights`` finds and checks
-    them (safetensors, an fp16 variant, or .bin read with ``weights_only=True``), a LoRA fused in."""
+    them (safetensors, an fp16 variant, or .bin read with ``weights_only=True``), the bundle's LoRA merged in."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from ldm_io.weights import check_safetensors, find_weights, refused_pickle
+    from ldm_io.weights import find_weights, refused_pickle
 
     folder = Path(root) / "unet"
     weights = find_weights(folder, "diffusion_pytorch_model")
@@ -228,14 +298,22 @@ def load_unet(root: PathLike):
         if weights.safetensors:
             raise
         raise refused_pickle(weights.files[0], exc) from None
-    lora = Path(root) / LORA_DIR
-    if lora.is_dir():
-        for f in sorted(lora.glob("*.safetensors")):
-            check_safetensors(f)
-        unet.load_lora_adapter(lora, prefix=None, use_safetensors=True)
-        unet.fuse_lora()  # W + (alpha / r) B A, then a plain U-Net again
-        unet.unload_lora()
+    lora = bundle_lora(root)
+    if lora is not None:
+        from ldm.lora import merge_loras, read_lora
+
+        merge_loras(unet, [(read_lora(lora), 1.0)])  # W + (alpha / r) B A: a plain U-Net again
     return unet
+
+
+def bundle_lora(root: PathLike) -> Optional[Path]:
+    """The bundle's own LoRA file for unet/ (top level, or unet_lora/ in a bundle made before), or None."""
+    from ldm.lora import LORA_FILE
+
+    for candidate in (Path(root) / LORA_FILE, Path(root) / LORA_DIR / LORA_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 @dataclass
@@ -243,7 +321,7 @@ class BundleParts:
     """A bundle's parts, loaded (CPU, fp32, eval mode): what ``Text2ImagePipeline`` is built from."""
 
     root: Path
-    unet: Any  # diffusers UNet2DConditionModel (a LoRA in unet_lora/ fused in)
+    unet: Any  # diffusers UNet2DConditionModel (the bundle's LoRA merged in)
     autoencoder: Any  # vae.Autoencoder
     text_encoder: Any  # conditioning.TextEncoder
     schedule: NoiseSchedule

@@ -33,8 +33,8 @@ PARTS = ("unet", "vae", "text_encoder")
 COMMAND = "ldm pack"
 # What a bundle folder holds (ldm.bundle.save_bundle, the trainer's training_config.yaml, the ONNX cache): an unmarked
 # folder with model_index.json and nothing else is an earlier bundle that --overwrite may replace.
-BUNDLE_ENTRIES = ("model_index.json", "unet", "unet_lora", "vae", "text_encoder", "tokenizer", "scheduler",
-                  "training_config.yaml", "onnx")
+BUNDLE_ENTRIES = ("model_index.json", "unet", "unet_lora", "pytorch_lora_weights.safetensors", "vae", "text_encoder",
+                  "tokenizer", "scheduler", "training_config.yaml", "onnx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 

@@ -75,7 +75,7 @@ def test_lora_finetune_of_a_stable_diffusion_folder_round_trips_through_the_bund
             "validation.prompts=[a red square]", "validation.seeds=[0]", "validation.steps=2", "ema.enabled=false"]
     assert main(args) == 0
     bundle = out / "bundle"
-    assert (bundle / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (bundle / "pytorch_lora_weights.safetensors").is_file()  # diffusers' layout (tests/test_lora_interop.py)
     # unet/ holds the untouched base weights; the checkpoint holds only the LoRA weights
     base_w = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
     out_w = load_file(bundle / "unet" / "diffusion_pytorch_model.safetensors")
@@ -87,7 +87,7 @@ def test_lora_finetune_of_a_stable_diffusion_folder_round_trips_through_the_bund
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="torch")
     base_pipe = Text2ImagePipeline.from_pretrained(base, backend="torch")
     adapted = Text2ImagePipeline.from_pretrained(base, backend="torch")
-    adapted.unet.load_lora_adapter(bundle / "unet_lora", prefix=None, use_safetensors=True)
+    adapted.unet.load_lora_adapter(bundle, prefix="unet", use_safetensors=True)
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
     ctx = pipe.text_encoder(["a red square", "a blue bar"])[0]
     with torch.no_grad():
@@ -107,7 +107,7 @@ def test_full_finetune_continues_our_bundle(encoders, data, tmp_path):
                                                 f"cache.dir={tmp_path / 'cache'}", "lora.method=full", "train.max_steps=2",
                                                 "train.batch_size=4", "validation.prompts=[]"])
     result = finetune(encoders, config)
-    assert result.step == 2 and not (result.bundle / "unet_lora").exists()
+    assert result.step == 2 and not (result.bundle / "pytorch_lora_weights.safetensors").exists()
     before = load_file(encoders / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(result.bundle / "unet" / "diffusion_pytorch_model.safetensors")
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)

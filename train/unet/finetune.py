@@ -7,7 +7,8 @@ Two methods (``lora.method``):
 * ``lora`` (default): the U-Net is frozen and peft LoRA adapters of rank r are trained on its
   attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``), W + (alpha / r) B A with
   B = 0 at the start, so step 0 is the base model. The output bundle keeps the base U-Net in
-  ``unet/`` and the adapter in ``unet_lora/``; ``Text2ImagePipeline.from_pretrained`` fuses it.
+  ``unet/`` as the base stores it and the adapter in ``pytorch_lora_weights.safetensors`` (diffusers'
+  layout, ``ldm.lora``); ``Text2ImagePipeline.from_pretrained`` merges it.
 * ``full``: every U-Net weight is trained; the bundle's ``unet/`` holds the new (EMA) weights.
 
 The autoencoder, the text encoder and the noise schedule are the bundle's, frozen and unchanged.
@@ -63,5 +64,5 @@ def finetune(model: str | Path, config: FinetuneConfig, *, resume: Optional[str]
         unet.requires_grad_(True)
     trainer = LDMTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
                          sampling=sampling, output_dir=config.train.output_dir, lora=config.lora.method == "lora",
-                         base_unet=base_unet)
+                         base_unet=base_unet, base=root)
     return trainer.fit(resume=resume, stop_at_step=stop_at_step)

@@ -2,8 +2,9 @@
 captioned images.
 
 By default LoRA adapters (rank lora.rank) are trained on the U-Net's attention projections and
-saved in the output bundle's unet_lora/ beside the unchanged base weights; lora.method=full trains
-every U-Net weight instead. The data folder is an imagefolder (images + metadata.jsonl with
+saved in the output bundle's pytorch_lora_weights.safetensors (diffusers' layout: diffusers'
+load_lora_weights reads it; `ldm export-lora` writes it for A1111/ComfyUI) beside the base weights,
+copied as the base stores them; lora.method=full trains every U-Net weight instead. The data folder is an imagefolder (images + metadata.jsonl with
 file_name and text). Settings are FinetuneConfig's fields (train/unet/config.py), set with
 --config YAML and/or key=value.
 

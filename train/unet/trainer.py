@@ -80,12 +80,15 @@ class LDMTrainer:
             ``sampling.prediction`` is the training objective's prediction type.
         output_dir: the run folder (checkpoints/, logs/, samples/, bundle/, config.json).
         saved_config: what to write as the run's config (defaults to ``config``).
-        lora: whether ``unet`` carries a peft LoRA adapter; the bundle then stores it in unet_lora/
+        lora: whether ``unet`` carries a peft LoRA adapter; the bundle then stores it (pytorch_lora_weights.safetensors)
             next to ``base_unet`` (the untouched base weights).
+        base: the bundle the model came from (fine-tuning): parts the bundle would store unchanged are
+            copied from it as stored (``ldm.bundle.save_bundle``).
     """
 
     def __init__(self, config: TrainingSections, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule,
-                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base_unet=None):
+                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base_unet=None,
+                 base=None):
         if sampling.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={sampling.prediction!r}; the trainer supports: eps, v")
         if lora and base_unet is None:
@@ -95,7 +98,7 @@ class LDMTrainer:
         self.schedule, self.sampling = schedule, sampling
         self.output_dir = Path(output_dir)
         self.saved_config = saved_config if saved_config is not None else config
-        self.lora, self.base_unet = lora, base_unet
+        self.lora, self.base_unet, self.base = lora, base_unet, base
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -254,7 +257,7 @@ class LDMTrainer:
         unwrapped.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
         try:
             parts = dict(autoencoder=self.autoencoder, text_encoder=self.text_encoder, schedule=self.schedule,
-                         sampling=self.sampling)
+                         sampling=self.sampling, base=self.base)
             if self.lora:
                 path = save_bundle(self.output_dir / "bundle", unet=self.base_unet, unet_lora=unwrapped, **parts)
             else:
