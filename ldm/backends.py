@@ -55,9 +55,10 @@ def resolve_backend(backend: str, device=None, dtype=None) -> str:
 
 
 def make_backend(backend: str, unet, autoencoder, text_encoder, *, bundle: Optional[str] = None,
-                 device=None, dtype=None) -> Backend:
+                 device=None, dtype=None, variant: Optional[str] = None) -> Backend:
     """The backend named ``backend`` (torch, onnx or auto) over these modules, for a pipeline that
-    runs on ``device`` in ``dtype``; ``bundle`` is the folder they were loaded from (the ONNX graph cache)."""
+    runs on ``device`` in ``dtype``; ``bundle`` is the folder they were loaded from (the ONNX graph cache),
+    ``variant`` names modules that differ from the bundle's (LoRAs merged in): their graphs go apart."""
     name = resolve_backend(backend, device, dtype)
     if name == "torch":
         return TorchBackend(unet, autoencoder)
@@ -65,4 +66,4 @@ def make_backend(backend: str, unet, autoencoder, text_encoder, *, bundle: Optio
         raise ValueError("backend='onnx' runs fp32 on the CPU; use backend='torch' for other devices and dtypes")
     from ldm.onnx_backend import OnnxBackend
 
-    return OnnxBackend.for_modules(unet, autoencoder, text_encoder, bundle)
+    return OnnxBackend.for_modules(unet, autoencoder, text_encoder, bundle, variant=variant)

@@ -125,11 +125,14 @@ def module_key(module: torch.nn.Module, args: tuple) -> str:
     return h.hexdigest()[:32]
 
 
-def cache_dir(bundle: Optional[str], key: str) -> Path:
-    """Where a bundle's graphs live: beside it if writable, else in the user's cache."""
+def cache_dir(bundle: Optional[str], key: str, variant: Optional[str] = None) -> Path:
+    """Where a bundle's graphs live: beside it if writable, else in the user's cache; those of a
+    ``variant`` of its modules (LoRAs merged in) in a subfolder, so the two never replace each other's."""
     if bundle is not None and os.access(bundle, os.W_OK):
-        return Path(bundle) / "onnx"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-toolkit" / "onnx" / key
+        root = Path(bundle) / "onnx"
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-toolkit" / "onnx" / key
+    return root / variant if variant else root
 
 
 def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str]) -> None:
@@ -153,10 +156,11 @@ def session(path: Path):
 class OnnxGraphs:
     """The U-Net and decoder graphs of one bundle, exported on first use for each latent size."""
 
-    def __init__(self, unet, autoencoder, context_shape: tuple[int, int], bundle: Optional[str], key: str):
+    def __init__(self, unet, autoencoder, context_shape: tuple[int, int], bundle: Optional[str], key: str,
+                 variant: Optional[str] = None):
         self.unet, self.autoencoder = unet, autoencoder
         self.context_shape = context_shape  # (L, D)
-        self.dir = cache_dir(bundle, key)
+        self.dir = cache_dir(bundle, key, variant)
         self.key = key
 
     def graph(self, name: str, module, args, input_names, exporting=nullcontext) -> Path:
@@ -216,14 +220,16 @@ class OnnxBackend:
         self.sessions: dict[tuple, object] = {}
 
     @classmethod
-    def for_modules(cls, unet, autoencoder, text_encoder, bundle: Optional[str] = None) -> "OnnxBackend":
+    def for_modules(cls, unet, autoencoder, text_encoder, bundle: Optional[str] = None,
+                    variant: Optional[str] = None) -> "OnnxBackend":
         """A backend over graphs of these torch modules; ``bundle``: the folder they were loaded from
-        (graphs are cached beside it, keyed by its hash), or None for modules not saved ("unsaved")."""
+        (graphs are cached beside it, keyed by its hash), or None for modules not saved ("unsaved");
+        ``variant``: modules changed since (LoRAs merged in), whose graphs are cached in a subfolder."""
         from ldm.bundle import bundle_hash
 
         context = text_encoder.empty_context(1)  # (1, L, D)
         key = bundle_hash(bundle) if bundle else "unsaved"
-        return cls(OnnxGraphs(unet, autoencoder, tuple(context.shape[1:]), bundle, key))
+        return cls(OnnxGraphs(unet, autoencoder, tuple(context.shape[1:]), bundle, key, variant))
 
     def _session(self, graph, latent_shape: tuple[int, int, int]):
         if (graph.__name__, latent_shape) not in self.sessions:

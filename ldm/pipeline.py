@@ -9,13 +9,21 @@ starting noise and the noise of its stochastic sampler steps come from its own g
 
 The U-Net and the decoder run through the pipeline's backend (``ldm.backends``: torch, or ONNX
 Runtime), an object the pipeline is given when it is built.
+
+LoRA files (``ldm.lora``: ours or kohya's) are merged into the U-Net's weights when the pipeline is
+built, W + sum_i scale_i (alpha_i / r_i) B_i A_i, so every backend runs the merged weights as a plain U-Net:
+
+    pipe = Text2ImagePipeline.from_pretrained("path/to/bundle", loras=[("style.safetensors", 0.8)])
+    styled = pipe.with_loras([("other.safetensors", 0.5)])   # a copy of the U-Net; ``pipe`` is unchanged
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from PIL import Image
@@ -138,6 +146,7 @@ class Text2ImagePipeline:
         backend: what runs the U-Net and the decoder (``ldm.backends``); default ``TorchBackend(unet, autoencoder)``.
             The pipeline calls only the backend for them; ``unet`` and ``autoencoder`` stay the torch
             modules (moved by ``to``, read for sizes and for export).
+        loras: the LoRA files merged into ``unet`` and their scales, in order (``from_pretrained``, ``with_loras``).
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class Text2ImagePipeline:
         sample_size: int = 8,
         backend: Optional[Backend] = None,
         name_or_path: Optional[str] = None,
+        loras: Sequence[tuple[Path, float]] = (),
     ):
         self.unet = unet
         self.autoencoder = autoencoder
@@ -160,26 +170,55 @@ class Text2ImagePipeline:
         self.sample_size = sample_size
         self.backend = backend if backend is not None else TorchBackend(unet, autoencoder)
         self.name_or_path = name_or_path
+        self.loras = list(loras)
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch") -> "Text2ImagePipeline":
+    def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch",
+                        loras: Optional[Iterable] = None) -> "Text2ImagePipeline":
         """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``).
-        ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``."""
+        ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``.
+        ``loras``: ``[(file, scale) or file, ...]``, LoRA files (ours or kohya's, ``ldm.lora``) merged into the
+        U-Net in that order; the files are read and checked before the model loads."""
+        from ldm.lora import merge_loras, read_loras
+
+        read = read_loras(loras)
         parts = load_parts(path)
+        merge_loras(parts.unet, read)
         runner = make_backend(backend, parts.unet, parts.autoencoder, parts.text_encoder, bundle=str(parts.root),
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, variant="lora" if read else None)
         pipe = cls(parts.unet, parts.autoencoder, parts.text_encoder, parts.schedule, parts.sampling,
-                   sample_size=parts.sample_size, backend=runner, name_or_path=str(parts.root))
+                   sample_size=parts.sample_size, backend=runner, name_or_path=str(parts.root),
+                   loras=[(lora.path, scale) for lora, scale in read])
         return pipe.to(device or "cpu", dtype or torch.float32)
 
     def with_backend(self, backend: Backend) -> "Text2ImagePipeline":
         """A pipeline over the same parts that runs the U-Net and the decoder through ``backend``."""
         pipe = type(self)(self.unet, self.autoencoder, self.text_encoder, self.schedule, self.sampling,
-                          sample_size=self.sample_size, backend=backend, name_or_path=self.name_or_path)
+                          sample_size=self.sample_size, backend=backend, name_or_path=self.name_or_path,
+                          loras=self.loras)
+        pipe.device, pipe.dtype = self.device, self.dtype
+        return pipe
+
+    def with_loras(self, loras: Iterable) -> "Text2ImagePipeline":
+        """A pipeline whose U-Net is a copy of this one's with ``loras`` (``[(file, scale) or file, ...]``) merged
+        in, after any merged already; its backend is of the same kind (an ONNX one exports the merged
+        weights' graphs apart from the bundle's). This pipeline is unchanged."""
+        from ldm.lora import merge_loras, read_loras
+
+        read = read_loras(loras)
+        unet = merge_loras(copy.deepcopy(self.unet), read)
+        if self.backend.name == "torch":
+            runner = TorchBackend(unet, self.autoencoder)
+        else:
+            runner = make_backend(self.backend.name, unet, self.autoencoder, self.text_encoder, bundle=self.name_or_path,
+                                  device=self.device, dtype=self.dtype, variant="lora")
+        pipe = type(self)(unet, self.autoencoder, self.text_encoder, self.schedule, self.sampling,
+                          sample_size=self.sample_size, backend=runner, name_or_path=self.name_or_path,
+                          loras=[*self.loras, *((lora.path, scale) for lora, scale in read)])
         pipe.device, pipe.dtype = self.device, self.dtype
         return pipe
 
