@@ -1,13 +1,19 @@
 """Generate images from a prompt.
 
 Each PNG carries, in its text chunks, everything needed to make it again: prompt, negative
-prompt, seed, steps, method, eta, guidance, size, the model's path and hash, the batch it was
-made in, and package versions. `ldm generate --from-png FILE` reads them back and regenerates
-the image; on the same machine the result is bit-identical.
+prompt, seed, steps, method, eta, guidance, size, the model's path and hash, the LoRA files
+with their hashes and scales, the batch it was made in, and package versions.
+`ldm generate --from-png FILE` reads them back and regenerates the image; on the same machine
+the result is bit-identical.
+
+--lora FILE[:SCALE] (repeatable) merges a LoRA into the model's U-Net, W + SCALE * (alpha/r) B A,
+in the order given: a bundle written by `ldm finetune` (or its pytorch_lora_weights.safetensors,
+diffusers' layout) or a kohya/A1111 file (lora_unet_*.lora_down/lora_up.weight); SCALE defaults to 1.
 
 examples:
   ldm generate "koala, twemoji style"
   ldm generate "a small red circle at the top left" --model shapes --guidance 4 --num-images 8 --out circles.png
+  ldm generate "koala, twemoji style" --lora runs/finetune/bundle:0.8 --lora other_style.safetensors:0.5
   ldm generate --from-png circles-3.png
 """
 
@@ -52,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     p.add_argument("--out", type=Path, default=None,
                    help="output PNG (default out.png); with several images NAME-i.png, plus NAME-grid.png")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA into the U-Net with this scale (default 1): a bundle written by ldm finetune, its "
+                        "pytorch_lora_weights.safetensors, or a kohya/A1111 .safetensors; repeat for several (with "
+                        "--from-png: these replace the recorded files)")
     p.add_argument("--from-png", type=Path, default=None, help="regenerate the image recorded in this PNG's metadata")
 
 
@@ -65,6 +75,26 @@ def model_path(model: Optional[Path]) -> Path:
             raise UsageError(f"no {name} model is installed (expected {PACKAGED_MODELS[name]}); give --model DIR")
         model = PACKAGED_MODELS[name]
     return check_bundle(model)
+
+
+def lora_arguments(specs: list[str]) -> list[tuple[Path, float]]:
+    """``--lora FILE[:SCALE]`` values -> [(LoRA file, scale)], each file found and checked to be a LoRA
+    (``ldm.lora``) before any model loads."""
+    from ldm.lora import find_lora_file, parse_lora_spec, read_lora
+
+    loras = []
+    for spec in specs or []:
+        path, scale = parse_lora_spec(spec)
+        read_lora(path)  # not a LoRA in a known layout: one line now, not after the model has loaded
+        loras.append((find_lora_file(path), scale))
+    return loras
+
+
+def lora_records(loras: list[tuple[Path, float]]) -> list[dict]:
+    """The PNG record's entries for the LoRAs merged: file, name, sha256 (short) and scale, in order."""
+    from ldm.lora import file_hash
+
+    return [{"file": str(path), "name": path.name, "sha256": file_hash(path), "scale": scale} for path, scale in loras]
 
 
 def check_device(device: str, backend: str = "torch") -> None:
@@ -257,6 +287,11 @@ def read_record(path: Path) -> dict:
     for key, kind in RECORD_FIELDS.items():
         if isinstance(rec[key], bool) or not isinstance(rec[key], kind):
             raise UsageError(f"{damaged} ({key}={rec[key]!r} is not {getattr(kind, '__name__', 'a number')}); {fix}")
+    loras = rec.setdefault("loras", [])  # records made before LoRAs were: none
+    if not isinstance(loras, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
+            and isinstance(e.get("scale"), (int, float)) and not isinstance(e.get("scale"), bool) for e in loras):
+        raise UsageError(f"{damaged} (loras={loras!r} is not a list of {{file, sha256, scale}}); {fix}")
     n = len(rec["batch_prompts"])
     if not (n and n == len(rec["batch_seeds"]) and 0 <= rec["batch_index"] < n
             and all(isinstance(p, str) for p in rec["batch_prompts"])
@@ -313,6 +348,7 @@ def claim_outputs(args: argparse.Namespace) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     claim_outputs(args)
+    args.loras = lora_arguments(args.lora)
     if args.from_png is not None:
         return regenerate(args)
     if not args.prompt:
@@ -339,7 +375,8 @@ def run(args: argparse.Namespace) -> int:
 def load(args: argparse.Namespace, model: Path):
     from ldm.pipeline import Text2ImagePipeline
 
-    return Text2ImagePipeline.from_pretrained(model, device=args.device, backend=args.backend)
+    return Text2ImagePipeline.from_pretrained(model, device=args.device, backend=args.backend,
+                                              loras=getattr(args, "loras", None))
 
 
 def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_images: int, model: Optional[Path] = None):
@@ -365,7 +402,7 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
         "guidance": args.guidance, "width": images[0].size[0], "height": images[0].size[1],
         "model": str(model), "model_hash": bundle_hash(model), "device": args.device,
         "backend": resolve_backend(args.backend, args.device),
-        "batch_size": args.batch_size, "versions": versions(),
+        "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras),
     }
     records = []
     for i, (p, s) in enumerate(zip(req.prompts, req.seeds)):
@@ -374,6 +411,32 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
         records.append({**common, "prompt": p, "seed": s, "batch_prompts": req.prompts[batch],
                         "batch_seeds": req.seeds[batch], "batch_index": i - first})
     return images, records
+
+
+def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, float]]:
+    """The LoRAs to merge for --from-png: the record's files and scales, or those of --lora when given
+    (a moved file); a file whose hash differs from the record's is warned about, as the model is."""
+    from ldm.lora import file_hash
+
+    recorded = rec["loras"]
+    if args.lora:
+        loras = args.loras
+        if len(loras) != len(recorded):
+            print(f"warning: --lora gives {len(loras)} LoRA(s); {args.from_png} was made with {len(recorded)}",
+                  file=sys.stderr)
+    else:
+        loras = []
+        for entry in recorded:
+            path = Path(entry["file"])
+            if not path.is_file():
+                raise UsageError(f"the record in {args.from_png} names the LoRA file {path}, which does not exist; "
+                                 f"give --lora FILE[:SCALE] for each recorded LoRA, in order")
+            loras.append((path, float(entry["scale"])))
+    for (path, _), entry in zip(loras, recorded):
+        if file_hash(path) != entry["sha256"]:
+            print(f"warning: LoRA {path} differs from the one that made {args.from_png} (hash {entry['sha256']})",
+                  file=sys.stderr)
+    return loras
 
 
 def regenerate(args: argparse.Namespace) -> int:
@@ -389,6 +452,9 @@ def regenerate(args: argparse.Namespace) -> int:
         print(f"warning: model {model} differs from the one that made {args.from_png} (hash {rec['model_hash']})", file=sys.stderr)
     for key in ("steps", "method", "eta", "guidance", "height", "width", "batch_size", "backend"):
         setattr(args, key, rec[key])
+    args.loras = recorded_loras(args, rec)
+    if args.lora:
+        rec = {**rec, "loras": lora_records(args.loras)}  # the remade image records the files it was made with
     args.negative = rec["negative_prompt"]
     from ldm.pipeline import GenerationRequest, to_pil
 

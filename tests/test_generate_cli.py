@@ -81,3 +81,48 @@ def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "a koala", "--model", str(tmp_path / "nope")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_generate_with_loras_records_them_and_regenerates_bit_exactly(bundle, tmp_path, capsys):
+    """--lora FILE[:SCALE], twice (ours and its kohya export): the record names each file with its hash and
+    scale, --from-png merges them again and remakes the image bit for bit; without them the image differs."""
+    import torch
+    from peft import LoraConfig
+
+    from ldm.bundle import load_unet
+    from ldm.lora import file_hash, save_lora
+
+    unet = load_unet(bundle)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    ours = save_lora(tmp_path / "lora", unet)
+    kohya = tmp_path / "kohya.safetensors"
+    assert main(["export-lora", str(ours), "--out", str(kohya)]) == 0
+    out = tmp_path / "styled.png"
+    common = ["--model", str(bundle), "--steps", "3", "--num-images", "2", "--guidance", "3", "--quiet"]
+    assert main(["generate", "a koala", *common, "--lora", f"{ours}:0.7", "--lora", f"{kohya}:-0.4", "--out", str(out)]) == 0
+    assert main(["generate", "a koala", *common, "--out", str(tmp_path / "plain.png")]) == 0
+    path = tmp_path / "styled-1.png"
+    record = json.loads(Image.open(path).text[PNG_KEY])
+    assert record["loras"] == [
+        {"file": str(ours), "name": ours.name, "sha256": file_hash(ours), "scale": 0.7},
+        {"file": str(kohya), "name": kohya.name, "sha256": file_hash(kohya), "scale": -0.4}]
+    plain = np.asarray(Image.open(tmp_path / "plain-1.png"), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(path), dtype=np.int16) - plain).max() > 10  # the LoRAs changed the image
+    capsys.readouterr()
+    again = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(path), "--out", str(again), "--quiet"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
+    assert json.loads(Image.open(again).text[PNG_KEY])["loras"] == record["loras"]
+    # a recorded LoRA that has gone: one line saying which, and how to point at it
+    moved = tmp_path / "moved.safetensors"
+    kohya.rename(moved)
+    assert main(["generate", "--from-png", str(path), "--out", str(tmp_path / "x.png"), "--quiet"]) == 2
+    assert f"names the LoRA file {kohya}, which does not exist" in capsys.readouterr().err
+    assert main(["generate", "--from-png", str(path), "--out", str(again), "--quiet",
+                 "--lora", f"{ours}:0.7", "--lora", f"{moved}:-0.4"]) == 0
+    assert "bit-identical" in capsys.readouterr().out
