@@ -41,7 +41,7 @@ class BucketOrder:
     and cut into global batches of ``num_processes * batch_size``; what is left, m rows, makes one
     smaller global batch of ``m // num_processes`` rows per process (as sd-scripts keeps a bucket's last,
     smaller batch), so a bucket with fewer images than a batch still trains, in batches of its own;
-    the ``m % num_processes`` rows then over wait for another epoch's permutation. The global batches
+    the ``m % num_processes`` rows still left wait for another epoch's permutation. The global batches
     of all buckets are then shuffled by ``default_rng([seed, e])``. Each micro-batch's loss is a mean over
     its rows, so a small bucket's images weigh more per image than a full bucket's.
     """
