@@ -13,9 +13,9 @@ Data order: each epoch is a permutation of the training rows drawn from (seed, e
 cut into global batches of ``num_processes * batch_size``; process r takes the r-th slice of
 each, so processes see disjoint shards. With aspect-ratio buckets (``data.buckets``) every
 micro-batch comes from one bucket (``train.run.order.BucketOrder``: a bucket's last, smaller batch
-is kept). The position (epoch, micro-batch) is part of the checkpoint, and so is every random state (python, numpy, torch, CUDA, and the step generator
-that draws t, the noise and the caption dropout), so a resumed run continues exactly where the
-stopped one was.
+is kept). The position (epoch, micro-batch) is part of the checkpoint, and so is every random
+state (python, numpy, torch, CUDA, and the step generator that draws t, the noise and the caption
+dropout), so a resumed run continues exactly where the stopped one was.
 
 A non-finite loss (any process) or gradient norm skips the optimizer step on every process and
 is counted; ``max_consecutive_nonfinite`` of them in a row raise ``TrainingDiverged``. Skipped
