@@ -195,9 +195,10 @@ class LatentCache:
         return [indices[of == k] for k in range(len(self._latents))]
 
     def batches(self, indices: Sequence[int], batch_size: int) -> list[np.ndarray]:
-        """``indices`` cut into batches of at most ``batch_size`` rows of one bucket, bucket by bucket
-        (without buckets: consecutive slices)."""
-        return [g[s : s + batch_size] for g in self.groups(indices) for s in range(0, len(g), batch_size)]
+        """``indices`` cut into batches of at most ``batch_size`` rows of one bucket, taking the buckets in
+        turn (so the first few batches cover every bucket); without buckets: consecutive slices."""
+        per_bucket = [[g[s : s + batch_size] for s in range(0, len(g), batch_size)] for g in self.groups(indices)]
+        return [b for turn in itertools.zip_longest(*per_bucket) for b in turn if b is not None]
 
     def latents(self, indices: Sequence[int]) -> torch.Tensor:
         """(B, C, h, w) float32 latents of images ``indices``, which must share one bucket."""
