@@ -242,14 +242,15 @@ def versions() -> dict:
 
 
 def save_png(image, path: Path, record: dict) -> None:
-    """Write ``image`` with ``record`` as JSON in a text chunk, atomically."""
+    """Write ``image`` with ``record`` as JSON in a text chunk, and as A1111's ``parameters`` text, atomically."""
     from PIL.PngImagePlugin import PngInfo
 
+    from ldm.infotext import a1111_parameters
     from ldm_io import save_image
 
     info = PngInfo()
     info.add_text(PNG_KEY, json.dumps(record, sort_keys=True))
-    info.add_text("parameters", f"{record['prompt']} | seed {record['seed']}, {record['steps']} {record['method']} steps, guidance {record['guidance']}")
+    info.add_text("parameters", a1111_parameters(record))
     save_image(image, path, format="PNG", pnginfo=info)
 
 

@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, port: int, tmp: str) -> None:
+def worker(rank: int, port: int, tmp: str, extra: tuple = ()) -> None:
     """One process of the data-parallel run, set up the way `accelerate launch` sets up its workers."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
@@ -32,7 +32,7 @@ def worker(rank: int, port: int, tmp: str) -> None:
     from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, tiny_config
 
     tmp = Path(tmp)
-    config = tiny_config(tmp, "validation.prompts=[]", "train.max_steps=6", data=tmp / "data")
+    config = tiny_config(tmp, "validation.prompts=[]", "train.max_steps=6", *extra, data=tmp / "data")
     trainer = build_trainer(config, autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder())
     result = trainer.fit(record_rows=True)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -59,6 +59,25 @@ def test_two_processes_see_different_shards_and_end_identical(tmp_path):
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000006" / "model.safetensors")
     assert all(torch.equal(saved[k], w0[k]) for k in saved)
     assert (tmp_path / "run" / "bundle" / "model_index.json").is_file()
+
+
+@pytest.mark.slow  # as long as the test above (two spawned processes); tests/test_buckets.py checks BucketOrder's shards fast
+def test_two_processes_with_buckets_read_one_bucket_per_step_in_disjoint_shards(tmp_path):
+    from train.unet.cache import LatentCache
+
+    make_imagefolder(tmp_path / "data", sizes=[(32, 32), (48, 32), (32, 48)])  # 3 buckets of 8 training images
+    mp.spawn(worker, args=(free_port(), str(tmp_path), ("data.buckets.enabled=true",)), nprocs=WORLD, join=True)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text())["seen"] for r in range(WORLD)]
+    cache = LatentCache(next((tmp_path / "cache").glob("ldm-*")))
+    assert len(cache.buckets) == 3
+    per_epoch = 3 * 4  # one global batch of 2 x 4 per bucket: 3 micro-batches of 4 per process
+    for epoch in range(2):
+        shards = [s[epoch * per_epoch : (epoch + 1) * per_epoch] for s in seen]
+        assert not set(shards[0]) & set(shards[1]) and len(set(shards[0]) | set(shards[1])) == 24
+        for i in range(0, per_epoch, 4):  # micro-batch i/4: both processes in one bucket
+            assert len(set(cache.bucket_of(shards[0][i : i + 4] + shards[1][i : i + 4]))) == 1
+    w0, w1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
 @pytest.mark.slow

@@ -78,9 +78,11 @@ def count_calls(encoder) -> list[list[str]]:
     return calls
 
 
-def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: int = 7) -> Path:
+def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: int = 7,
+                     sizes: Optional[list[tuple[int, int]]] = None) -> Path:
     """``n`` images of coloured shapes with captions ("a red circle"), every ``heldout_every``-th in split "test"
-    (``heldout_every=0``: no split column)."""
+    (``heldout_every=0``: no split column); ``size`` x ``size`` pixels, or image i ``sizes[i % len(sizes)]``
+    = (width, height) with the shape drawn in its top-left ``size`` x ``size`` square."""
     from PIL import ImageDraw
 
     folder = Path(folder)
@@ -89,7 +91,7 @@ def make_imagefolder(folder: Path, n: int = 28, size: int = 32, heldout_every: i
     for i in range(n):
         colour = list(COLOURS)[i % len(COLOURS)]
         shape = SHAPES[(i // len(COLOURS)) % len(SHAPES)]
-        im = Image.new("RGB", (size, size), "white")
+        im = Image.new("RGB", sizes[i % len(sizes)] if sizes else (size, size), "white")
         d = ImageDraw.Draw(im)
         lo, hi = size // 4 + i % 3, 3 * size // 4 - (i % 2)
         if shape == "circle":

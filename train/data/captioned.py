@@ -99,11 +99,12 @@ class CaptionedImages:
     """
 
     def __init__(self, source: Source, refs: list, captions: list[list[str]], rows: list[int],
-                 summary: DataSummary, transform: ImageTransform, seed: int):
+                 summary: DataSummary, transform: ImageTransform, seed: int, sizes: Optional[list[tuple[int, int]]] = None):
         self.source = source
         self._refs = refs  # per kept row: an image path, or None to read its bytes from the table
         self._captions = captions  # per kept row: its non-empty captions
         self._rows = rows  # per kept row: its index in source.table
+        self._sizes = sizes  # per kept row: its image's (width, height) at the scan, after EXIF rotation
         self._summary = summary
         self.transform = transform
         self.seed = seed
@@ -121,6 +122,10 @@ class CaptionedImages:
     def captions(self, index: int) -> list[str]:
         """All captions of kept row ``index``."""
         return list(self._captions[index])
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(width, height) of kept row ``index``'s image as the scan decoded it."""
+        return self._sizes[index]
 
     def key(self, index: int) -> str:
         """Row ``index``'s identity for the held-out and caption rules (``train.data.split``): its
@@ -245,7 +250,7 @@ def load_captioned_images(
                          allow_outside_paths=allow_outside_paths)
     count_tokens = count_tokens or clip_token_count
     skipped = collections.Counter(source.skipped)
-    refs, captions, rows = [], [], []
+    refs, captions, rows, sizes = [], [], [], []
     n_captions = n_long = longest = 0
     for row, (ref, cell) in enumerate(tqdm(source.rows(), total=len(source.table), desc=f"checking {Path(path).name}",
                                           unit="img", disable=not progress)):
@@ -271,13 +276,14 @@ def load_captioned_images(
         refs.append(ref if isinstance(ref, Path) else None)
         captions.append(options)
         rows.append(row)
+        sizes.append(image.size)
         for caption in options:
             tokens = count_tokens(caption)
             n_captions += 1
             n_long += tokens > max_tokens
             longest = max(longest, tokens)
     summary = DataSummary(str(path), source.format, split, len(rows), dict(skipped), n_captions, n_long, longest, max_tokens)
-    return CaptionedImages(source, refs, captions, rows, summary, transform, seed)
+    return CaptionedImages(source, refs, captions, rows, summary, transform, seed, sizes)
 
 
 @dataclass

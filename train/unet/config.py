@@ -8,7 +8,7 @@ are errors. The config a run used is saved beside its checkpoints and in the bun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ldm.unet import UNetConfig
 from train.run.sections import CheckpointConfig, EMAConfig, OptimConfig, RunConfig
@@ -25,18 +25,46 @@ class EncodersConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (``train.data.buckets``): each image goes to the bucket of nearest aspect ratio, about
+    data.resolution^2 pixels, is resized to cover it and centre-cropped; every batch comes from one bucket."""
+
+    # auto: on when the images fall in more than one bucket (mixed aspect ratios), else off (square crops); true; false.
+    # ldm train: false; ldm finetune: auto
+    enabled: Union[bool, Literal["auto"]] = False
+    # the buckets as "WIDTHxHEIGHT" (e.g. ["512x768", "768x512", "512x512"]); empty = made from step/min_side/max_side
+    sizes: list[str] = field(default_factory=list)
+    step: int = 0  # bucket sides are multiples of this (px); 0 = the model's granularity (autoencoder factor x 2^downsamplings)
+    min_side: int = 0  # shortest bucket side (px); 0 = data.resolution / 2
+    max_side: int = 0  # longest bucket side (px); 0 = 2 x data.resolution
+
+    def __post_init__(self):
+        for name in ("step", "min_side", "max_side"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.buckets.{name}={getattr(self, name)} must be >= 0 (0 = the default)")
+        if self.min_side and self.max_side and self.min_side > self.max_side:
+            raise ValueError(f"data.buckets.min_side={self.min_side} is above data.buckets.max_side={self.max_side}")
+        if self.sizes:
+            from train.data.buckets import parse_size
+
+            for size in self.sizes:
+                parse_size(size)  # the format here; divisibility by the model's granularity where it is known
+
+
+@dataclass
 class DataConfig:
     """The captioned image data set."""
 
     path: str = ""  # imagefolder with metadata.jsonl (file_name, text[, split])
-    # images are resized (shorter side) and centre-cropped to this size, then encoded;
-    # 0 in fine-tuning = the model's own size (U-Net sample_size x the autoencoder's factor)
+    # images are resized (shorter side) and centre-cropped to this size, then encoded (with buckets: to a bucket
+    # of about this size squared in pixels); 0 in fine-tuning = the model's own size (U-Net sample_size x the autoencoder's factor)
     resolution: int = 64
     caption_column: str = "text"  # metadata column holding the caption
     # share of images held out for the validation loss when the data has no split column ("test" rows are held out)
     holdout_fraction: float = 0.05
     # read images outside the data set's folder (absolute paths, "..", symlinks out of it); off, such rows are skipped
     allow_outside_paths: bool = False
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # aspect-ratio buckets for images of mixed shapes
 
     def __post_init__(self):
         if self.resolution != 0 and self.resolution < 8:
@@ -150,10 +178,18 @@ class LDMTrainConfig(TrainingSections):
 
 
 @dataclass
+class FinetuneBucketConfig(BucketConfig):
+    """BucketConfig whose buckets are on when the images have mixed aspect ratios."""
+
+    enabled: Union[bool, Literal["auto"]] = "auto"
+
+
+@dataclass
 class FinetuneDataConfig(DataConfig):
-    """DataConfig whose resolution defaults to the model's own size."""
+    """DataConfig whose resolution defaults to the model's own size and whose buckets are on for mixed shapes."""
 
     resolution: int = 0
+    buckets: FinetuneBucketConfig = field(default_factory=FinetuneBucketConfig)
 
 
 @dataclass

@@ -8,10 +8,16 @@ copied as the base stores them; lora.method=full trains every U-Net weight inste
 file_name and text). Settings are FinetuneConfig's fields (train/unet/config.py), set with
 --config YAML and/or key=value.
 
+Images of mixed aspect ratios are trained in aspect-ratio buckets (sides multiples of the model's
+granularity, about data.resolution^2 pixels; each batch from one bucket; the data summary reports
+what is cropped); data.buckets.enabled=false turns that off (every image centre-cropped square),
+data.buckets.sizes=[512x768,768x512,512x512] gives the buckets (WIDTHxHEIGHT) yourself.
+
 examples:
   ldm finetune --model runs/ldm/bundle --data my_images train.output_dir=runs/ft train.max_steps=500
   ldm finetune --model sd-v1-5 --data my_images lora.rank=16 train.mixed_precision=bf16
   ldm finetune --model runs/ldm/bundle --data my_images lora.method=full optim.lr=1e-5
+  ldm finetune --model sd-v1-5 --data my_photos data.buckets.enabled=false
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ images; every training step reads only the cache. One optimizer step is
 
 Data order: each epoch is a permutation of the training rows drawn from (seed, epoch) alone,
 cut into global batches of ``num_processes * batch_size``; process r takes the r-th slice of
-each, so processes see disjoint shards. The position (epoch, micro-batch) is part of the
-checkpoint, and so is every random state (python, numpy, torch, CUDA, and the step generator
-that draws t, the noise and the caption dropout), so a resumed run continues exactly where the
-stopped one was.
+each, so processes see disjoint shards. With aspect-ratio buckets (``data.buckets``) every
+micro-batch comes from one bucket (``train.run.order.BucketOrder``: a bucket's last, smaller batch
+is kept). The position (epoch, micro-batch) is part of the checkpoint, and so is every random
+state (python, numpy, torch, CUDA, and the step generator that draws t, the noise and the caption
+dropout), so a resumed run continues exactly where the stopped one was.
 
 A non-finite loss (any process) or gradient norm skips the optimizer step on every process and
 is counted; ``max_consecutive_nonfinite`` of them in a row raise ``TrainingDiverged``. Skipped
@@ -43,7 +44,7 @@ from ldm.schedule import NoiseSchedule
 from ldm.unet import FP32AttentionProcessor
 from train.run import checkpoint as ckpt
 from train.run.lr import build_lr_scheduler, build_optimizer
-from train.run.order import DataOrder
+from train.run.order import BucketOrder, DataOrder
 from train.run.resume import OptimizerSettings
 from train.run.start import make_accelerator, open_run_folder, start_run
 from train.run.config import save_config
@@ -110,10 +111,11 @@ class LDMTrainer:
             if isinstance(m, torch.nn.Module):
                 m.requires_grad_(False).eval().to(self.device)
 
-        # the cache: built once by the main process, then read by all
+        # the cache: built once by the main process, then read by all; bucket sides are multiples of what the U-Net takes
+        granularity = Text2ImagePipeline(self.unet, self.autoencoder, self.text_encoder, self.schedule, self.sampling).granularity
         with acc.main_process_first():
             folder, built = build_cache(cfg.cache, cfg.data, self.autoencoder, self.text_encoder, self.device,
-                                        progress=acc.is_main_process)
+                                        progress=acc.is_main_process, granularity=granularity)
         self.cache = LatentCache(folder)
         self.cache_built = built
         self.empty = self.cache.empty.to(self.device)  # (1, L, D)
@@ -139,7 +141,9 @@ class LDMTrainer:
         self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad]
         self.ema = build_ema(cfg.ema, self.params) if cfg.ema.enabled else None
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + 7919 * acc.process_index + 1)
-        self.order = DataOrder(self.cache.train_indices, cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed)
+        order = DataOrder if self.cache.buckets is None else BucketOrder  # every micro-batch from one bucket
+        rows = self.cache.train_indices if self.cache.buckets is None else self.cache.groups(self.cache.train_indices)
+        self.order = order(rows, cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed)
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -205,7 +209,7 @@ class LDMTrainer:
     def _pipeline(self) -> Text2ImagePipeline:
         unwrapped = self.accelerator.unwrap_model(self.model)
         pipe = Text2ImagePipeline(unwrapped, self.autoencoder, self.text_encoder, self.schedule, self.sampling,
-                                  sample_size=self.cache.latent_shape[-1])
+                                  sample_size=self.cache.sample_size)
         pipe.device = self.device
         return pipe
 

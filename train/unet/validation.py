@@ -30,12 +30,11 @@ def heldout_loss(model: Callable, cache: LatentCache, indices: np.ndarray, sched
     if len(indices) == 0:
         return float("nan")
     generator = torch.Generator(device).manual_seed(HELDOUT_SEED)
-    starts = list(range(0, len(indices), batch_size))
+    batches = cache.batches(indices, batch_size)  # each from one bucket
     if max_batches:
-        starts = starts[:max_batches]
+        batches = batches[:max_batches]
     total, count = 0.0, 0
-    for s in starts:
-        idx = indices[s : s + batch_size]
+    for idx in batches:
         z0 = cache.latents(idx).to(device)  # (B, C, h, w)
         ctx = cache.contexts(idx).to(device)  # (B, L, D)
         batch = noised_batch(z0, schedule, prediction=prediction, min_snr_gamma=None, noise_offset=0.0, generator=generator)
