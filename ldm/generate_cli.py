@@ -91,10 +91,11 @@ def lora_arguments(specs: list[str]) -> list[tuple[Path, float]]:
 
 
 def lora_records(loras: list[tuple[Path, float]]) -> list[dict]:
-    """The PNG record's entries for the LoRAs merged: file, name, sha256 (short) and scale, in order."""
+    """The PNG record's entries for the LoRAs merged, in order: file, name, hash (the file's sha256, 16 hex
+    digits; ``ldm.infotext`` writes them as A1111's ``<lora:NAME:SCALE>`` and ``Lora hashes``) and scale."""
     from ldm.lora import file_hash
 
-    return [{"file": str(path), "name": path.name, "sha256": file_hash(path), "scale": scale} for path, scale in loras]
+    return [{"file": str(path), "name": path.name, "hash": file_hash(path), "scale": scale} for path, scale in loras]
 
 
 def check_device(device: str, backend: str = "torch") -> None:
@@ -290,9 +291,9 @@ def read_record(path: Path) -> dict:
             raise UsageError(f"{damaged} ({key}={rec[key]!r} is not {getattr(kind, '__name__', 'a number')}); {fix}")
     loras = rec.setdefault("loras", [])  # records made before LoRAs were: none
     if not isinstance(loras, list) or not all(
-            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
+            isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("hash"), str)
             and isinstance(e.get("scale"), (int, float)) and not isinstance(e.get("scale"), bool) for e in loras):
-        raise UsageError(f"{damaged} (loras={loras!r} is not a list of {{file, sha256, scale}}); {fix}")
+        raise UsageError(f"{damaged} (loras={loras!r} is not a list of {{file, hash, scale}}); {fix}")
     n = len(rec["batch_prompts"])
     if not (n and n == len(rec["batch_seeds"]) and 0 <= rec["batch_index"] < n
             and all(isinstance(p, str) for p in rec["batch_prompts"])
@@ -434,8 +435,8 @@ def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, floa
                                  f"give --lora FILE[:SCALE] for each recorded LoRA, in order")
             loras.append((path, float(entry["scale"])))
     for (path, _), entry in zip(loras, recorded):
-        if file_hash(path) != entry["sha256"]:
-            print(f"warning: LoRA {path} differs from the one that made {args.from_png} (hash {entry['sha256']})",
+        if file_hash(path) != entry["hash"]:
+            print(f"warning: LoRA {path} differs from the one that made {args.from_png} (hash {entry['hash']})",
                   file=sys.stderr)
     return loras
 
