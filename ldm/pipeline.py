@@ -14,6 +14,7 @@ Runtime), an object the pipeline is given when it is built.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -168,7 +169,12 @@ class Text2ImagePipeline:
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch") -> "Text2ImagePipeline":
         """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``).
-        ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``."""
+        A Stable Diffusion 1.x/2.x single .safetensors file loads through the bundle it is converted into, once
+        (``ldm.single_file``). ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``."""
+        if os.path.isfile(path):
+            from ldm.single_file import cached_bundle
+
+            path = cached_bundle(path)
         parts = load_parts(path)
         runner = make_backend(backend, parts.unet, parts.autoencoder, parts.text_encoder, bundle=str(parts.root),
                               device=device, dtype=dtype)
