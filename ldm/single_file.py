@@ -417,11 +417,36 @@ def _for_text_model(state: dict, cls, config) -> dict:
     return {k.removeprefix("text_model."): v for k, v in state.items()} if flat else state
 
 
+def content_hash(path: Path) -> str:
+    """``file_sha256(path)``, remembered in the cache's ``hashes.json`` by the file's path, size and modification
+    time (as A1111 keeps its model hashes), so a large file is read whole once, not on every load."""
+    from ldm_io import write_text
+
+    index_file = cache_root() / "single_file" / "hashes.json"
+    stat, name = path.stat(), str(path.resolve())
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    seen = index.get(name)
+    if isinstance(seen, dict) and seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns:
+        return str(seen.get("sha256"))
+    digest = file_sha256(path)
+    index[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    try:
+        write_text(index_file, json.dumps(index, indent=1))
+    except OSError:  # a cache that cannot be written costs only the hashing next time
+        pass
+    return digest
+
+
 def cached_bundle(path: PathLike) -> Path:
     """The bundle folder of single file ``path``: converted on first use, then read from the cache."""
     path = Path(path)
     configs = derive_configs(read_header(path))  # a file of another kind fails here, before it is hashed
-    dest = cache_root() / "single_file" / file_sha256(path)[:24]
+    dest = cache_root() / "single_file" / content_hash(path)[:24]
     if not (dest / "model_index.json").is_file():
         print(f"converting {path} into a model folder at {dest} (once; later runs read it from there)", file=sys.stderr)
         convert(path, dest, configs)

@@ -212,16 +212,17 @@ def test_the_tokenizer_is_clips(tmp_path):
     assert len(tok) == 49408 and tok.pad_token == "<|endoftext|>" and tok.model_max_length == 77
 
 
-def test_a_file_is_converted_once_and_cached_by_its_content(sd1, tmp_path, cache, capsys):
+def test_a_file_is_converted_once_and_cached_by_its_content(sd1, sd2, tmp_path, cache, capsys):
     from ldm.single_file import cached_bundle
 
-    _, file = sd1
-    first = cached_bundle(file)
+    first = cached_bundle(sd1[1])
     capsys.readouterr()
     copy = tmp_path / "renamed.safetensors"
-    shutil.copy(file, copy)
+    shutil.copy(sd1[1], copy)
     assert cached_bundle(copy) == first and first.parent.parent == cache  # the same content: the same bundle
     assert "converting" not in capsys.readouterr().err
+    shutil.copy(sd2[1], copy)  # new content under a path already hashed: a new hash, another bundle
+    assert cached_bundle(copy) == cached_bundle(sd2[1]) != first
 
 
 def test_generate_and_export_cli_take_single_files(sd1, tmp_path, capsys):
@@ -233,6 +234,10 @@ def test_generate_and_export_cli_take_single_files(sd1, tmp_path, capsys):
     again = tmp_path / "again.safetensors"
     assert main(["export-single-file", str(file), "--out", str(again), "--half"]) == 0  # a file's bundle, in fp16
     assert all(v.dtype == torch.float16 for v in load_file(str(again)).values())
+    from ldm.pipeline import Text2ImagePipeline
+
+    half = Text2ImagePipeline.from_pretrained(again)  # float16 weights load into the float32 models
+    assert all(p.dtype == torch.float32 for p in half.unet.parameters()) and half("a koala", steps=2)[0].size == (32, 32)
     assert main(["export-single-file", str(folder), "--out", str(again)]) == 0  # ours: replaced
     capsys.readouterr()
 
