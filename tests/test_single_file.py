@@ -295,3 +295,18 @@ def test_export_of_a_bundle_it_cannot_express_is_a_one_line_error(what, words, t
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and not (tmp_path / "x.safetensors").exists()
     assert os.listdir(tmp_path) == ["ours"]  # no temporary file left beside --out
+
+
+def test_finetune_takes_a_single_file_as_generate_does(sd1, tmp_path, monkeypatch):
+    from ldm.single_file import cached_bundle
+    from train.unet import finetune
+
+    seen = []
+    monkeypatch.setattr(finetune, "finetune", lambda model, config, resume=None: seen.append(model) or _Done())
+    assert main(["finetune", "--model", str(sd1[1]), "--data", str(tmp_path / "data"),
+                 f"train.output_dir={tmp_path / 'run'}"]) == 0
+    assert seen == [cached_bundle(sd1[1])]
+
+
+class _Done:
+    bundle = None
