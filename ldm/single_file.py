@@ -360,9 +360,10 @@ def _loaded(cls, config, state: dict, what: str, path: Path):
     return model.eval()
 
 
-def convert(path: PathLike, dest: PathLike, configs: Optional[SingleFileConfigs] = None) -> Path:
+def convert(path: PathLike, dest: PathLike, configs: Optional[SingleFileConfigs] = None,
+            sha256: Optional[str] = None) -> Path:
     """Write the single file ``path`` as a bundle folder ``dest`` (diffusers' StableDiffusionPipeline layout);
-    ``configs``: its ``derive_configs``, when already made."""
+    ``configs`` and ``sha256``: its ``derive_configs`` and ``file_sha256``, when already known."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
@@ -404,7 +405,8 @@ def convert(path: PathLike, dest: PathLike, configs: Optional[SingleFileConfigs]
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs.scheduler, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "single_file.json").write_text(json.dumps({"sha256": file_sha256(path), "version": configs.version}))
+        (tmp / "single_file.json").write_text(json.dumps({"sha256": sha256 or file_sha256(path),
+                                                                     "version": configs.version}))
     return Path(dest)
 
 
@@ -446,10 +448,11 @@ def cached_bundle(path: PathLike) -> Path:
     """The bundle folder of single file ``path``: converted on first use, then read from the cache."""
     path = Path(path)
     configs = derive_configs(read_header(path))  # a file of another kind fails here, before it is hashed
-    dest = cache_root() / "single_file" / content_hash(path)[:24]
+    digest = content_hash(path)
+    dest = cache_root() / "single_file" / digest[:24]
     if not (dest / "model_index.json").is_file():
         print(f"converting {path} into a model folder at {dest} (once; later runs read it from there)", file=sys.stderr)
-        convert(path, dest, configs)
+        convert(path, dest, configs, digest)
     return dest
 
 
