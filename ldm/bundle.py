@@ -49,10 +49,12 @@ class BundleError(FileNotFoundError):
 
 
 def check_bundle(path: PathLike) -> Path:
-    """The bundle folder as a Path, after checking that every part is there."""
+    """The bundle folder as a Path, after checking that every part is there. (A Stable Diffusion single file is
+    turned into its bundle before this, by ``ldm.single_file.cached_bundle``.)"""
     root = Path(path)
     if not root.is_dir():
-        raise BundleError(f"model folder {root} does not exist; give --model a bundle folder (model_index.json, {', '.join(PARTS)})")
+        raise BundleError(f"model folder {root} does not exist; give --model a bundle folder (model_index.json, "
+                          f"{', '.join(PARTS)}) or a Stable Diffusion single .safetensors file")
     missing = [p for p in PARTS if not (root / p).is_dir()]
     if not (root / "model_index.json").is_file():
         missing.insert(0, "model_index.json")

@@ -34,6 +34,8 @@ LIBRARY_COMMANDS = {
     "export-web": ("ldm.web.export_cli", "export a model as a static web page that generates images in the browser"),
     "serve-web": ("ldm.web.serve_cli", "serve an exported web page on 127.0.0.1 (with the headers wasm threads need)"),
     "export-lora": ("ldm.export_lora_cli", "write a fine-tune's LoRA in the kohya/A1111 layout (A1111, ComfyUI)"),
+    "export-single-file": ("ldm.export_single_file_cli",
+                           "write a bundle as one Stable Diffusion .safetensors file (original layout, for A1111/ComfyUI)"),
 }
 
 EXIT_CODES = {0: "done", 1: "a training run stopped on its own (diverged)", 2: "a user error: arguments, inputs, outputs",
@@ -44,7 +46,7 @@ _MACHINE_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "d
 
 # The order `ldm --help` lists them in.
 ORDER = ["generate", "sweep", "data", "train-vae", "eval-vae", "train-clip", "train", "finetune", "pack",
-         "export-lora", "export-web", "serve-web"]
+         "export-lora", "export-single-file", "export-web", "serve-web"]
 
 
 def commands() -> dict[str, tuple[str, str]]:

@@ -35,7 +35,7 @@ MEMORY_SHARE = 0.8  # the most of the free memory a run's estimate may claim
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by generate and sweep: the model and how to run it."""
-    p.add_argument("--model", type=Path, default=None, help="model bundle folder, or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
+    p.add_argument("--model", type=Path, default=None, help="model bundle folder, a Stable Diffusion 1.x/2.x single .safetensors file (converted once, then cached), or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     p.add_argument("--method", default="ddim", help="sampler: ddim or ddpm (default ddim)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def model_path(model: Optional[Path]) -> Path:
-    """The bundle folder for ``--model``: a folder, a packaged model's name (default, shapes) or None (default)."""
+    """The bundle folder for ``--model``: a folder, an SD single file (its cached bundle: ``ldm.single_file``),
+    a packaged model's name (default, shapes) or None (default)."""
     from ldm.bundle import PACKAGED_MODELS, check_bundle
 
     name = "default" if model is None else str(model)
@@ -74,6 +75,10 @@ def model_path(model: Optional[Path]) -> Path:
         if not PACKAGED_MODELS[name].is_dir():
             raise UsageError(f"no {name} model is installed (expected {PACKAGED_MODELS[name]}); give --model DIR")
         model = PACKAGED_MODELS[name]
+    if model is not None and Path(model).is_file():  # a Stable Diffusion single file: its bundle, converted once
+        from ldm.single_file import cached_bundle
+
+        return cached_bundle(model)
     return check_bundle(model)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -180,12 +181,17 @@ class Text2ImagePipeline:
     def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch",
                         loras: Optional[Iterable] = None) -> "Text2ImagePipeline":
         """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``).
-        ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``.
+        A Stable Diffusion 1.x/2.x single .safetensors file loads through the bundle it is converted into, once
+        (``ldm.single_file``). ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``.
         ``loras``: ``[(file, scale) or file, ...]``, LoRA files (ours or kohya's, ``ldm.lora``) merged into the
         U-Net in that order; the files are read and checked before the model loads."""
         from ldm.lora import merge_loras, read_loras
 
         read = read_loras(loras)
+        if os.path.isfile(path):
+            from ldm.single_file import cached_bundle
+
+            path = cached_bundle(path)
         parts = load_parts(path)
         merge_loras(parts.unet, read)
         runner = make_backend(backend, parts.unet, parts.autoencoder, parts.text_encoder, bundle=str(parts.root),
