@@ -391,7 +391,10 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     from ldm.backends import resolve_backend
     from ldm.bundle import bundle_hash
 
-    model = model_path(model or args.model)
+    given = model or args.model
+    model = model_path(given)
+    # a single file is recorded as itself (its cached bundle may be gone when the PNG is replayed)
+    source = Path(given).resolve() if given is not None and Path(given).is_file() else model
     n = len(batch_prompts) * num_images
     est, free = check_request(args, model, n, grid=n > 1, fewer="fewer --num-images")
     pipe = load(args, model)
@@ -407,7 +410,7 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     common = {
         "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "eta": args.eta,
         "guidance": args.guidance, "width": images[0].size[0], "height": images[0].size[1],
-        "model": str(model), "model_hash": bundle_hash(model), "device": args.device,
+        "model": str(source), "model_hash": bundle_hash(model), "device": args.device,
         "backend": resolve_backend(args.backend, args.device),
         "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras),
     }

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from conditioning.bpe import write_clip_tokenizer_files
 from ldm.cli import main
+from ldm.generate_cli import PNG_KEY
 from ldm.single_file import (METADATA_KEY, config_differences, derive_configs, export_single_file, read_header,
                              single_file_state)
 from ldm.testing import build_bundle, build_sd_folder
@@ -231,6 +232,13 @@ def test_generate_and_export_cli_take_single_files(sd1, tmp_path, capsys):
     assert main(["generate", *common, "--model", str(file), "--out", str(tmp_path / "file.png")]) == 0
     assert main(["generate", *common, "--model", str(folder), "--out", str(tmp_path / "folder.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "file.png")), np.asarray(Image.open(tmp_path / "folder.png")))
+    assert json.loads(Image.open(tmp_path / "file.png").text[PNG_KEY])["model"] == str(file.resolve())  # not the cache
+    shutil.rmtree(cache_dir := tmp_path / "empty-cache", ignore_errors=True)
+    with pytest.MonkeyPatch.context() as mp:  # the cached bundle gone: the replay converts the file again
+        mp.setenv("LDM_CACHE", str(cache_dir))
+        capsys.readouterr()
+        assert main(["generate", "--from-png", str(tmp_path / "file.png"), "--out", str(tmp_path / "re.png"), "--quiet"]) == 0
+        assert "bit-identical" in capsys.readouterr().out
     again = tmp_path / "again.safetensors"
     assert main(["export-single-file", str(file), "--out", str(again), "--half"]) == 0  # a file's bundle, in fp16
     assert all(v.dtype == torch.float16 for v in load_file(str(again)).values())
