@@ -100,7 +100,18 @@ def lora_records(loras: list[tuple[Path, float]]) -> list[dict]:
     digits; ``ldm.infotext`` writes them as A1111's ``<lora:NAME:SCALE>`` and ``Lora hashes``) and scale."""
     from ldm.lora import file_hash
 
-    return [{"file": str(path), "name": path.name, "hash": file_hash(path), "scale": scale} for path, scale in loras]
+    return [{"file": str(path), "name": lora_name(path), "hash": file_hash(path), "scale": scale} for path, scale in loras]
+
+
+def lora_name(path: Path) -> str:
+    """The name other tools show for a LoRA: its file's; for a bundle's LoRA file, the run's folder
+    (runs/koala-ft/bundle/pytorch_lora_weights.safetensors -> koala-ft)."""
+    from ldm.lora import LORA_FILE
+
+    if path.name != LORA_FILE:
+        return path.name
+    folders = [p.name for p in path.resolve().parents if p.name and p.name != "bundle"]
+    return folders[0] if folders else path.name
 
 
 def check_device(device: str, backend: str = "torch") -> None:

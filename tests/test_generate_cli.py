@@ -110,10 +110,10 @@ def test_generate_with_loras_records_them_and_regenerates_bit_exactly(bundle, tm
     path = tmp_path / "styled-1.png"
     record = json.loads(Image.open(path).text[PNG_KEY])
     assert record["loras"] == [
-        {"file": str(ours), "name": ours.name, "hash": file_hash(ours), "scale": 0.7},
+        {"file": str(ours), "name": "lora", "hash": file_hash(ours), "scale": 0.7},  # a folder's LoRA file: the folder
         {"file": str(kohya), "name": kohya.name, "hash": file_hash(kohya), "scale": -0.4}]
     parameters = Image.open(path).text["parameters"]  # A1111's text names them as A1111 does
-    assert "a koala <lora:pytorch_lora_weights:0.7> <lora:kohya:-0.4>" in parameters and "Lora hashes" in parameters
+    assert "a koala <lora:lora:0.7> <lora:kohya:-0.4>" in parameters and "Lora hashes" in parameters
     plain = np.asarray(Image.open(tmp_path / "plain-1.png"), dtype=np.int16)
     assert np.abs(np.asarray(Image.open(path), dtype=np.int16) - plain).max() > 10  # the LoRAs changed the image
     capsys.readouterr()
