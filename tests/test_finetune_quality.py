@@ -197,3 +197,37 @@ def test_default_finetune_keeps_the_base_models_prompts(tmp_path):
     assert [int(r["step"]) for r in rows] == [0, STEPS]
     before, after = float(rows[0]["base_clip_score"]), float(rows[-1]["base_clip_score"])
     assert after > before - MARGIN, (before, after)
+
+
+def test_validation_images_are_the_bundles(bundles, data, tmp_path):
+    """The grid the trainer saves comes from the weights the bundle loads: EMA of the LoRA and of the learned
+    token rows, LoRA scale alpha / rank (2 here) kept through unet_lora/ and fused on loading."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from train.unet.finetune import finetune
+    from train.unet.validation import sample_grid
+
+    import json
+
+    _, packed = bundles
+    config = load_config(FinetuneConfig, None, [
+        f"data.path={data}", f"train.output_dir={tmp_path / 'ft'}", f"cache.dir={tmp_path / 'cache'}", "train.max_steps=3",
+        "train.batch_size=4", "optim.warmup_steps=0", "optim.lr=1e-2", "text.lr=1e-1", "lora.rank=4", "lora.alpha=8",
+        "validation.seeds=[0]", "validation.steps=4", "validation.base_prompts=[]", "ema.warmup=false", "ema.decay=0.5"])
+    config.validation.prompts = None  # drawn from the data's held-out captions
+    result = finetune(packed, config)
+    saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["validation"]["prompts"]
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    assert saved == [r["text"] for r in rows if r["split"] == "test"]  # the held-out captions (no base prompts here)
+    assert any("purple sketch" in p for p in saved)  # one of them needs the learned rows
+    v = config.validation
+    grid = np.asarray(Image.open(tmp_path / "ft" / "samples" / "step-00000003.png"), dtype=np.int16)
+    again = sample_grid(Text2ImagePipeline.from_pretrained(result.bundle), saved, v.seeds, steps=v.steps,
+                        guidance=v.guidance, batch_size=v.batch_size)
+    # fused (W + 2 BA) against unfused adapters: float32 rounding only, under one 8-bit level per pixel
+    assert np.abs(grid - np.asarray(again, dtype=np.int16)).max() <= 1
+    base = sample_grid(Text2ImagePipeline.from_pretrained(packed), saved, v.seeds, steps=v.steps, guidance=v.guidance,
+                       batch_size=v.batch_size)
+    assert np.abs(grid - np.asarray(base, dtype=np.int16)).max() > 8  # and the training changed them
