@@ -167,12 +167,12 @@ BASE_PROMPTS = ["koala, twemoji style", "red apple, noto style", "large red circ
                 "aubergine, noto style", "llama, twemoji style", "confetti ball, noto style", "fire, twemoji style"]
 
 
-STEPS = 100  # batch 8: as far as the issue's settings need to lose 12 points (below)
-# MARGIN, in CLIP-score points (100 x cosine) of the mean over the 8 prompts: the finetune defaults lost at most 0.5 in
-# their first 300 steps of batch 16 on new-style emoji (FINETUNE_MEASUREMENTS in train/unet/config.py), the issue's
-# settings (lr 3e-4, rank 8, frozen text) lost 12.4 in 100 steps of batch 8 on this CPU (65.0 -> 52.6); 3 points
-# separate the two with room for the rounding of another machine's float32 (same seeds, images within ~1/255)
-MARGIN = 3.0
+STEPS = 100  # batch 8: enough for the issue's settings to lose a third of the score (below)
+# MARGIN, in CLIP-score points (100 x cosine) of the mean over the 8 prompts. This very run, on this CPU: the finetune
+# defaults 61.2 -> 59.1 (-2.1), the issue's settings (optim.lr=3e-4 lora.rank=8 lora.alpha=8 text.train=frozen)
+# 61.2 -> 36.8 (-24.4). 5 points lie far from the second and leave the first room for another machine's float32
+# rounding (same seeds; images move by a level or two of 255)
+MARGIN = 5.0
 
 
 @pytest.mark.slow

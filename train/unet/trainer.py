@@ -417,6 +417,10 @@ class LDMTrainer:
                     sums["n"] += 1
                 if acc.sync_gradients:
                     grad_norm = float("nan")
+                    if acc.num_processes > 1:  # DDP averages the U-Net's gradients; the extra parameters' too
+                        for p in self.extra.values():
+                            if p.grad is not None:
+                                p.grad = acc.reduce(p.grad, "mean")
                     if not window_bad:
                         max_norm = self.config.optim.max_grad_norm or float("inf")
                         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
