@@ -268,6 +268,39 @@ def summarise(r: dict) -> dict:
             "share_bf16_matmul": achieved / rates["bf16"], "matmul_gflops_mean": rates}
 
 
+# published dense bf16 peaks (TFLOP/s) and the utilisation range assumed for the computed GPU times
+GPUS = {"H100 SXM": 989.0, "A100": 312.0}
+UTILISATION = (0.35, 0.50)
+
+
+def gpu_estimates(r: dict) -> dict:
+    """COMPUTED (not measured) milliseconds per 512 px image of this case's step on GPUs: FLOPs per image /
+    (peak x utilisation), with and without gradient checkpointing (without it, one forward fewer: the
+    recompute; FlopCounterMode counted the step as executed here)."""
+    ckpt = CKPT in r["overrides"]
+    flops = {"checkpointing": r["flops_step"] if ckpt else r["flops_step"] + r["flops_forward"],
+             "no checkpointing": r["flops_step"] - r["flops_forward"] if ckpt else r["flops_step"]}
+    return {"tflop_per_image": {k: v / 1e12 for k, v in flops.items()},
+            "ms_per_image": {f"{gpu}, {k}": [1e3 * v / (peak * 1e12 * u) for u in UTILISATION]
+                             for gpu, peak in GPUS.items() for k, v in flops.items()}}
+
+
+def print_gpu_estimates(records: list[dict]) -> None:
+    rows = [r for r in records if "flops_step" in r]
+    if not rows:
+        return
+    lo, hi = (f"{100 * u:.0f}%" for u in UTILISATION)
+    print(f"\nCOMPUTED, not measured: ms per 512 px image on GPUs = counted FLOPs / (published dense bf16 peak x "
+          f"{lo}-{hi} utilisation; {', '.join(f'{g} {p:.0f} TFLOP/s' for g, p in GPUS.items())}); a step of batch B "
+          "takes B times as long")
+    for r in rows:
+        e = r["gpu_estimates"] = gpu_estimates(r)
+        flops = ", ".join(f"{k} {v:.2f}" for k, v in e["tflop_per_image"].items())
+        print(f"  {r['case']}: TFLOP per image: {flops}")
+        for name, (slow, fast) in e["ms_per_image"].items():
+            print(f"    {name:<34} {fast:6.1f}-{slow:.1f} ms per image")
+
+
 def print_table(records: list[dict]) -> None:
     print(f"\n{'case':<14} {'params':>7} {'trained':>9} {'prec':>5} {'s/step':>8} {'steps (s)':>22} {'CPU s':>6} {'built GiB':>9} "
           f"{'peak GiB':>8} {'TFLOP/step':>10} {'GFLOP/s':>8} {'fp32 mm':>8} {'bf16 mm':>8} {'% fp32':>6} {'% bf16':>6}")
@@ -361,6 +394,7 @@ def main() -> None:
                   f"({record['wall_s']:.0f} s)", flush=True)
         records.append(record)
     print_table(records)
+    print_gpu_estimates(records)
     out = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "mixed_precision_auto": precision, "note": "measured under load from other jobs"},
            "quick": args.quick, "cases": records}
