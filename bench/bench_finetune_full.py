@@ -166,6 +166,10 @@ def run_case(args, case: str, work: Path, result: Path) -> dict:
     from train.unet.trainer import LDMTrainer
 
     guard = RSSGuard(int(args.max_rss_gib * GIB), result, case)
+    try:  # should the machine run out of memory all the same, the kernel ends this process first, not another job
+        Path("/proc/self/oom_score_adj").write_text("1000")
+    except OSError:
+        pass
     described, overrides = CASES[case]
     resolution = 256 if args.quick else 512
     record = {"case": case, "description": described, "resolution": resolution, "batch_size": 1,
