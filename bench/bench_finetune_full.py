@@ -54,6 +54,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_train import matmul_peak as matmul_rate  # noqa: E402  (GFLOP/s of a 2048^3 matmul, best of 5; bench/ is sys.path[0])
+
 CONFIG = ROOT / "configs" / "ldm" / "sd-512.yaml"
 GIB = 1024**3
 
@@ -115,22 +117,6 @@ class RSSGuard:
                 print(f"{self.case}: {error}; stopped", flush=True)
                 os._exit(3)
             time.sleep(0.05)
-
-
-# -- the machine's matmul rate ----------------------------------------------------------------------------
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 matmul (2 n^3 FLOPs), best of ``repeats`` after two untimed ones."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 # -- one case, in this process --------------------------------------------------------------------------------
@@ -278,7 +264,7 @@ UTILISATION = (0.35, 0.50)
 
 
 def gpu_estimates(r: dict) -> dict:
-    """COMPUTED (not measured) milliseconds per 512 px image of this case's step on GPUs: FLOPs per image /
+    """COMPUTED (not measured) milliseconds per image (at the case's resolution) of this case's step on GPUs: FLOPs per image /
     (peak x utilisation), with and without gradient checkpointing (without it, one forward fewer: the
     recompute; FlopCounterMode counted the step as executed here)."""
     ckpt = CKPT in r["overrides"]
@@ -294,7 +280,7 @@ def print_gpu_estimates(records: list[dict]) -> None:
     if not rows:
         return
     lo, hi = (f"{100 * u:.0f}%" for u in UTILISATION)
-    print(f"\nCOMPUTED, not measured: ms per 512 px image on GPUs = counted FLOPs / (published dense bf16 peak x "
+    print(f"\nCOMPUTED, not measured: ms per {rows[0]['resolution']} px image on GPUs = counted FLOPs / (published dense bf16 peak x "
           f"{lo}-{hi} utilisation; {', '.join(f'{g} {p:.0f} TFLOP/s' for g, p in GPUS.items())}); a step of batch B "
           "takes B times as long")
     for r in rows:
