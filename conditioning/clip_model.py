@@ -199,6 +199,17 @@ def compact_token_table(state: dict[str, torch.Tensor], keep_ids) -> dict[str, t
             TOKEN_TABLE: table[kept].contiguous(), KEPT_IDS: kept, FALLBACK: fallback}
 
 
+def compact_losslessly(state: dict[str, torch.Tensor], fallback_id: int) -> dict[str, torch.Tensor]:
+    """The compact layout of ``state`` keeping every row that differs from row ``fallback_id``, which all the
+    others share; ``expand_token_table`` gives ``state`` back exactly. For a packed table after fine-tuning:
+    the rows a run learned are kept beside the packed ones, the shared row stays one row."""
+    table = state[TOKEN_TABLE]  # (V, D)
+    row = table[fallback_id]
+    kept = (table != row).any(1).nonzero().flatten()  # (K,)
+    return {**{k: v for k, v in state.items() if k != TOKEN_TABLE},
+            TOKEN_TABLE: table[kept].contiguous(), KEPT_IDS: kept, FALLBACK: row.clone()}
+
+
 def expand_token_table(state: dict[str, torch.Tensor], vocab_size: int = CLIP_VOCAB_SIZE) -> dict[str, torch.Tensor]:
     """The full (vocab_size, D) token table from a compact one (see ``compact_token_table``); other states pass."""
     if KEPT_IDS not in state:

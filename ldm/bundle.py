@@ -180,6 +180,36 @@ def _copy_unchanged(base: Optional[Path], tmp: Path, part: str, module, stem: st
     return True
 
 
+def _pack_like(base: Path, saved: Path) -> None:
+    """When ``base``'s token table is packed (``ldm pack``), store the one just saved in ``saved`` packed too,
+    losslessly: the rows that differ from the shared one (the packed rows and any a fine-tune learned) are kept,
+    so a text encoder trained on new words stays near its packed size rather than growing to 49,408 rows."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from conditioning.clip_model import KEPT_IDS, TOKEN_TABLE, compact_losslessly
+    from ldm_io import atomic_path
+    from ldm_io.weights import find_weights
+
+    try:
+        stored, mine = find_weights(base, "model"), find_weights(saved, "model")
+    except (OSError, ValueError):
+        return
+    for file in stored.files if stored.safetensors else []:
+        with safe_open(str(file), framework="pt") as f:
+            if KEPT_IDS in f.keys():
+                kept = set(f.get_tensor(KEPT_IDS).tolist())
+                break
+    else:
+        return
+    for file in mine.files:
+        state = load_file(str(file))
+        if TOKEN_TABLE in state:
+            fallback_id = next(i for i in range(state[TOKEN_TABLE].shape[0]) if i not in kept)
+            with atomic_path(file) as tmp:
+                save_file(compact_losslessly(state, fallback_id), str(tmp), metadata={"format": "pt"})
+
+
 def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule, sampling: SamplingConfig,
                 unet_lora=None, base: Optional[PathLike] = None) -> Path:
     """Write a bundle atomically: everything goes to a temporary folder beside ``path``, renamed at the end.
@@ -205,6 +235,8 @@ def save_bundle(path: PathLike, *, unet, autoencoder, text_encoder, schedule: No
             autoencoder.save_pretrained(tmp / "vae")
         if not _copy_unchanged(base, tmp, "text_encoder", getattr(text_encoder, "model", None), "model", also=("tokenizer",)):
             text_encoder.save_pretrained(tmp)  # writes text_encoder/ and tokenizer/
+            if base is not None:
+                _pack_like(base / "text_encoder", tmp / "text_encoder")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config(schedule, sampling), indent=2))
         index = {"_class_name": "Text2ImagePipeline", "_ldm_toolkit_version": __version__, **_library_entries(tmp)}

@@ -111,3 +111,26 @@ def test_text_encoder_graph_of_a_packed_table_stores_shared_rows_once(tmp_path, 
         torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
     # 49,408 x 16 float32 rows (3.2 MB) against 667 kept + 1 shared row and an int64 index (0.4 MB)
     assert sizes["packed"] < sizes["full"] / 3
+
+
+def test_a_fine_tuned_text_encoder_of_a_packed_base_is_saved_packed_and_exact(bundle, tmp_path):
+    """A fine-tune that learns rows for new words (text.train=new_words) changes the text encoder of a packed
+    base: the bundle keeps it packed (the packed rows plus the learned ones), losslessly, not 49,408 rows."""
+    from safetensors.torch import load_file
+
+    from ldm.bundle import load_parts, save_bundle
+
+    packed = tmp_path / "packed"
+    pack_bundle(bundle, packed, keep_captions=CAPTIONS)
+    parts = load_parts(packed)
+    table = parts.text_encoder.model.state_dict()[TOKEN_TABLE]
+    kept = set(load_file(str(packed / "text_encoder" / "model.safetensors"))[KEPT_IDS].tolist())
+    new = [i for i in range(100, 400) if i not in kept][:2]  # two ids on the shared row, as a new word's are
+    with torch.no_grad():
+        table[new] = torch.randn(2, table.shape[1])
+    out = save_bundle(tmp_path / "ft", unet=parts.unet, autoencoder=parts.autoencoder, text_encoder=parts.text_encoder,
+                      schedule=parts.schedule, sampling=parts.sampling, base=packed)
+    stored = load_file(str(out / "text_encoder" / "model.safetensors"))
+    assert set(stored[KEPT_IDS].tolist()) == kept | set(new)
+    again = load_parts(out).text_encoder.model.state_dict()
+    assert all(torch.equal(again[k], v) for k, v in parts.text_encoder.model.state_dict().items())
