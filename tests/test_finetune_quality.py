@@ -138,7 +138,7 @@ def test_text_option_trains_only_what_it_says(bundles, data, tmp_path, mode):
     else:
         assert tower_moved  # the whole text tower (token rows of the captions' tokens too)
     # the U-Net's LoRA trained in every mode
-    assert (result.bundle / "unet_lora").is_dir()
+    assert (result.bundle / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_grid_labels_keep_every_word(tmp_path):
