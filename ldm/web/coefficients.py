@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from ldm.samplers import METHODS, VARIANCES, ddim_step, ddpm_step, needs_noise
+from ldm.samplers import VARIANCES, ddim_step, ddpm_step, needs_noise
 from ldm.schedule import NoiseSchedule, _check_choice, inference_timesteps
+
+WEB_METHODS = ("ddim", "ddpm")  # the samplers the page runs (dpmpp-2m, euler, euler-a: not yet)
 
 # The order of the numbers in one step's row, as the page reads them.
 FIELDS = ("t", "noise", "px", "po", "ex", "eo", "qx", "q0", "ax", "a0", "ae", "az")
@@ -45,7 +47,7 @@ def step_rows(
     variance: str = "fixed_small",
 ) -> list[list[float]]:
     """One row of ``FIELDS`` per sampler step, in the order ``ldm.samplers.sample`` takes them."""
-    _check_choice("method", method, METHODS)
+    _check_choice("method", method, WEB_METHODS)
     _check_choice("variance", variance, VARIANCES)
     if method == "ddpm" and eta != 0:
         raise ValueError(f"eta={eta} applies to method='ddim' only")
