@@ -235,10 +235,9 @@ async function generate() {
       const ts = performance.now();
       const xIn = new Float32Array(2 * n);  // fresh buffers each call: the proxy worker takes them over
       for (let j = 0; j < n; j++) xIn[j] = xIn[n + j] = x[j];
-      const tt = BigInt(r.t);
       const res = await sessions[1].run({
         x: new ort.Tensor("float32", xIn, [2, c, h, w]),
-        t: new ort.Tensor("int64", new BigInt64Array([tt, tt]), [2]),
+        t: new ort.Tensor("float32", new Float32Array([r.t, r.t]), [2]),
         context: new ort.Tensor("float32", contextData.slice(), context.dims),
       });
       const unetMs = performance.now() - ts;
