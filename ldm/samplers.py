@@ -234,8 +234,8 @@ def needs_noise(method: str, eta: float, s: int) -> bool:
 def check_method(method: str, eta: float = 0.0, sigmas: Optional[str] = None) -> None:
     """Raise ValueError for a method, eta and sigmas that do not go together (names the allowed values)."""
     _check_choice("method", method, METHODS)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta={eta!r} must be a number >= 0")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
+        raise ValueError(f"eta={eta!r} must be a finite number >= 0")
     if method == "ddpm" and eta != 0:
         raise ValueError(f"eta={eta} applies to method='ddim' only; 'ddpm' takes variance='fixed_small'|'fixed_large'")
     if method != "ddim" and eta != 0:
