@@ -1,7 +1,7 @@
 """Generate images from a prompt.
 
 Each PNG carries, in its text chunks, everything needed to make it again: prompt, negative
-prompt, seed, steps, method, eta, guidance, size, the model's path and hash, the LoRA files
+prompt, seed, steps, method, sigmas, eta, guidance, size, the model's path and hash, the LoRA files
 with their hashes and scales, the batch it was made in, and package versions.
 `ldm generate --from-png FILE` reads them back and regenerates the image; on the same machine
 the result is bit-identical.
@@ -14,6 +14,7 @@ examples:
   ldm generate "koala, twemoji style"
   ldm generate "a small red circle at the top left" --model shapes --guidance 4 --num-images 8 --out circles.png
   ldm generate "koala, twemoji style" --lora runs/finetune/bundle:0.8 --lora other_style.safetensors:0.5
+  ldm generate "koala, twemoji style" --method dpmpp-2m --sigmas karras --steps 15
   ldm generate --from-png circles-3.png
 """
 
@@ -37,8 +38,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by generate and sweep: the model and how to run it."""
     p.add_argument("--model", type=Path, default=None, help="model bundle folder, a Stable Diffusion 1.x/2.x single .safetensors file (converted once, then cached), or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
     p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--method", default="ddim", help="sampler: ddim or ddpm (default ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--method", default="ddim",
+                   help="sampler: ddim, ddpm, dpmpp-2m (DPM-Solver++ 2M), euler or euler-a (Euler ancestral) (default ddim)")
+    p.add_argument("--sigmas", default=None,
+                   help="noise levels for dpmpp-2m, euler and euler-a: karras (Karras et al. 2022, rho 7; A1111's "
+                        "\"Karras\" schedule type); default: the model's timestep grid, as ddim and ddpm use")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like; ddim only (default 0)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the autoencoder's factor")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the autoencoder's factor")
@@ -185,7 +190,7 @@ def check_request(args: argparse.Namespace, model: Path, num_images: int, *, gri
     try:
         for guidance in guidances or [args.guidance]:
             check_sampling(geometry.num_train_timesteps, sampling, steps=args.steps, method=args.method, eta=args.eta,
-                           guidance=guidance, batch_size=args.batch_size)
+                           guidance=guidance, batch_size=args.batch_size, sigmas=args.sigmas)
         height, width = image_size(args.height, args.width, factor=geometry.factor, granularity=geometry.granularity,
                                    sample_size=geometry.sample_size)
     except ValueError as exc:
@@ -299,6 +304,8 @@ def read_record(path: Path) -> dict:
         raise UsageError(f"{damaged} (it is not JSON: {exc}); {fix}") from None
     if not isinstance(rec, dict):
         raise UsageError(f"{damaged} (it is a JSON {type(rec).__name__}, not an object); {fix}")
+    if not isinstance(rec.get("sigmas"), (str, type(None))):  # optional: records before Karras sigmas lack it
+        raise UsageError(f"{damaged} (sigmas={rec['sigmas']!r} is not str); {fix}")
     missing = [k for k in RECORD_FIELDS if k not in rec]
     if missing:
         raise UsageError(f"{damaged} (it lacks {', '.join(missing)}); {fix}")
@@ -413,13 +420,14 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     progress = with_estimate(progress, est, free)
     req = pipe.request(batch_prompts, args.negative, seed, num_images)
     try:
-        images = pipe(batch_prompts, args.negative, steps=args.steps, method=args.method, eta=args.eta,
+        images = pipe(batch_prompts, args.negative, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
                       guidance=args.guidance, seed=seed, num_images=num_images, height=args.height, width=args.width,
                       batch_size=args.batch_size, progress=progress)
     finally:
         close()
     common = {
-        "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "eta": args.eta,
+        "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "sigmas": args.sigmas,
+        "eta": args.eta,
         "guidance": args.guidance, "width": images[0].size[0], "height": images[0].size[1],
         "model": str(source), "model_hash": bundle_hash(model), "device": args.device,
         "backend": resolve_backend(args.backend, args.device),
@@ -477,6 +485,7 @@ def regenerate(args: argparse.Namespace) -> int:
     if args.lora:
         rec = {**rec, "loras": lora_records(args.loras)}  # the remade image records the files it was made with
     args.negative = rec["negative_prompt"]
+    args.sigmas = rec.get("sigmas")
     from ldm.pipeline import GenerationRequest, to_pil
 
     n = len(rec["batch_prompts"])
@@ -487,7 +496,8 @@ def regenerate(args: argparse.Namespace) -> int:
     progress, close = progress_bar(args.quiet, "regenerate")
     progress = with_estimate(progress, est, free)
     try:
-        latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, guidance=args.guidance,
+        latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
+                                        guidance=args.guidance,
                                         height=args.height, width=args.width, batch_size=args.batch_size, progress=progress)
     finally:
         close()

@@ -12,7 +12,8 @@ Graphs are exported per latent size with a dynamic batch axis, into ``<bundle>/o
 the bundle folder is writable and ``~/.cache/ldm-toolkit/onnx/<bundle hash>/`` otherwise. Each
 graph ``<name>.onnx`` is keyed by what it was made from (``module_key``: the module's weights and
 buffers, its structure and settings, the example shapes, the opset), recorded beside it in
-``<name>.json``, and re-exported when that differs: replacing a bundle's ``vae/`` re-exports the
+``<name>.json``, and re-exported when that differs (example dtypes included: graphs from before the
+U-Net took float32 t are re-exported): replacing a bundle's ``vae/`` re-exports the
 decoder graph, however the U-Net's is.
 """
 
@@ -121,7 +122,7 @@ def module_key(module: torch.nn.Module, args: tuple) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    h.update(repr([tuple(a.shape) for a in args]).encode())
+    h.update(repr([(tuple(a.shape), str(a.dtype)) for a in args]).encode())
     return h.hexdigest()[:32]
 
 
@@ -182,7 +183,8 @@ class OnnxGraphs:
 
     def _unet_args(self, latent_shape: tuple[int, int, int]):
         c, h, w = latent_shape
-        example = (torch.zeros(2, c, h, w), torch.zeros(2, dtype=torch.long), torch.zeros(2, *self.context_shape))
+        # t is float32: Euler with Karras sigmas visits fractional timesteps (ldm.samplers); integers are exact
+        example = (torch.zeros(2, c, h, w), torch.zeros(2, dtype=torch.float32), torch.zeros(2, *self.context_shape))
         return f"unet-{h}x{w}", _UNetGraph(self.unet), example, ["x", "t", "context"]
 
     def _decoder_args(self, latent_shape: tuple[int, int, int]):
@@ -190,7 +192,7 @@ class OnnxGraphs:
         return f"decoder-{h}x{w}", _DecoderGraph(self.autoencoder), (torch.zeros(2, c, h, w),), ["z"]
 
     def unet_graph(self, latent_shape: tuple[int, int, int]) -> Path:
-        """The U-Net graph (x (B, C, h, w), t (B,) long, context (B, L, D)) -> out, for latents (C, h, w)."""
+        """The U-Net graph (x (B, C, h, w), t (B,) float32, context (B, L, D)) -> out, for latents (C, h, w)."""
         return self.graph(*self._unet_args(latent_shape))
 
     def decoder_graph(self, latent_shape: tuple[int, int, int]) -> Path:
@@ -238,7 +240,7 @@ class OnnxBackend:
 
     def unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         sess = self._session(self.graphs.unet_graph, tuple(x_t.shape[1:]))
-        out = sess.run(None, {"x": _np(x_t), "t": t.cpu().numpy().astype(np.int64), "context": _np(context)})[0]
+        out = sess.run(None, {"x": _np(x_t), "t": t.cpu().numpy().astype(np.float32), "context": _np(context)})[0]
         return torch.from_numpy(out).to(x_t.device)  # (B, C, h, w)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from PIL import Image
 from ldm.backends import Backend, TorchBackend, make_backend
 from ldm.bundle import Geometry, load_parts
 from ldm.guidance import ClassifierFreeGuidance
-from ldm.samplers import METHODS, randn, sample
+from ldm.samplers import check_method, randn, sample
 from ldm.schedule import NoiseSchedule, SamplingConfig, inference_timesteps
 
 Prompts = Union[str, Sequence[str]]
@@ -59,11 +59,10 @@ def _as_prompt_list(prompt: Prompts, name: str) -> list[str]:
 
 
 def check_sampling(num_train_timesteps: int, sampling: SamplingConfig, *, steps: int, method: str, eta: float,
-                   guidance: float, batch_size: int) -> None:
+                   guidance: float, batch_size: int, sigmas: Optional[str] = None) -> None:
     """Raise ValueError for sampler options that a model trained on ``num_train_timesteps`` cannot run;
     needs no model, so a command checks them before loading one."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; allowed values: {', '.join(METHODS)}")
+    check_method(method, eta, sigmas)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     inference_timesteps(num_train_timesteps, steps, sampling.timestep_spacing, sampling.steps_offset)  # 1..T steps
@@ -305,10 +304,11 @@ class Text2ImagePipeline:
         batch_size: int = 8,
         variance: str = "fixed_small",
         progress: Optional[Progress] = None,
+        sigmas: Optional[str] = None,
     ) -> torch.Tensor:
         """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
         check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=guidance,
-                       batch_size=batch_size)
+                       batch_size=batch_size, sigmas=sigmas)
         shape = self.latent_shape(height, width)
         n = len(req.prompts)
         done, total = 0, steps * -(-n // batch_size)
@@ -326,7 +326,7 @@ class Text2ImagePipeline:
 
             out.append(
                 sample(
-                    denoise, x_T, self.schedule, method=method, steps=steps, eta=eta,
+                    denoise, x_T, self.schedule, method=method, steps=steps, eta=eta, sigmas=sigmas,
                     prediction=self.sampling.prediction, timestep_spacing=self.sampling.timestep_spacing,
                     steps_offset=self.sampling.steps_offset, clip_x0=self.sampling.clip_x0,
                     variance=variance, generator=generators, callback=step_done,
@@ -358,16 +358,18 @@ class Text2ImagePipeline:
         variance: str = "fixed_small",
         progress: Optional[Progress] = None,
         output: str = "pil",
+        sigmas: Optional[str] = None,
     ):
         """Images for each prompt (``num_images`` each), as PIL images (``output="pil"``) or a
-        tensor (B, 3, H, W) in [-1, 1] (``output="tensor"``). Arguments as in ``ldm.samplers.sample``;
+        tensor (B, 3, H, W) in [-1, 1] (``output="tensor"``). Arguments as in ``ldm.samplers.sample``
+        (``method`` ddim, ddpm, dpmpp-2m, euler or euler-a; ``sigmas`` None or "karras");
         ``guidance`` is the classifier-free guidance weight w (1 = off, 0 = unconditional)."""
         if output not in ("pil", "tensor"):
             raise ValueError(f"output={output!r}; allowed: pil, tensor")
         req = self.request(prompt, negative_prompt, seed, num_images)
         latents = self.generate_latents(
             req, steps=steps, method=method, eta=eta, guidance=guidance, height=height, width=width,
-            batch_size=batch_size, variance=variance, progress=progress,
+            batch_size=batch_size, variance=variance, progress=progress, sigmas=sigmas,
         )
         images = torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
         return to_pil(images) if output == "pil" else images

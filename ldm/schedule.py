@@ -37,6 +37,18 @@ The derivations the samplers rely on (the "seeds"):
       x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
   where sigma = eta * sqrt(beta~) (DDIM eq. 16). eta = 1 recovers the DDPM
   posterior above, eta = 0 is deterministic.
+
+* Noise levels (Karras et al. 2022, "Elucidating the Design Space of
+  Diffusion-Based Generative Models", sec. 2; Song et al. 2021 eq. 14): dividing
+  q(x_t | x_0) by sqrt(abar_t) gives x_t / sqrt(abar_t) = x_0 + sigma_t eps with
+      sigma_t = sqrt((1 - abar_t) / abar_t),   abar_t = 1 / (1 + sigma_t^2),
+  so a VP sample at abar and a "sigma space" sample at sigma are the same state,
+  scaled by sqrt(1 + sigma^2). sigma_{-1} = 0 is the clean data. The Euler and
+  DPM-Solver samplers step between noise levels that need not be integer
+  timesteps (Karras sigmas); ``t_from_sigma`` gives the fractional timestep of a
+  noise level by interpolating log sigma linearly between neighbouring integer
+  timesteps (k-diffusion's ``sigma_to_t``, diffusers' ``_sigma_to_t``), and
+  ``sigma_at`` is its inverse.
 """
 
 from __future__ import annotations
@@ -51,6 +63,8 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "quadratic", "cosine")
 PREDICTIONS = ("eps", "x0", "v")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SIGMA_SCHEDULES = ("karras",)
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5 and table 1
 
 # diffusers' names for our prediction types and beta schedules, for bundles.
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -148,6 +162,16 @@ def inference_timesteps(T: int, steps: int, spacing: str = "leading", offset: in
     return ts
 
 
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """n noise levels from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho) (Karras et al. 2022, eq. 5):
+    sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0 .. n-1;
+    rho = 7 spends more steps at low noise. float64, shape (n,); n = 1 gives sigma_max alone (k-diffusion's
+    ``get_sigmas_karras``, without the appended zero)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)  # (n,)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
 # --------------------------------------------------------------------------------------
 # The schedule
 # --------------------------------------------------------------------------------------
@@ -226,6 +250,42 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must lie in -1..{self.T - 1}, got {t.min().item()}..{t.max().item()}")
         return self._abar_ext[t + 1]
 
+    # -- noise levels (sigma space) ----------------------------------------------------
+
+    def sigma(self, t) -> torch.Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t) for integer t in -1 .. T-1 (sigma_{-1} = 0), float64 (B,)."""
+        a = self.abar(t)
+        return ((1 - a) / a).sqrt()
+
+    def _log_sigmas(self) -> torch.Tensor:
+        return self.sigma(torch.arange(self.T)).log()  # (T,), increasing in t
+
+    def t_from_sigma(self, sigma) -> torch.Tensor:
+        """The fractional timestep of noise level ``sigma``: log sigma interpolated linearly between the two
+        integer timesteps around it, clamped to 0 .. T-1 (k-diffusion's ``sigma_to_t``). float64, sigma's shape."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        log_sigmas = self._log_sigmas()  # (T,)
+        if self.T == 1:
+            return torch.zeros_like(sigma)
+        log_sigma = sigma.clamp(min=1e-10).log()
+        low = (torch.searchsorted(log_sigmas, log_sigma.reshape(-1), right=True) - 1).clamp(0, self.T - 2)
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
+        w = ((log_sigma.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
+        return (low + w).reshape(sigma.shape)
+
+    def sigma_at(self, t) -> torch.Tensor:
+        """sigma at a fractional timestep t in 0 .. T-1, the inverse of ``t_from_sigma`` (at integer t, sigma_t).
+        float64, t's shape."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if bool(((t < 0) | (t > self.T - 1)).any()):
+            raise ValueError(f"fractional timesteps must lie in 0..{self.T - 1}")
+        log_sigmas = self._log_sigmas()  # (T,)
+        if self.T == 1:
+            return log_sigmas.exp().expand(t.shape)
+        low = t.floor().long().clamp(0, self.T - 2)
+        w = t - low
+        return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
     # -- the forward process -------------------------------------------------------------
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -274,30 +334,13 @@ class NoiseSchedule:
     # -- conversions between parameterisations -----------------------------------------
 
     def split_prediction(self, output: torch.Tensor, x_t: torch.Tensor, t, prediction: str):
-        """From a model output in the parameterisation ``prediction`` to (x0_hat, eps_hat).
-
-        Inverting x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (DDPM eq. 4, 11) and
-        v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4):
-            eps: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-            x0:  eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-            v:   x0 = sqrt(abar) x_t - sqrt(1 - abar) v,   eps = sqrt(1 - abar) x_t + sqrt(abar) v
-        """
-        _check_choice("prediction", prediction, PREDICTIONS)
-        _check_same_shape(output=output, x_t=x_t)
-        a = self.abar(t)
-        if prediction == "eps":
-            x0 = _broadcast(1 / a.sqrt(), x_t) * x_t - _broadcast(((1 - a) / a).sqrt(), x_t) * output
-            return x0, output
-        if prediction == "x0":
-            return output, self.eps_from_x0(output, x_t, t)
-        x0 = _broadcast(a.sqrt(), x_t) * x_t - _broadcast((1 - a).sqrt(), x_t) * output
-        eps = _broadcast((1 - a).sqrt(), x_t) * x_t + _broadcast(a.sqrt(), x_t) * output
-        return x0, eps
+        """From a model output in the parameterisation ``prediction`` at timestep t to (x0_hat, eps_hat)
+        (``split_prediction_at`` with abar = abar_t)."""
+        return split_prediction_at(output, x_t, self.abar(t), prediction)
 
     def eps_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
         """eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) (DDPM eq. 4 solved for eps)."""
-        a = self.abar(t)
-        return _broadcast(1 / (1 - a).sqrt(), x_t) * x_t - _broadcast((a / (1 - a)).sqrt(), x_t) * x0
+        return eps_from_x0_at(x0, x_t, self.abar(t))
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
@@ -313,6 +356,62 @@ class NoiseSchedule:
         if prediction == "x0":
             return x0
         return self.velocity(x0, noise, t)
+
+
+def sigma_grid(schedule: NoiseSchedule, steps: int, sigmas: Optional[str] = None, spacing: str = "leading",
+               offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise levels a sigma-space sampler (Euler, DPM-Solver) visits: (timesteps (n,), sigmas (n + 1,)),
+    float64, decreasing, the last sigma 0 (the clean data; diffusers' ``final_sigmas_type="zero"``).
+
+    * ``sigmas=None``: the timesteps of ``inference_timesteps`` (the grid DDIM visits), sigma_i = sigma_{t_i}.
+    * ``sigmas="karras"``: n = steps levels from ``karras_sigmas(sigma_0, sigma_{T-1}, steps)``, the full
+      range of the training schedule whatever the spacing (k-diffusion, A1111, diffusers' DPM-Solver),
+      and their fractional timesteps ``t_from_sigma``; ``spacing`` and ``offset`` do not apply.
+    """
+    if sigmas is not None:
+        _check_choice("sigmas", sigmas, SIGMA_SCHEDULES)
+        inference_timesteps(schedule.T, steps)  # steps in 1..T
+        levels = karras_sigmas(float(schedule.sigma(0)), float(schedule.sigma(schedule.T - 1)), steps)  # (n,)
+        timesteps = schedule.t_from_sigma(levels)  # (n,)
+    else:
+        ts = inference_timesteps(schedule.T, steps, spacing, offset)
+        timesteps = torch.tensor(ts, dtype=torch.float64)  # (n,)
+        levels = schedule.sigma(torch.tensor(ts))  # (n,)
+    return timesteps, torch.cat([levels, torch.zeros(1, dtype=torch.float64)])
+
+
+def abar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """abar = 1 / (1 + sigma^2), the inverse of ``NoiseSchedule.sigma`` (float64 in, float64 out)."""
+    return 1 / (1 + sigma**2)
+
+
+def split_prediction_at(output: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction: str):
+    """From a model output in the parameterisation ``prediction`` to (x0_hat, eps_hat), for a sample x_t
+    at noise level abar (float64, (B,) or a scalar; need not be an integer timestep's).
+
+    Inverting x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (DDPM eq. 4, 11) and
+    v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4):
+        eps: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+        x0:  eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+        v:   x0 = sqrt(abar) x_t - sqrt(1 - abar) v,   eps = sqrt(1 - abar) x_t + sqrt(abar) v
+    """
+    _check_choice("prediction", prediction, PREDICTIONS)
+    _check_same_shape(output=output, x_t=x_t)
+    a = abar.reshape(-1)
+    if prediction == "eps":
+        x0 = _broadcast(1 / a.sqrt(), x_t) * x_t - _broadcast(((1 - a) / a).sqrt(), x_t) * output
+        return x0, output
+    if prediction == "x0":
+        return output, eps_from_x0_at(output, x_t, a)
+    x0 = _broadcast(a.sqrt(), x_t) * x_t - _broadcast((1 - a).sqrt(), x_t) * output
+    eps = _broadcast((1 - a).sqrt(), x_t) * x_t + _broadcast(a.sqrt(), x_t) * output
+    return x0, eps
+
+
+def eps_from_x0_at(x0: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar) (DDPM eq. 4 solved for eps), at noise level abar."""
+    a = abar.reshape(-1)
+    return _broadcast(1 / (1 - a).sqrt(), x_t) * x_t - _broadcast((a / (1 - a)).sqrt(), x_t) * x0
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:

@@ -61,6 +61,7 @@ def run_sweep(
     steps: int = 50,
     method: str = "ddim",
     eta: float = 0.0,
+    sigmas: Optional[str] = None,
     height: Optional[int] = None,
     width: Optional[int] = None,
     batch_size: int = 8,
@@ -78,7 +79,7 @@ def run_sweep(
     total = len(weights) * steps * -(-len(rows) // batch_size)
     for k, w in enumerate(weights):
         step_progress = None if progress is None else (lambda d, t, _k=k: progress(_k * t + d, total))
-        latents = pipe.generate_latents(req, steps=steps, method=method, eta=eta, guidance=w, height=height,
+        latents = pipe.generate_latents(req, steps=steps, method=method, eta=eta, sigmas=sigmas, guidance=w, height=height,
                                         width=width, batch_size=batch_size, progress=step_progress)
         images[w] = to_pil(torch.cat([pipe.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)]))
     return SweepResult(list(weights), list(prompts), list(seeds), images)

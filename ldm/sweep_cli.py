@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     progress = with_estimate(progress, est, free)
     try:
         result = run_sweep(pipe, args.prompts, weights, seeds, negative_prompt=args.negative, steps=args.steps,
-                           method=args.method, eta=args.eta, height=args.height, width=args.width,
+                           method=args.method, eta=args.eta, sigmas=args.sigmas, height=args.height, width=args.width,
                            batch_size=args.batch_size, progress=progress)
     finally:
         close()

@@ -19,15 +19,20 @@ def bundle(tmp_path_factory):
     return build_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
 
 
-def test_generate_writes_pngs_with_metadata_and_regenerates_bit_exactly(bundle, tmp_path, capsys):
+@pytest.mark.parametrize("sampler", [["--method", "ddpm"], ["--method", "euler-a", "--sigmas", "karras"]],
+                         ids=["ddpm", "euler-a-karras"])
+def test_generate_writes_pngs_with_metadata_and_regenerates_bit_exactly(bundle, tmp_path, capsys, sampler):
     out = tmp_path / "koala.png"
     args = ["generate", "a koala", "--model", str(bundle), "--steps", "3", "--num-images", "3", "--batch-size", "2",
-            "--method", "ddpm", "--guidance", "2.5", "--seed", "7", "--out", str(out), "--quiet"]
+            *sampler, "--guidance", "2.5", "--seed", "7", "--out", str(out), "--quiet"]
     assert main(args) == 0
     paths = [tmp_path / f"koala-{i}.png" for i in range(3)]
     assert all(p.is_file() for p in paths) and (tmp_path / "koala-grid.png").is_file()
     record = json.loads(Image.open(paths[2]).text[PNG_KEY])
-    assert record["prompt"] == "a koala" and record["seed"] == 9 and record["method"] == "ddpm"
+    assert record["prompt"] == "a koala" and record["seed"] == 9 and record["method"] == sampler[1]
+    assert record["sigmas"] == (sampler[3] if len(sampler) > 2 else None)
+    params = Image.open(paths[2]).text["parameters"]
+    assert ("Sampler: Euler a, Schedule type: Karras" in params) == (sampler[1] == "euler-a")
     assert record["guidance"] == 2.5 and (record["width"], record["height"]) == (32, 32)
     assert len(record["model_hash"]) == 16 and {"ldm-toolkit", "torch", "diffusers"} <= set(record["versions"])
     capsys.readouterr()
@@ -52,7 +57,11 @@ def test_sweep_writes_grid_and_metrics(bundle, tmp_path, capsys):
         (["--guidance", "-1"], "guidance"),
         (["--steps", "0"], "steps=0"),
         (["--height", "30"], "multiple of the autoencoder's factor 4"),
-        (["--method", "euler"], "method='euler'"),
+        (["--method", "heun"], "method='heun' is not supported; allowed values: ddim, ddpm, dpmpp-2m, euler, euler-a"),
+        (["--method", "ddim", "--sigmas", "karras"], "sigmas='karras' applies to methods dpmpp-2m, euler, euler-a"),
+        (["--method", "ddpm", "--sigmas", "karras"], "method='ddpm' steps on the timestep grid"),
+        (["--method", "euler", "--sigmas", "polyexponential"], "sigmas='polyexponential' is not supported; allowed values: karras"),
+        (["--method", "euler", "--eta", "0.5"], "eta=0.5 applies to method='ddim' only; method='euler' has no eta"),
         (["--num-images", "0"], "--num-images 0"),
         (["--out", "x.jpg"], ".png"),
     ],

@@ -83,7 +83,9 @@ def test_progress_reports_every_step():
         (dict(prompt="a", guidance=-1.0), "guidance"),
         (dict(prompt="a", steps=0), "steps=0"),
         (dict(prompt="a", height=30), "height=30 must be a positive multiple of the autoencoder's factor 4"),
-        (dict(prompt="a", method="euler"), "method='euler'"),
+        (dict(prompt="a", method="heun"), "method='heun'"),
+        (dict(prompt="a", method="ddim", sigmas="karras"), "sigmas='karras' applies to"),
+        (dict(prompt="a", method="euler-a", eta=0.5), "method='euler-a' has no eta"),
         (dict(prompt="a", num_images=0), "num_images=0"),
         (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "3 negative prompts for 2 prompts"),
     ],
@@ -93,10 +95,13 @@ def test_bad_input(kwargs, message):
         make_pipe()(**{"steps": 2, **kwargs})
 
 
-def test_onnx_backend_gives_the_same_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sampler", [dict(method="ddim"), dict(method="euler", sigmas="karras")],
+                         ids=["ddim", "euler-karras"])  # euler-karras: fractional float32 t reach the graph
+def test_onnx_backend_gives_the_same_images(tmp_path, monkeypatch, sampler):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     torch_pipe, onnx_pipe = make_pipe(), make_pipe(onnx=True)
-    kwargs = dict(prompt=["a koala", "a cat", "a dog"], steps=4, guidance=3.0, seed=0, height=32, width=24, output="tensor")
+    kwargs = dict(prompt=["a koala", "a cat", "a dog"], steps=4, guidance=3.0, seed=0, height=32, width=24, output="tensor",
+                  **sampler)
     ref, got = torch_pipe(**kwargs), onnx_pipe(**kwargs)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert sorted(p.name for p in (tmp_path / "ldm-toolkit" / "onnx" / "unsaved").glob("*.onnx")) == ["decoder-8x6.onnx", "unet-8x6.onnx"]

@@ -23,7 +23,7 @@ def test_ddim_eta0_is_deterministic_and_ignores_generator():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method, eta", [("ddpm", 0.0), ("ddim", 0.5)])
+@pytest.mark.parametrize("method, eta", [("ddpm", 0.0), ("ddim", 0.5), ("euler-a", 0.0)])
 def test_stochastic_samplers_follow_the_generator(method, eta):
     run = lambda seed: sample(denoise, x_T(), SCHEDULE, method=method, eta=eta, steps=20,  # noqa: E731
                               generator=torch.Generator().manual_seed(seed))
@@ -55,7 +55,13 @@ def test_clip_x0_bounds_the_prediction():
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(method="euler"), ["method='euler'", "ddim", "ddpm"]),
+        (dict(method="heun"), ["method='heun'", "ddim", "ddpm", "dpmpp-2m", "euler", "euler-a"]),
+        (dict(method="euler", eta=0.5), ["eta=0.5", "ddim", "method='euler' has no eta"]),
+        (dict(method="dpmpp-2m", eta=1.0), ["eta=1.0", "method='dpmpp-2m' has no eta"]),
+        (dict(method="euler-a", eta=1.0), ["eta=1.0", "method='euler-a' has no eta"]),
+        (dict(method="ddpm", sigmas="karras"), ["sigmas='karras'", "dpmpp-2m, euler, euler-a", "method='ddpm'"]),
+        (dict(method="ddim", sigmas="karras"), ["sigmas='karras'", "method='ddim'"]),
+        (dict(method="euler", sigmas="exponential"), ["sigmas='exponential'", "karras"]),
         (dict(steps=0), ["steps=0", "1..1000"]),
         (dict(steps=1001), ["steps=1001", "1..1000"]),
         (dict(steps=2.5), ["steps=2.5"]),

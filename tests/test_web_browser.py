@@ -65,12 +65,12 @@ def run_page(browser, **values):
     return status, browser.evaluate("document.getElementById('message').textContent")
 
 
-def python_image(bundle, *, negative, steps, method, eta, guidance, seed):
+def python_image(bundle, *, negative, steps, method, eta, guidance, seed, sigmas=None):
     from ldm.pipeline import Text2ImagePipeline
 
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     images = pipe(PROMPT, negative or None, steps=steps, method=method, eta=eta, guidance=guidance, seed=seed,
-                  output="tensor")
+                  output="tensor", sigmas=sigmas)
     return ((images[0].clamp(-1, 1) / 2 + 0.5) * 255).round().permute(1, 2, 0).numpy()  # (H, W, 3) as to_pil
 
 
@@ -78,13 +78,16 @@ def test_the_packed_token_table_is_exported_once(site):
     assert (Path(site[1]) / "text_encoder.onnx").stat().st_size < 49408 * 16 * 4  # the full 49,408 x 16 table alone
 
 
-# sampler index in the page: 0 = DDIM eta 0, 1 = DDIM eta 0.5, 2 = DDPM
-@pytest.mark.parametrize("sampler,method,eta,seed,negative", [
-    (0, "ddim", 0.0, 0, ""),
-    (1, "ddim", 0.5, 1, "blurry, low quality"),
-    (2, "ddpm", 0.0, 1, ""),
+# sampler index in the page: 0 = DDIM eta 0, 1 = DDIM eta 0.5, 2 = DDPM, then ldm.web.coefficients.SIGMA_SAMPLERS:
+# 3 = DPM++ 2M, 4 = DPM++ 2M Karras, 5 = Euler, 6 = Euler a
+@pytest.mark.parametrize("sampler,method,eta,seed,negative,sigmas", [
+    (0, "ddim", 0.0, 0, "", None),
+    (1, "ddim", 0.5, 1, "blurry, low quality", None),
+    (2, "ddpm", 0.0, 1, "", None),
+    (4, "dpmpp-2m", 0.0, 0, "", "karras"),
+    (6, "euler-a", 0.0, 1, "", None),
 ])
-def test_page_matches_python_onnxruntime(site, page, sampler, method, eta, seed, negative):
+def test_page_matches_python_onnxruntime(site, page, sampler, method, eta, seed, negative, sigmas):
     browser, _ = page
     status, message = run_page(browser, prompt=PROMPT, negative=negative, guidance=3, steps=8, sampler=sampler, seed=seed)
     assert status == "done", message
@@ -96,7 +99,8 @@ def test_page_matches_python_onnxruntime(site, page, sampler, method, eta, seed,
     assert "execution provider: " in browser.evaluate("document.getElementById('provider').textContent")
     img = browser.evaluate("window.ldm.image")
     got = np.array(img["rgb"], dtype=np.float64).reshape(img["height"], img["width"], 3)
-    ref = python_image(site[0], negative=negative, steps=8, method=method, eta=eta, guidance=3.0, seed=seed)
+    ref = python_image(site[0], negative=negative, steps=8, method=method, eta=eta, guidance=3.0, seed=seed,
+                       sigmas=sigmas)
     assert got.shape == ref.shape
     assert np.abs(got - ref).mean() <= 1.0, f"mean |page - python| = {np.abs(got - ref).mean():.3f} / 255"
     assert got.std() > 1  # a real image, not a blank canvas

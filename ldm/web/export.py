@@ -7,7 +7,8 @@
       unet.onnx                          (x (B, C, h, w), t (B,), context (B, L, D)) -> output
       decoder.onnx                       z (B, C, h, w) -> image (B, 3, H, W) in about [-1, 1]
       tokenizer.json                     vocabulary, merges and tables for tokenizer.js
-      schedule.json                      per-step coefficients, DDIM (each eta) and DDPM, 1..max_steps steps
+      schedule.json                      per-step coefficients, DDIM (each eta), DDPM, DPM++ 2M (+ Karras), Euler,
+                                         Euler a, 1..max_steps steps
       noise.bin                          float32: for each exported seed, x_T then one draw per step
       model.json                         shapes, files, seeds covered, the onnxruntime-web version
 

@@ -2,7 +2,7 @@
 // Schedule maths is not done here: each step applies the coefficients of schedule.json, computed by
 // ldm/schedule.py and ldm/samplers.py (see ldm/web/coefficients.py for the formulas):
 //   x0 = px*x + po*out (clamped when clip_x0 is set); eps = ex*x + eo*out, or qx*x + q0*x0 when clipped;
-//   x = ax*x + a0*x0 + ae*eps + az*z.
+//   x = ax*x + a0*x0 + ae*eps + az*z + ap*x0_prev (x0_prev: the previous step's x0, DPM++ 2M).
 // window.ldm exposes the state, the last image and the timings (the browser test and the bench read it).
 import { ClipTokenizer } from "./tokenizer.js";
 
@@ -227,6 +227,7 @@ async function generate() {
     let x = Float64Array.from(draw_(0));
     let k = 1;
     const rows = sampler.by_steps[String(steps)];
+    let x0Prev = null;
     const clip = schedule.clip_x0;
     const timings = { text_ms: textMs, step_ms: [], unet_ms: [], preview_ms: [] };
     const contextData = context.data;
@@ -235,10 +236,9 @@ async function generate() {
       const ts = performance.now();
       const xIn = new Float32Array(2 * n);  // fresh buffers each call: the proxy worker takes them over
       for (let j = 0; j < n; j++) xIn[j] = xIn[n + j] = x[j];
-      const tt = BigInt(r.t);
       const res = await sessions[1].run({
         x: new ort.Tensor("float32", xIn, [2, c, h, w]),
-        t: new ort.Tensor("int64", new BigInt64Array([tt, tt]), [2]),
+        t: new ort.Tensor("float32", new Float32Array([r.t, r.t]), [2]),
         context: new ort.Tensor("float32", contextData.slice(), context.dims),
       });
       const unetMs = performance.now() - ts;
@@ -246,6 +246,7 @@ async function generate() {
       const z = r.noise ? draw_(k++) : null;
       const x0 = new Float32Array(n);
       const next = new Float64Array(n);
+      const prev = x0Prev || x0;  // DPM++ 2M's previous x0 (ap = 0 on its first step and for other samplers)
       for (let j = 0; j < n; j++) {
         const o = out[j] + guidance * (out[n + j] - out[j]);  // classifier-free guidance
         let x0j = r.px * x[j] + r.po * o;
@@ -255,8 +256,9 @@ async function generate() {
           eps = r.qx * x[j] + r.q0 * x0j;
         } else eps = r.ex * x[j] + r.eo * o;
         x0[j] = x0j;
-        next[j] = r.ax * x[j] + r.a0 * x0j + r.ae * eps + (z ? r.az * z[j] : 0);
+        next[j] = r.ax * x[j] + r.a0 * x0j + r.ae * eps + (z ? r.az * z[j] : 0) + (r.ap ? r.ap * prev[j] : 0);
       }
+      x0Prev = x0.slice();  // a copy: decode(x0) below hands x0's buffer to the worker
       x = Float64Array.from(Float32Array.from(next));  // the sample is float32, as in Python
       const stepMs = performance.now() - ts;
       let previewMs = 0;
