@@ -115,19 +115,41 @@ def shapes_metrics(result: SweepResult) -> bool:
     return True
 
 
+def wrap_label(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels: broken at spaces, a word wider than a line broken
+    inside; nothing is cut, so the words that differ between columns all show."""
+    lines: list[str] = []
+    for word in text.split():
+        line = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(line) <= width:
+            lines[-1] = line
+            continue
+        while draw.textlength(word) > width and len(word) > 1:
+            k = max([1] + [i for i in range(1, len(word)) if draw.textlength(word[:i]) <= width])
+            lines.append(word[:k])
+            word = word[k:]
+        lines.append(word)
+    return lines or [""]
+
+
 def labelled_grid(result: SweepResult) -> Image.Image:
-    """Rows: weights; columns: (prompt, seed). A label column on the left, a header on top."""
+    """Rows: weights; columns: (prompt, seed). A label column on the left; a header on top with each prompt
+    wrapped over its columns in full, and each column's seed."""
     first = result.images[result.weights[0]][0]
     w, h = first.size
-    cols = len(result.prompts) * len(result.seeds)
-    label_w, header_h = 70, 28
+    n_seeds = len(result.seeds)
+    cols = len(result.prompts) * n_seeds
+    label_w, line_h = 70, 11
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    labels = [wrap_label(measure, p, n_seeds * w - 4) for p in result.prompts]
+    header_h = line_h * max(len(lines) for lines in labels) + 17  # one line: 28
     grid = Image.new("RGB", (label_w + cols * w, header_h + len(result.weights) * h), "white")
     draw = ImageDraw.Draw(grid)
     for c in range(cols):
-        p, s = result.prompts[c // len(result.seeds)], result.seeds[c % len(result.seeds)]
-        text = f"{p[: max(4, w // 6)]}" if c % len(result.seeds) == 0 else ""
-        draw.text((label_w + c * w + 2, 2), text, fill="black")
-        draw.text((label_w + c * w + 2, 14), f"seed {s}", fill="gray")
+        if c % n_seeds == 0:
+            for k, line in enumerate(labels[c // n_seeds]):
+                draw.text((label_w + c * w + 2, 2 + k * line_h), line, fill="black")
+        draw.text((label_w + c * w + 2, header_h - 14), f"seed {result.seeds[c % n_seeds]}", fill="gray")
     for r, weight in enumerate(result.weights):
         draw.text((4, header_h + r * h + h // 2 - 6), f"w = {weight:g}", fill="black")
         for c, im in enumerate(result.images[weight]):

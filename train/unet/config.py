@@ -113,6 +113,7 @@ class ValidationConfig:
     guidance: float = 4.0
     batch_size: int = 16  # images per sampler call
     heldout_batches: int = 8  # held-out batches per loss evaluation (fixed t and noise); 0 = all
+    at_start: bool = False  # also validate before the first step (step 0): the starting weights' images and scores
 
 
 @dataclass
@@ -164,9 +165,65 @@ class FinetuneObjectiveConfig(ObjectiveConfig):
 
 
 @dataclass
+class FinetuneRunConfig(UNetRunConfig):
+    """The loop of a fine-tune: its own folder and length."""
+
+    output_dir: str = "runs/finetune"  # checkpoints/, logs/, samples/, bundle/
+    # MEASURED: see FINETUNE_MEASUREMENTS below
+    max_steps: int = 400
+    batch_size: int = 16
+    log_every: int = 20
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """OptimConfig with a fine-tune's learning rate and a short warm-up."""
+
+    lr: float = 1e-4  # MEASURED
+    warmup_steps: int = 20  # MEASURED
+
+
+@dataclass
+class FinetuneValidationConfig(ValidationConfig):
+    """Validation of a fine-tune: the user's own held-out captions, and how well the base model's own prompts
+    are still followed (their CLIP score with the bundle's CLIP, logged as base_clip_score)."""
+
+    every: int = 100
+    # null = drawn from the data: up to 4 held-out captions (training captions when none is held out), then
+    # the first 2 base prompts, to show forgetting beside learning
+    prompts: Optional[list[str]] = None
+    # prompts the base model was trained on, scored (CLIP score, the base bundle's CLIP) at every validation;
+    # null = the base bundle's own validation prompts (its training_config.yaml), [] = none
+    base_prompts: Optional[list[str]] = None
+    base_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every base prompt with every seed
+    at_start: bool = True  # step 0: the base model's images and scores, the baseline of every later validation
+
+
+@dataclass
+class TextTrainingConfig:
+    """What of the text encoder a fine-tune trains. Frozen, the contexts come from the cache."""
+
+    # frozen: nothing. new_words: only the token-table rows of the caption tokens the encoder does not know (a
+    # packed bundle's table shares one row among every token its own captions lacked, so a new style word reads
+    # as any other unknown word): each gets its own row, trained (textual inversion); nothing else of the
+    # encoder changes, and with no unknown word this is frozen. full: every weight of the text tower.
+    train: Literal["frozen", "new_words", "full"] = "new_words"
+    lr: float = 1e-3  # peak learning rate of those weights (AdamW without weight decay, under optim's schedule)
+    init_std: float = 0.02  # new_words: a new row starts as the shared row plus N(0, init_std^2) noise (open_clip's init)
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.init_std < 0:
+            raise ValueError(f"text.lr={self.lr} must be > 0 and text.init_std={self.init_std} >= 0")
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
 
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     objective: FinetuneObjectiveConfig = field(default_factory=FinetuneObjectiveConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+    validation: FinetuneValidationConfig = field(default_factory=FinetuneValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    text: TextTrainingConfig = field(default_factory=TextTrainingConfig)

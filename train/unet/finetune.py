@@ -11,17 +11,31 @@ Two methods (``lora.method``):
 * ``full``: every U-Net weight is trained; the bundle's ``unet/`` holds the new (EMA) weights.
 
 The autoencoder, the text encoder and the noise schedule are the bundle's, frozen and unchanged.
+
+Validation (``FinetuneValidationConfig``) starts at step 0, draws its prompts from the user's held-out
+captions plus two of the base model's own prompts, and scores the base model's prompts with the
+bundle's CLIP (``base_clip_score`` in logs/val.csv and the log): its fall from step 0 is what the
+fine-tune made the model forget. Caption words whose tokens the text encoder cannot tell apart (a
+packed bundle's table keeps only its training captions' tokens; every other token shares one row)
+are listed at the start: to the frozen encoder they all read as the same word.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+import sys
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
+
+import torch
 
 import conditioning
+from train.data.split import caption_index
 from train.unet.config import FinetuneConfig
 from train.unet.trainer import LDMTrainer, TrainResult
+from train.unet.validation import draw_prompts
 
 
 def add_lora(unet, config) -> None:
@@ -33,6 +47,116 @@ def add_lora(unet, config) -> None:
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                 target_modules=list(config.target_modules), init_lora_weights=True))
+
+
+def shared_token_ids(text_encoder) -> set[int]:
+    """Token ids that share one row of the encoder's token table (a packed table's fallback row: the tokens
+    its training captions lacked); empty for a table whose rows all differ."""
+    table = next(t for n, t in text_encoder.state_dict().items() if n.endswith("token_embedding.weight"))  # (V, D)
+    rows, inverse, counts = torch.unique(table.detach().cpu(), dim=0, return_inverse=True, return_counts=True)
+    top = int(counts.argmax())
+    return set(torch.nonzero(inverse == top).flatten().tolist()) if counts[top] > 1 else set()
+
+
+def unknown_words(text_encoder, captions: Sequence[str]) -> Counter:
+    """Caption words (lower case) with a token in ``shared_token_ids``, and in how many captions each occurs."""
+    shared = shared_token_ids(text_encoder)
+    found: Counter = Counter()
+    if not shared:
+        return found
+    words = sorted({w for c in captions for w in re.findall(r"[\w'-]+", c.lower())})
+    ids = text_encoder.tokenize(words) if words else torch.zeros(0, 1, dtype=torch.long)  # (W, L) one word each
+    unknown = {w for w, row in zip(words, ids) if any(int(i) in shared for i in row[1:] if int(i) != text_encoder.pad_token_id)
+               and int(row[1]) != text_encoder.eos_token_id}
+    for c in captions:
+        found.update(set(re.findall(r"[\w'-]+", c.lower())) & unknown)
+    return found
+
+
+def base_model_prompts(root: Path) -> list[str]:
+    """The validation prompts in a bundle's training_config.yaml (the captions it was trained on), or []."""
+    import yaml
+
+    path = root / "training_config.yaml"
+    if not path.is_file():
+        return []
+    prompts = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("validation", {}).get("prompts") or []
+    return [p for p in prompts if isinstance(p, str)]
+
+
+class FinetuneTrainer(LDMTrainer):
+    """``LDMTrainer`` plus what a fine-tune knows once the cache is there: validation prompts drawn from the
+    user's captions, the caption words the text encoder cannot tell apart, and the text encoder's weights
+    that train (``text.train``): then every step encodes its captions afresh instead of reading the cache."""
+
+    def __init__(self, config: FinetuneConfig, *, base_prompts: list[str], **kwargs):
+        super().__init__(config, **kwargs)
+        self.base_prompts = base_prompts
+
+    def _setup(self):
+        super()._setup()
+        v, cache = self.config.validation, self.cache
+        if v.base_prompts is None:
+            v.base_prompts = list(self.base_prompts)
+        if v.prompts is None:
+            rows = cache.heldout_indices if len(cache.heldout_indices) else cache.train_indices
+            v.prompts = draw_prompts([cache.captions[int(i)][0] for i in rows], v.base_prompts)
+
+    def _extra_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The text encoder's weights that ``text.train`` trains, by checkpoint name; also notes the unknown words."""
+        captions = sorted({c for options in self.cache.captions for c in options})
+        words = unknown_words(self.text_encoder, captions)
+        mode = self.config.text.train
+        if words:
+            listed = ", ".join(f"{w} (in {n} captions)" for w, n in sorted(words.items(), key=lambda x: (-x[1], x[0]))[:12]) + (" ..." if len(words) > 12 else "")
+            what = {"frozen": "they stay so (text.train=frozen; text.train=new_words learns a row for each)",
+                    "new_words": "text.train=new_words learns a row for each", "full": "text.train=full trains the encoder"}[mode]
+            self.notes.append(f"{len(words)} caption words are unknown to the text encoder (their tokens share one row "
+                              f"of its token table, so the frozen encoder reads them all as one word): {listed}; {what}")
+            if self.accelerator.is_main_process:
+                print(f"data: {self.notes[-1]}", file=sys.stderr)
+        if mode == "frozen" or (mode == "new_words" and not words):
+            return {}
+        named = dict(self.text_encoder.named_parameters())
+        if mode == "full":
+            params = {n: p for n, p in named.items() if not n.startswith("model.visual.") and n != "model.logit_scale"}
+        else:
+            name = next(n for n in named if n.endswith("token_embedding.weight"))
+            table = named[name]  # (V, D)
+            used = {int(i) for i in self.text_encoder.tokenize(captions).unique()}
+            new = sorted(shared_token_ids(self.text_encoder) & used)
+            generator = torch.Generator().manual_seed(self.config.train.seed)
+            with torch.no_grad():  # distinct starting rows, near the shared one
+                noise = torch.randn(len(new), table.shape[1], generator=generator) * self.config.text.init_std
+                table[new] = table[new] + noise.to(table.device, table.dtype)
+            mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)  # (V, 1)
+            mask[new] = 1
+            table.requires_grad_(True)
+            table.register_hook(lambda grad: grad * mask)  # only the new rows learn; AdamW moves no row without gradient
+            self.notes.append(f"text.train=new_words: learning {len(new)} token rows")
+            params = {name: table}
+        for p in params.values():
+            p.requires_grad_(True)
+        self.text_encoder.clear_cache()
+        return {f"text_encoder.{n}": p for n, p in params.items()}
+
+    def _extra_groups(self) -> list[dict]:
+        if not self.extra:
+            return []
+        return [{"params": list(self.extra.values()), "lr": self.config.text.lr, "weight_decay": 0.0}]
+
+    def _contexts(self, rows, epoch: int) -> torch.Tensor:
+        if not self.extra:
+            return super()._contexts(rows, epoch)
+        seed, cache = self.config.train.seed, self.cache
+        captions = [cache.captions[int(i)][caption_index(len(cache.captions[int(i)]), seed, epoch, cache.keys[int(i)])]
+                    for i in rows]  # the caption LatentCache.contexts would pick
+        return self.text_encoder(captions)[0].float()  # (B, L, D), with gradients into the trained rows
+
+    def _empty_context(self) -> torch.Tensor:
+        if self.config.text.train == "full" and self.extra:
+            return self.text_encoder([""])[0].float()  # (1, L, D): the empty prompt's context moves too
+        return super()._empty_context()  # new_words: "" is start, end and padding tokens, all known
 
 
 def finetune(model: str | Path, config: FinetuneConfig, *, resume: Optional[str] = None,
@@ -55,13 +179,18 @@ def finetune(model: str | Path, config: FinetuneConfig, *, resume: Optional[str]
     native = int(unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0])
     if config.data.resolution == 0:
         config.data.resolution = native * autoencoder.downsample_factor
+    scorer = None
+    if text_encoder.backend == "open_clip":  # our bundles' CLIP has its image tower: it scores the images too
+        from conditioning.scorer import load_clip_scorer
+
+        scorer = load_clip_scorer(root)
     base_unet = None
     if config.lora.method == "lora":
         base_unet = copy.deepcopy(unet)
         add_lora(unet, config.lora)
     else:
         unet.requires_grad_(True)
-    trainer = LDMTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
-                         sampling=sampling, output_dir=config.train.output_dir, lora=config.lora.method == "lora",
-                         base_unet=base_unet)
+    trainer = FinetuneTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
+                              sampling=sampling, output_dir=config.train.output_dir, lora=config.lora.method == "lora",
+                              base_unet=base_unet, scorer=scorer, base_prompts=base_model_prompts(root))
     return trainer.fit(resume=resume, stop_at_step=stop_at_step)

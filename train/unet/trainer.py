@@ -40,6 +40,7 @@ import conditioning
 from ldm_io import save_image
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
+from ldm.sweep import labelled_grid
 from ldm.unet import FP32AttentionProcessor
 from train.run import checkpoint as ckpt
 from train.run.lr import build_lr_scheduler, build_optimizer
@@ -52,7 +53,7 @@ from train.run.ema import build_ema, ema_state, load_ema_state
 from train.unet.config import TrainingSections
 from train.unet.objective import noised_batch, weighted_mse
 from train.run.log import RunLog
-from train.unet.validation import heldout_loss, sample_grid
+from train.unet.validation import clip_score, heldout_loss, sample_images
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,10 +83,13 @@ class LDMTrainer:
         saved_config: what to write as the run's config (defaults to ``config``).
         lora: whether ``unet`` carries a peft LoRA adapter; the bundle then stores it in unet_lora/
             next to ``base_unet`` (the untouched base weights).
+        scorer: a CLIP (``conditioning.ClipScorer``) that scores the validation images: ``clip_score`` of the
+            validation prompts and ``base_clip_score`` of ``validation.base_prompts`` (fine-tuning) in val.csv.
     """
 
     def __init__(self, config: TrainingSections, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule,
-                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base_unet=None):
+                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base_unet=None,
+                 scorer=None):
         if sampling.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={sampling.prediction!r}; the trainer supports: eps, v")
         if lora and base_unet is None:
@@ -96,6 +100,8 @@ class LDMTrainer:
         self.output_dir = Path(output_dir)
         self.saved_config = saved_config if saved_config is not None else config
         self.lora, self.base_unet = lora, base_unet
+        self.scorer = scorer
+        self.notes: list[str] = []  # lines for the run log's start (a subclass's findings about the data)
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -126,17 +132,42 @@ class LDMTrainer:
         if fp32_attention:
             unet.set_attn_processor(FP32AttentionProcessor())
         unet.train()
-        self.param_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        self.extra = self._extra_parameters()  # name -> parameter trained beside the U-Net (none here)
+        self.param_names = [n for n, p in unet.named_parameters() if p.requires_grad] + list(self.extra)
         params = [p for p in unet.parameters() if p.requires_grad]
-        if not params:
+        if not params and not self.extra:
             raise ValueError("the U-Net has no trainable parameters")
-        optimizer = build_optimizer(params, cfg.optim)
+        optimizer = build_optimizer([{"params": params}] + self._extra_groups(), cfg.optim)
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         self.model, self.optimizer = acc.prepare(unet, optimizer)  # the LR scheduler is stepped by hand, once per step
-        self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad]
+        self.params = [p for p in acc.unwrap_model(self.model).parameters() if p.requires_grad] + list(self.extra.values())
         self.ema = build_ema(cfg.ema, self.params) if cfg.ema.enabled else None
         self.generator = torch.Generator(self.device).manual_seed(cfg.train.seed * 1_000_003 + 7919 * acc.process_index + 1)
         self.order = DataOrder(self.cache.train_indices, cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed)
+
+    def _extra_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters trained beside the U-Net's, by checkpoint name (a subclass's: fine-tuning's text encoder)."""
+        return {}
+
+    def _extra_groups(self) -> list[dict]:
+        """Optimizer param groups of ``self.extra`` (their own lr or weight decay)."""
+        return [{"params": list(self.extra.values())}] if self.extra else []
+
+    def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self.accelerator.unwrap_model(self.model).named_parameters()) | self.extra
+
+    def _contexts(self, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        """(B, L, D) the contexts of cache rows ``rows``' captions (the cached ones: a frozen text encoder)."""
+        return self.cache.contexts(rows, epoch, self.config.train.seed).to(self.device)
+
+    def _weights_changed(self) -> None:
+        """The trained weights were swapped (EMA in or out): forget what was computed from the old ones."""
+        if self.extra and hasattr(self.text_encoder, "clear_cache"):
+            self.text_encoder.clear_cache()  # its cached empty-prompt context
+
+    def _empty_context(self) -> torch.Tensor:
+        """(1, L, D) the empty prompt's context, for caption dropout."""
+        return self.empty
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -151,7 +182,7 @@ class LDMTrainer:
         rngs = gather_object([ckpt.rng_state({"step": self.generator})])  # one per process, in rank order
         path = None
         if acc.is_main_process:
-            named = dict(acc.unwrap_model(self.model).named_parameters())
+            named = self._named_trainable()
             state = dict(pos, lr_scheduler=self.lr_scheduler.state_dict(), rng=rngs, num_processes=acc.num_processes,
                          batch_size=self.config.train.batch_size,
                          gradient_accumulation_steps=self.config.train.gradient_accumulation_steps)
@@ -177,7 +208,7 @@ class LDMTrainer:
                 f"this run has {(acc.num_processes, run.batch_size, run.gradient_accumulation_steps)}; "
                 "resume with the same settings (the data order and the result depend on them)"
             )
-        named = dict(acc.unwrap_model(self.model).named_parameters())
+        named = self._named_trainable()
         weights = ckpt.load_tensors(path / "model.safetensors")
         missing = [n for n in self.param_names if n not in weights]
         if missing:
@@ -208,7 +239,8 @@ class LDMTrainer:
 
     @torch.no_grad()
     def _validate(self, step: int, log: RunLog) -> dict:
-        """Held-out loss (raw and EMA weights) and the EMA sample grid; main process only."""
+        """Held-out loss (raw and EMA weights), the EMA sample grid and, with a scorer, the CLIP scores of the
+        validation prompts and of the base prompts (one line in the log); main process only."""
         cfg, acc = self.config, self.accelerator
         unwrapped = acc.unwrap_model(self.model)
         unwrapped.eval()
@@ -218,22 +250,34 @@ class LDMTrainer:
 
         loss_kw = dict(prediction=self.sampling.prediction, batch_size=cfg.train.batch_size,
                        max_batches=cfg.validation.heldout_batches, device=self.device, autocast=acc.autocast)
+        if self.extra:  # a text encoder in training: contexts from its current weights
+            loss_kw["contexts"] = lambda rows: self._contexts(rows, 0)
         values = {"loss": heldout_loss(model, self.cache, self.cache.heldout_indices, self.schedule, **loss_kw)}
         if self.ema is not None:
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
+        self._weights_changed()
         try:
             if self.ema is not None:
                 values["loss_ema"] = heldout_loss(model, self.cache, self.cache.heldout_indices, self.schedule, **loss_kw)
             grid = None
-            if cfg.validation.prompts:
-                grid = sample_grid(self._pipeline(), cfg.validation.prompts, cfg.validation.seeds, steps=cfg.validation.steps,
-                                   guidance=cfg.validation.guidance, batch_size=cfg.validation.batch_size)
+            v = cfg.validation
+            draw = dict(steps=v.steps, guidance=v.guidance, batch_size=v.batch_size)
+            if v.prompts:
+                result = sample_images(self._pipeline(), v.prompts, v.seeds, **draw)
+                grid = labelled_grid(result)
+                if self.scorer is not None:
+                    values["clip_score"] = clip_score(result, self.scorer)
+            base = getattr(v, "base_prompts", None)  # fine-tuning: the base model's own prompts
+            if base and self.scorer is not None:
+                values["base_clip_score"] = clip_score(sample_images(self._pipeline(), base, v.base_seeds, **draw), self.scorer)
         finally:
             if self.ema is not None:
                 self.ema.restore(self.params)
+            self._weights_changed()
             unwrapped.train()
         log.scalars("val", step, values)
+        log.message(f"validation at step {step}: " + ", ".join(f"{k} {val:.4g}" for k, val in values.items()))
         if grid is not None:
             samples = self.output_dir / "samples"
             samples.mkdir(parents=True, exist_ok=True)
@@ -250,6 +294,7 @@ class LDMTrainer:
         if self.ema is not None:  # the bundle gets the EMA weights; the trained ones come back afterwards
             self.ema.store(self.params)
             self.ema.copy_to(self.params)
+        self._weights_changed()
         unwrapped.eval()
         unwrapped.to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
         try:
@@ -263,6 +308,7 @@ class LDMTrainer:
         finally:
             if self.ema is not None:
                 self.ema.restore(self.params)
+            self._weights_changed()
             if self.config.train.channels_last:
                 unwrapped.to(memory_format=torch.channels_last)
             unwrapped.train()
@@ -286,7 +332,7 @@ class LDMTrainer:
         self.log, self.resume_notes = None, []
         pos = self._load_checkpoint(checkpoint) if checkpoint is not None else {
             "step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0, "nonfinite_streak": 0}
-        log = self.log = start_run(acc, self.output_dir, self.saved_config, checkpoint, pos["step"])
+        log = self.log = start_run(acc, self.output_dir, self.saved_config, checkpoint, pos["step"], notes=self.notes)
         if acc.is_main_process:
             for note in self.resume_notes:
                 ckpt.warn(note, log)
@@ -297,6 +343,10 @@ class LDMTrainer:
             from tqdm import tqdm
 
             bar = tqdm(total=run.max_steps, initial=pos["step"], desc="train", unit="step")
+        if pos["step"] == 0 and self.config.validation.at_start:  # the starting point every later validation is read against
+            if acc.is_main_process:
+                self._validate(0, log)
+            acc.wait_for_everyone()
         sums = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "cpu0": time.process_time(), "images": 0, "steps": 0}
         try:
             with ckpt.resumable_writes(self.checkpoint_root):  # a full disk: one line naming the checkpoint to resume
@@ -331,10 +381,10 @@ class LDMTrainer:
         """The objective on cache rows ``rows``: caption dropout, noise, one U-Net call."""
         cfg, acc = self.config, self.accelerator
         z0 = self.cache.latents(rows).to(self.device)  # (B, C, h, w)
-        ctx = self.cache.contexts(rows, epoch, cfg.train.seed).to(self.device)  # (B, L, D)
+        ctx = self._contexts(rows, epoch)  # (B, L, D)
         if cfg.train.channels_last:
             z0 = z0.contiguous(memory_format=torch.channels_last)
-        ctx = conditioning.apply_caption_dropout(ctx, self.empty, cfg.objective.p_uncond, self.generator)  # (B, L, D)
+        ctx = conditioning.apply_caption_dropout(ctx, self._empty_context(), cfg.objective.p_uncond, self.generator)  # (B, L, D)
         batch = noised_batch(z0, self.schedule, prediction=self.sampling.prediction,
                              min_snr_gamma=cfg.objective.min_snr_gamma, noise_offset=cfg.objective.noise_offset,
                              generator=self.generator)
