@@ -167,7 +167,7 @@ def grid(rows: list[str], columns: list[tuple[str, list[Image.Image]]], *, cell:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="default", help="base bundle or packaged model name (default: default)")
-    parser.add_argument("--tuned", required=True, help="the fine-tuned bundle")
+    parser.add_argument("--tuned", default=None, help="the fine-tuned bundle (without it: the base model alone)")
     parser.add_argument("--data", type=Path, required=True, help="the fine-tuning set (ldm data openmoji)")
     parser.add_argument("--other", type=Path, required=True,
                         help="OpenMoji emoji of other groups (ldm data openmoji --groups ...): the 'other' prompts")
@@ -196,7 +196,8 @@ def main(argv=None) -> int:
                "reference": {ps.key: judge.reference(ps) for ps in sets}}
     drawn = {}
     jobs = [(ps, "openmoji") for ps in sets] + [(sets[1], "twemoji")]
-    for label, bundle in (("base", base), ("tuned", Path(args.tuned))):
+    models = [("base", base)] + ([("tuned", Path(args.tuned))] if args.tuned else [])
+    for label, bundle in models:
         results[label], pipe = {}, Text2ImagePipeline.from_pretrained(bundle)
         for ps, style in jobs:
             images, seconds = draw(pipe, ps.prompts(style), seeds, steps=args.steps, guidance=args.guidance)
@@ -215,12 +216,12 @@ def main(argv=None) -> int:
         rows += [f"{ps.names[i]}, openmoji style" + (" *" if ps.key == "heldout" else "") for i in shown]
         columns["OpenMoji\n(real)"] += [ps.real["openmoji"][i] for i in shown]
         columns["Twemoji\n(real)"] += [ps.real["twemoji"][i] for i in shown]
-        for label in ("base", "tuned"):
+        for label, _ in models:
             for s in grid_seeds:
                 title = f"{'base' if label == 'base' else 'fine-tuned'}\nseed {s}"
                 columns.setdefault(title, []).extend(drawn[label, ps.key][i * len(seeds) + seeds.index(s)] for i in shown)
     save_image(grid(rows, list(columns.items())), args.out / "grid.png")
-    print(json.dumps({k: results[k] for k in ("reference", "base", "tuned")}, indent=1))
+    print(json.dumps({k: results[k] for k in ("reference", *(label for label, _ in models))}, indent=1))
     return 0
 
 
