@@ -9,6 +9,7 @@ and soccer ball are not in it.
 """
 
 import io
+import sys
 import json
 import tarfile
 from pathlib import Path
@@ -182,4 +183,15 @@ def test_missing_npm_is_a_clear_error_with_the_manual_step(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "npm is not installed (needed to fetch openmoji@17.0.0)" in err
     assert "npm pack openmoji@17.0.0 emoji-datasource-twitter@16.0.0" in err and str(tmp_path / "cache") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_svg_renderer_is_a_one_line_error_naming_the_install(entries, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    _fake_tarballs(cache, entries)
+    monkeypatch.setitem(sys.modules, "cairosvg", None)  # as if cairosvg were not installed
+    assert main(["data", "openmoji", "--out", str(tmp_path / "out"), "--cache", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm data: error: cannot render OpenMoji's SVGs: cairosvg does not load")  # before any work
+    assert "libcairo2" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

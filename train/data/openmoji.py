@@ -123,12 +123,20 @@ def read_openmoji(tarball: Path) -> tuple[list[dict], dict[str, bytes], str]:
     return entries, svgs, licence
 
 
+def svg_renderer():
+    """cairosvg, or an error saying how to install it (checked before any work)."""
+    try:
+        import cairosvg
+    except (ImportError, OSError) as exc:  # OSError: cairocffi finds no libcairo
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OSError(f"cannot render OpenMoji's SVGs: cairosvg does not load ({first}); `pip install cairosvg` "
+                      "and the system's cairo library (Debian: apt-get install libcairo2)") from None
+    return cairosvg
+
+
 def render(svg: bytes, size: int = IMAGE_SIZE):
     """An SVG drawn at ``size`` x ``size`` and composited on white, as a PIL RGB image."""
-    import cairosvg
-
-    png = cairosvg.svg2png(bytestring=svg, output_width=size, output_height=size)
-    return emoji.on_white(png)
+    return emoji.on_white(svg_renderer().svg2png(bytestring=svg, output_width=size, output_height=size))
 
 
 ATTRIBUTION = f"""OpenMoji graphics (folder openmoji/)
@@ -172,6 +180,7 @@ def build_openmoji_dataset(out: Path, *, cache_dir: Optional[Path] = None, overw
 
     Returns counts: ``{"total": n, "test": n, "groups": {group: n}}``.
     """
+    svg_renderer()
     cache_dir = Path(cache_dir) if cache_dir is not None else emoji.default_cache_dir()
     groups = list(groups)
     with atomic_output_dir(Path(out), overwrite=overwrite, inputs=[cache_dir]) as tmp:
