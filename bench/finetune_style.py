@@ -138,7 +138,7 @@ class Judge:
 
     def reference(self, ps: PromptSet) -> dict:
         """The measures on the real images of ``ps``, per style."""
-        return {s: self.measure(ps.real[s], ps, [0], s) for s in STYLES}
+        return {s: self.measure(ps.real[s], ps, [0], s, ps.prompts(s)) for s in STYLES}
 
 
 def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float) -> tuple[list, float]:
