@@ -139,3 +139,95 @@ def test_text_option_trains_only_what_it_says(bundles, data, tmp_path, mode):
         assert tower_moved  # the whole text tower (token rows of the captions' tokens too)
     # the U-Net's LoRA trained in every mode
     assert (result.bundle / "unet_lora").is_dir()
+
+
+def test_grid_labels_keep_every_word(tmp_path):
+    from PIL import Image, ImageDraw
+
+    from ldm.sweep import SweepResult, labelled_grid, wrap_label
+
+    prompts = ["grinning face with smiling eyes, twemoji style", "grinning face with smiling eyes, noto style",
+               "supercalifragilisticexpialidocious"]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for p in prompts:
+        lines = wrap_label(draw, p, 60)
+        # nothing cut: the lines put back together are the prompt, each fits the column (60 px = 64 - margins)
+        assert "".join(lines).replace(" ", "") == p.replace(" ", "") and all(draw.textlength(x) <= 60 for x in lines)
+    assert wrap_label(draw, prompts[0], 60)[-1] != wrap_label(draw, prompts[1], 60)[-1]  # the differing word shows
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
+    one = labelled_grid(SweepResult([4.0], ["a koala"], [0], {4.0: images[:1]}))
+    three = labelled_grid(SweepResult([4.0], prompts, [0], {4.0: images}))
+    assert one.size == (70 + 64, 28 + 64)  # a one-line label keeps the old 28 px header
+    assert three.size[1] > one.size[1]  # the header grows to hold the wrapped lines
+    assert three.getpixel((70 + 64 + 10, three.size[1] - 10)) == (0, 128, 0)  # images below the header
+
+
+# The base model's own training captions (emoji set, train split), scored with its CLIP before and after a fine-tune.
+BASE_PROMPTS = ["koala, twemoji style", "red apple, noto style", "large red circle, twemoji style", "eye, noto style",
+                "aubergine, noto style", "llama, twemoji style", "confetti ball, noto style", "fire, twemoji style"]
+
+
+STEPS = 100  # batch 8: as far as the issue's settings need to lose 12 points (below)
+# MARGIN, in CLIP-score points (100 x cosine) of the mean over the 8 prompts: the finetune defaults lost at most 0.5 in
+# their first 300 steps of batch 16 on new-style emoji (FINETUNE_MEASUREMENTS in train/unet/config.py), the issue's
+# settings (lr 3e-4, rank 8, frozen text) lost 12.4 in 100 steps of batch 8 on this CPU (65.0 -> 52.6); 3 points
+# separate the two with room for the rounding of another machine's float32 (same seeds, images within ~1/255)
+MARGIN = 3.0
+
+
+@pytest.mark.slow
+def test_default_finetune_keeps_the_base_models_prompts(tmp_path):
+    """A fine-tune of the packaged default model on other data (shapes) with the finetune defaults: the CLIP score
+    of the base model's own prompts (fixed seeds, logged at step 0 and at the end) falls by less than MARGIN."""
+    from ldm.generate_cli import model_path
+    from pathlib import Path
+    from train.data.shapes import build_shapes_dataset
+    from train.run.log import read_csv
+    from train.unet.finetune import finetune
+
+    build_shapes_dataset(tmp_path / "shapes", n=64, seed=0)
+    out = tmp_path / "ft"
+    config = load_config(FinetuneConfig, None, [
+        f"data.path={tmp_path / 'shapes'}", f"train.output_dir={out}", f"cache.dir={tmp_path / 'cache'}",
+        f"train.max_steps={STEPS}", "train.batch_size=8", f"validation.every={STEPS}", "validation.prompts=[]",
+        "validation.base_seeds=[0]"])
+    config.validation.base_prompts = list(BASE_PROMPTS)  # (commas inside prompts: set here, not as key=value)
+    finetune(model_path(Path("default")), config)
+    rows = read_csv(out / "logs" / "val.csv")
+    assert [int(r["step"]) for r in rows] == [0, STEPS]
+    before, after = float(rows[0]["base_clip_score"]), float(rows[-1]["base_clip_score"])
+    assert after > before - MARGIN, (before, after)
+
+
+def test_validation_images_are_the_bundles(bundles, data, tmp_path):
+    """The grid the trainer saves comes from the weights the bundle loads: EMA of the LoRA and of the learned
+    token rows, LoRA scale alpha / rank (2 here) kept through unet_lora/ and fused on loading."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from train.unet.finetune import finetune
+    from train.unet.validation import sample_grid
+
+    import json
+
+    _, packed = bundles
+    config = load_config(FinetuneConfig, None, [
+        f"data.path={data}", f"train.output_dir={tmp_path / 'ft'}", f"cache.dir={tmp_path / 'cache'}", "train.max_steps=3",
+        "train.batch_size=4", "optim.warmup_steps=0", "optim.lr=1e-2", "text.lr=1e-1", "lora.rank=4", "lora.alpha=8",
+        "validation.seeds=[0]", "validation.steps=4", "validation.base_prompts=[]", "ema.warmup=false", "ema.decay=0.5"])
+    config.validation.prompts = None  # drawn from the data's held-out captions
+    result = finetune(packed, config)
+    saved = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["validation"]["prompts"]
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    assert saved == [r["text"] for r in rows if r["split"] == "test"]  # the held-out captions (no base prompts here)
+    assert any("purple sketch" in p for p in saved)  # one of them needs the learned rows
+    v = config.validation
+    grid = np.asarray(Image.open(tmp_path / "ft" / "samples" / "step-00000003.png"), dtype=np.int16)
+    again = sample_grid(Text2ImagePipeline.from_pretrained(result.bundle), saved, v.seeds, steps=v.steps,
+                        guidance=v.guidance, batch_size=v.batch_size)
+    # fused (W + 2 BA) against unfused adapters: float32 rounding only, under one 8-bit level per pixel
+    assert np.abs(grid - np.asarray(again, dtype=np.int16)).max() <= 1
+    base = sample_grid(Text2ImagePipeline.from_pretrained(packed), saved, v.seeds, steps=v.steps, guidance=v.guidance,
+                       batch_size=v.batch_size)
+    assert np.abs(grid - np.asarray(base, dtype=np.int16)).max() > 8  # and the training changed them

@@ -3,14 +3,22 @@ captioned images.
 
 By default LoRA adapters (rank lora.rank) are trained on the U-Net's attention projections and
 saved in the output bundle's unet_lora/ beside the unchanged base weights; lora.method=full trains
-every U-Net weight instead. The data folder is an imagefolder (images + metadata.jsonl with
-file_name and text). Settings are FinetuneConfig's fields (train/unet/config.py), set with
---config YAML and/or key=value.
+every U-Net weight instead. Caption words the text encoder does not know (a packed bundle keeps only
+its own captions' tokens) are listed at the start and get their own learned token rows
+(text.train=new_words; frozen or full are the other choices). The data folder is an imagefolder
+(images + metadata.jsonl with file_name and text). Output: runs/finetune/ (train.output_dir):
+checkpoints/step-NNNNNNNN/, logs/ (val.csv: held-out loss, clip_score of the validation prompts and
+base_clip_score of the base model's own prompts, from step 0), samples/step-NNNNNNNN.png (validation
+prompts drawn from your held-out captions plus two of the base model's), bundle/. Settings are
+FinetuneConfig's fields (train/unet/config.py, each default with the measurement that chose it), set
+with --config YAML and/or key=value.
 
 examples:
-  ldm finetune --model runs/ldm/bundle --data my_images train.output_dir=runs/ft train.max_steps=500
-  ldm finetune --model sd-v1-5 --data my_images lora.rank=16 train.mixed_precision=bf16
+  ldm finetune --model default --data my_images
+  ldm finetune --model default --data my_images train.output_dir=runs/ft-mine train.max_steps=600
+  ldm finetune --model sd-v1-5 --data my_images lora.rank=16 train.mixed_precision=bf16 data.resolution=512
   ldm finetune --model runs/ldm/bundle --data my_images lora.method=full optim.lr=1e-5
+  ldm generate "my prompt" --model runs/finetune/bundle
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bundle folder to start from, or a packaged model's name (default, shapes)")
     p.add_argument("--data", type=Path, required=True, help="captioned image folder (metadata.jsonl)")
     p.add_argument("--config", type=Path, default=None, help="YAML with FinetuneConfig sections (default: built-in defaults)")
-    add_run_arguments(p, None, "lora.rank=16 optim.lr=1e-4")
+    add_run_arguments(p, None, "lora.rank=16 optim.lr=1e-4 text.train=frozen")
 
 
 def run(args: argparse.Namespace) -> int:
