@@ -173,6 +173,8 @@ def main(argv=None) -> int:
                         help="OpenMoji emoji of other groups (ldm data openmoji --groups ...): the 'other' prompts")
     parser.add_argument("--emoji", type=Path, required=True, help="the emoji set (ldm data emoji): the other styles")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and grid.png")
+    parser.add_argument("--models", default="base,tuned",
+                        help="which models to draw: base,tuned (default), base or tuned; the grid shows those drawn")
     parser.add_argument("--other-prompts", type=int, default=24, help="'other' emoji to draw (default 24)")
     parser.add_argument("--seeds", default="0,1", help="seeds per prompt for the measures (default 0,1)")
     parser.add_argument("--grid-rows", default="4,4", help="prompts of heldout,other shown in the grid (default 4,4)")
@@ -187,6 +189,11 @@ def main(argv=None) -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     base = model_path(Path(args.base))
+    wanted = [m.strip() for m in args.models.split(",")]
+    if not wanted or not set(wanted) <= {"base", "tuned"} or ("tuned" in wanted and not args.tuned):
+        raise ValueError(f"--models {args.models}: give base, tuned or base,tuned (tuned needs --tuned)")
+    models = [(label, bundle) for label, bundle in (("base", base), ("tuned", Path(args.tuned or "")))
+              if label in wanted]
     judge = Judge(load_clip_scorer(base), args.data, read_rows(args.emoji), args.emoji)
     sets = [judge.prompt_set("heldout", args.data, "test"), judge.prompt_set("other", args.other, "train", args.other_prompts)]
     print(f"prompts: {len(sets[0].names)} heldout, {len(sets[1].names)} other; style centroids from "
@@ -196,7 +203,6 @@ def main(argv=None) -> int:
                "reference": {ps.key: judge.reference(ps) for ps in sets}}
     drawn = {}
     jobs = [(ps, "openmoji") for ps in sets] + [(sets[1], "twemoji")]
-    models = [("base", base)] + ([("tuned", Path(args.tuned))] if args.tuned else [])
     for label, bundle in models:
         results[label], pipe = {}, Text2ImagePipeline.from_pretrained(bundle)
         for ps, style in jobs:
