@@ -1,6 +1,9 @@
 """Build or check a captioned image data set.
 
   ldm data emoji --out DIR          Twemoji + Noto emoji (npm packages, 64x64, captions from emoji.json)
+  ldm data openmoji --out DIR [--groups G,...]
+                                    OpenMoji emoji (npm package openmoji, CC BY-SA 4.0), 64x64, captions
+                                    "<name>, openmoji style" named like the emoji set's; 376 images by default
   ldm data shapes --out DIR [--size 32|64] [--n N] [--seed S]
                                     procedural shapes with exact captions ("a small red circle at the top left")
   ldm data check PATH [--allow-outside]
@@ -22,12 +25,24 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="data_command", metavar="{emoji,shapes,check}", required=True)
+    sub = parser.add_subparsers(dest="data_command", metavar="{emoji,openmoji,shapes,check}", required=True)
 
     emoji = sub.add_parser("emoji", help="build the emoji set from the npm packages (needs npm or cached tarballs)")
     emoji.add_argument("--out", required=True, help="output folder: new or empty")
     emoji.add_argument("--cache", default=None, help="where the npm tarballs are kept (default $LDM_CACHE/npm or ~/.cache/ldm-toolkit/npm)")
     emoji.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier data set (and nothing else)")
+
+    openmoji = sub.add_parser(
+        "openmoji", help="build the OpenMoji set from the npm package (needs npm or cached tarballs)",
+        description="Render the OpenMoji colour SVGs (npm openmoji@17.0.0, CC BY-SA 4.0) at 64x64 on white, "
+                    "captioned \"<name>, openmoji style\" with the emoji set's name for the same emoji "
+                    "(from emoji-datasource-twitter@16.0.0's emoji.json), held out by the emoji set's rule.")
+    openmoji.add_argument("--out", required=True, help="output folder: new or empty")
+    openmoji.add_argument("--groups", default=None,
+                          help="comma-separated OpenMoji groups whose base emoji (no skin tones) to take "
+                               "(default animals-nature,food-drink,activities: 376 images)")
+    openmoji.add_argument("--cache", default=None, help="where the npm tarballs are kept (default $LDM_CACHE/npm or ~/.cache/ldm-toolkit/npm)")
+    openmoji.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier data set (and nothing else)")
 
     shapes = sub.add_parser("shapes", help="generate the procedural shapes set")
     shapes.add_argument("--out", required=True, help="output folder: new or empty")
@@ -54,6 +69,16 @@ def _emoji(args: argparse.Namespace) -> int:
     counts = build_emoji_dataset(args.out, cache_dir=args.cache, overwrite=args.overwrite)
     print(f"wrote {counts['total']} images to {args.out}: {counts['twemoji']} twemoji, {counts['noto']} noto; "
           f"{counts['test']} held out (split test)")
+    return 0
+
+
+def _openmoji(args: argparse.Namespace) -> int:
+    from train.data.openmoji import GROUPS, build_openmoji_dataset
+
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups is not None else GROUPS
+    counts = build_openmoji_dataset(args.out, cache_dir=args.cache, overwrite=args.overwrite, groups=groups)
+    per_group = ", ".join(f"{n} {group}" for group, n in counts["groups"].items())
+    print(f"wrote {counts['total']} images to {args.out}: {per_group}; {counts['test']} held out (split test)")
     return 0
 
 
@@ -122,7 +147,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    commands = {"emoji": _emoji, "shapes": _shapes, "check": _check}
+    commands = {"emoji": _emoji, "openmoji": _openmoji, "shapes": _shapes, "check": _check}
     try:
         return commands[args.data_command](args)
     except FileExistsError as exc:  # a non-empty --out: the user's to fix

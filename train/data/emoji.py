@@ -169,28 +169,32 @@ def default_cache_dir() -> Path:
     return Path(root) / "npm"
 
 
-def _manual_step(cache_dir: Path) -> str:
-    specs = " ".join(f"{s.package}@{VERSION}" for s in SETS)
+def _manual_step(cache_dir: Path, specs: Optional[Iterable[str]] = None) -> str:
+    specs = " ".join(specs or [f"{s.package}@{VERSION}" for s in SETS])
     return f"on a machine with Node.js run `npm pack {specs}` and copy the .tgz files into {cache_dir}"
 
 
-def fetch_tarball(package: str, cache_dir: Path) -> Path:
-    """The npm tarball of ``package@VERSION`` in ``cache_dir``, fetched with ``npm pack`` if absent."""
+def fetch_tarball(package: str, cache_dir: Path, *, version: str = VERSION, specs: Optional[Iterable[str]] = None) -> Path:
+    """The npm tarball of ``package@version`` in ``cache_dir``, fetched with ``npm pack`` if absent.
+
+    ``specs``: the ``package@version`` list the error's manual step names (default: the emoji set's two).
+    """
     cache_dir = Path(cache_dir)
-    path = cache_dir / f"{package}-{VERSION}.tgz"
+    specs = list(specs) if specs is not None else None
+    path = cache_dir / f"{package}-{version}.tgz"
     if path.is_file():
         return path
     npm = shutil.which("npm")
     if npm is None:
-        raise FileNotFoundError(f"npm is not installed (needed to fetch {package}@{VERSION}); {_manual_step(cache_dir)}")
+        raise FileNotFoundError(f"npm is not installed (needed to fetch {package}@{version}); {_manual_step(cache_dir, specs)}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        proc = subprocess.run([npm, "pack", f"{package}@{VERSION}", "--pack-destination", tmp],
+        proc = subprocess.run([npm, "pack", f"{package}@{version}", "--pack-destination", tmp],
                               capture_output=True, text=True)
         fetched = Path(tmp) / path.name
         if proc.returncode != 0 or not fetched.is_file():
             detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise FileNotFoundError(f"`npm pack {package}@{VERSION}` failed ({detail}); {_manual_step(cache_dir)}")
+            raise FileNotFoundError(f"`npm pack {package}@{version}` failed ({detail}); {_manual_step(cache_dir, specs)}")
         os.replace(fetched, path)
     return path
 

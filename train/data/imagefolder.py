@@ -15,10 +15,11 @@ from typing import Iterable, Iterator, Optional
 from ldm_io import atomic_directory, claim_output_dir, write_marker
 
 COMMAND = "ldm data"
-# What the builders write (emoji: twemoji/, noto/ and the licence texts; shapes: images/): an unmarked
+# What the builders write (emoji: twemoji/, noto/ and the licence texts; openmoji: openmoji/ and its licence
+# text; shapes: images/): an unmarked
 # folder with metadata.jsonl and nothing else is an earlier data set that --overwrite may replace.
-DATASET_ENTRIES = ("metadata.jsonl", "images", "twemoji", "noto", "README.md", "LICENSE.txt", "LICENSE-APACHE-2.0.txt",
-                   "ATTRIBUTION.txt")
+DATASET_ENTRIES = ("metadata.jsonl", "images", "twemoji", "noto", "openmoji", "README.md", "LICENSE.txt",
+                   "LICENSE-APACHE-2.0.txt", "LICENSE-CC-BY-SA-4.0.txt", "ATTRIBUTION.txt")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,235 @@
+"""Does a fine-tune carry a new style to held-out prompts and keep what the prompts ask for?
+
+Compares a base bundle and a fine-tuned one on two sets of prompts "<name>, openmoji style" that
+the fine-tune never saw, built by ``ldm data openmoji`` (Twemoji and Noto twins from the emoji set,
+``ldm data emoji``):
+
+* ``heldout``: the held-out split of the fine-tuning set (--data): emoji that neither the base
+  model nor the fine-tune was trained on.
+* ``other``: emoji of other OpenMoji groups (--other, e.g. built with ``--groups
+  objects,travel-places,smileys-emotion``) from the emoji set's train split: the base model knows
+  what they look like in its styles, the fine-tune never saw them. ``--other-prompts`` of them,
+  evenly spaced by name.
+
+One fixed judge, the base bundle's own CLIP (``conditioning.scorer``), embeds every image:
+
+* Style, ``openmoji_share`` and ``style_margin``: each image's cosine to the three style centroids
+  (mean unit embeddings of the real train-split images of --data: OpenMoji, and the Twemoji and
+  Noto images of the same emoji, so the centroids differ by style, not content); the margin is the
+  cosine to OpenMoji's minus the larger of the other two, and the share is the fraction of images
+  whose margin is > 0.
+* Content, ``image_match_top1``: the fraction of images whose nearest real Twemoji or Noto image
+  of the set's emoji (max cosine over the two styles) is the one of its own emoji; and
+  ``name_top1``: the fraction whose own name ranks first among the set's names (each name's text
+  embedding is the mean of "<name>, twemoji style" and "<name>, noto style", the styles the CLIP
+  knows). The CLIP learnt the names of the emoji set's train split only, so ``name_top1`` means
+  something on ``other`` and little on ``heldout``: the reference rows say how much.
+* Collapse, ``cross_prompt_cosine``: the mean cosine between images of different prompts drawn
+  with the same seed; near 1 when every prompt gives one image.
+* Base prompts kept, ``other_twemoji``: the ``other`` emoji asked for in the base model's style
+  ("<name>, twemoji style"): ``clip_score`` (100 * cosine with the prompt), ``name_top1``,
+  ``image_match_top1`` and ``twemoji_share``.
+
+``reference`` holds the same measures on the real images of each set, per style: what images of
+exactly that style and content score.
+
+    PYTHONPATH=. python bench/finetune_style.py --tuned runs/openmoji/bundle --data data/openmoji \
+        --other data/openmoji-other --emoji data/emoji --out docs/figures/openmoji [--seeds 0,1]
+
+Writes ``metrics.json`` and ``grid.png`` (rows: prompts of both sets; columns: the real OpenMoji
+and Twemoji images, then the base and the fine-tuned model at each grid seed) into ``--out``. An
+image (prompt, seed) is the one ``ldm generate "<prompt>" --seed S --steps 25 --guidance 4`` draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+STYLES = ("openmoji", "twemoji", "noto")
+KNOWN_STYLES = ("twemoji", "noto")  # the style words the base model and its CLIP were trained on
+
+
+def read_rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def load_images(folder: Path, rows: list[dict]) -> list[Image.Image]:
+    return [Image.open(folder / r["file_name"]).convert("RGB") for r in rows]
+
+
+def twins(openmoji_rows: list[dict], emoji_rows: list[dict], split: str) -> dict[str, list[dict]]:
+    """Rows per style, in one order, of the emoji of ``split`` found in both sets (base images, no skin tone)."""
+    ours = {r["base"]: r for r in openmoji_rows if r["split"] == split}
+    by_style = {s: {r["base"]: r for r in emoji_rows if r["style"] == s and r["skin_tone"] is None and r["base"] in ours}
+                for s in KNOWN_STYLES}
+    common = sorted(set(ours).intersection(*by_style.values()), key=lambda b: ours[b]["name"])
+    return {"openmoji": [ours[b] for b in common], **{s: [by_style[s][b] for b in common] for s in KNOWN_STYLES}}
+
+
+@dataclass
+class PromptSet:
+    """Emoji asked for by name, with their real images in the three styles (one order throughout)."""
+
+    key: str
+    names: list[str]
+    real: dict[str, list[Image.Image]]  # style -> images
+    real_emb: dict[str, torch.Tensor]  # style -> (N, E)
+    name_emb: torch.Tensor  # (N, E): mean of the names' twemoji and noto captions
+
+    def prompts(self, style: str) -> list[str]:
+        return [f"{n}, {style} style" for n in self.names]
+
+
+class Judge:
+    """The base bundle's CLIP and the style centroids of the fine-tuning set's train split."""
+
+    def __init__(self, scorer, openmoji_dir: Path, emoji_rows: list[dict], emoji_dir: Path):
+        self.scorer, self.emoji_rows, self.emoji_dir = scorer, emoji_rows, emoji_dir
+        train = twins(read_rows(openmoji_dir), emoji_rows, "train")
+        self.train_count = len(train["openmoji"])
+        self.centroids = torch.stack([F.normalize(self.embed(self.images(openmoji_dir, s, train[s])).mean(0), dim=0)
+                                      for s in STYLES])  # (3, E)
+
+    def images(self, openmoji_dir: Path, style: str, rows: list[dict]) -> list[Image.Image]:
+        return load_images(openmoji_dir if style == "openmoji" else self.emoji_dir, rows)
+
+    def embed(self, images: list[Image.Image], batch: int = 64) -> torch.Tensor:
+        return torch.cat([self.scorer.encode_image(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+    def prompt_set(self, key: str, openmoji_dir: Path, split: str, count: int = 0) -> PromptSet:
+        rows = twins(read_rows(openmoji_dir), self.emoji_rows, split)
+        if count and count < len(rows["openmoji"]):  # evenly spaced by name
+            keep = [round(i * (len(rows["openmoji"]) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
+            rows = {s: [r[i] for i in keep] for s, r in rows.items()}
+        real = {s: self.images(openmoji_dir, s, rows[s]) for s in STYLES}
+        names = [r["name"] for r in rows["openmoji"]]
+        per_style = self.scorer.encode_text([f"{n}, {s} style" for s in KNOWN_STYLES for n in names])
+        name_emb = F.normalize(per_style.view(len(KNOWN_STYLES), len(names), -1).mean(0), dim=-1)  # (N, E)
+        return PromptSet(key, names, real, {s: self.embed(real[s]) for s in STYLES}, name_emb)
+
+    def measure(self, images: list[Image.Image], ps: PromptSet, seeds: list[int], style: str,
+                prompts: list[str] | None = None) -> dict:
+        """The measures of images in (name, seed) order that should show ``ps``'s emoji in ``style``."""
+        emb = self.embed(images)  # (N*S, E)
+        own = torch.arange(len(ps.names)).repeat_interleave(len(seeds))  # (N*S,)
+        to_centroid = emb @ self.centroids.T  # (N*S, 3)
+        i = STYLES.index(style)
+        margin = to_centroid[:, i] - torch.cat([to_centroid[:, :i], to_centroid[:, i + 1:]], 1).max(-1).values
+        to_real = torch.stack([emb @ ps.real_emb[s].T for s in KNOWN_STYLES]).max(0).values  # (N*S, N)
+        out = {f"{style}_share": float((margin > 0).float().mean()), "style_margin": float(margin.mean()),
+               "image_match_top1": float((to_real.argmax(-1) == own).float().mean()),
+               "name_top1": float(((emb @ ps.name_emb.T).argmax(-1) == own).float().mean())}
+        if len(seeds) * len(ps.names) == len(images) and len(ps.names) > 1 and prompts is not None:
+            per_seed = emb.view(len(ps.names), len(seeds), -1).transpose(0, 1)  # (S, N, E)
+            cos = per_seed @ per_seed.transpose(1, 2)  # (S, N, N)
+            out["cross_prompt_cosine"] = float(cos[:, ~torch.eye(len(ps.names), dtype=torch.bool)].mean())
+            text = self.scorer.encode_text([p for p in prompts for _ in seeds])  # (N*S, E)
+            out["clip_score"] = float(100 * (emb * text).sum(-1).clamp(min=0).mean())
+        return out
+
+    def reference(self, ps: PromptSet) -> dict:
+        """The measures on the real images of ``ps``, per style."""
+        return {s: self.measure(ps.real[s], ps, [0], s, ps.prompts(s)) for s in STYLES}
+
+
+def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float) -> tuple[list, float]:
+    from ldm.sweep import run_sweep
+
+    start = time.perf_counter()
+    result = run_sweep(pipe, prompts, [guidance], seeds, steps=steps, method="ddim", batch_size=32)
+    return result.images[guidance], time.perf_counter() - start
+
+
+def grid(rows: list[str], columns: list[tuple[str, list[Image.Image]]], *, cell: int = 96) -> Image.Image:
+    """Rows: prompts (full text in a label column); columns: (title, one image per row)."""
+    label_w, header_h = 190, 30
+    out = Image.new("RGB", (label_w + cell * len(columns), header_h + cell * len(rows)), "white")
+    pen = ImageDraw.Draw(out)
+    for c, (title, images) in enumerate(columns):
+        for i, line in enumerate(title.split("\n")):
+            pen.text((label_w + c * cell + 4, 2 + 12 * i), line, fill="black")
+        for r, im in enumerate(images):
+            out.paste(im.resize((cell, cell), Image.NEAREST), (label_w + c * cell, header_h + r * cell))
+    for r, text in enumerate(rows):
+        pen.text((4, header_h + r * cell + cell // 2 - 6), text, fill="black")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="default", help="base bundle or packaged model name (default: default)")
+    parser.add_argument("--tuned", default=None, help="the fine-tuned bundle (without it: the base model alone)")
+    parser.add_argument("--data", type=Path, required=True, help="the fine-tuning set (ldm data openmoji)")
+    parser.add_argument("--other", type=Path, required=True,
+                        help="OpenMoji emoji of other groups (ldm data openmoji --groups ...): the 'other' prompts")
+    parser.add_argument("--emoji", type=Path, required=True, help="the emoji set (ldm data emoji): the other styles")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and grid.png")
+    parser.add_argument("--models", default="base,tuned",
+                        help="which models to draw: base,tuned (default), base or tuned; the grid shows those drawn")
+    parser.add_argument("--other-prompts", type=int, default=24, help="'other' emoji to draw (default 24)")
+    parser.add_argument("--seeds", default="0,1", help="seeds per prompt for the measures (default 0,1)")
+    parser.add_argument("--grid-rows", default="4,4", help="prompts of heldout,other shown in the grid (default 4,4)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=4.0, help="guidance weight (default 4)")
+    args = parser.parse_args(argv)
+
+    from conditioning.scorer import load_clip_scorer
+    from ldm.generate_cli import model_path
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm_io import save_image, write_text
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    base = model_path(Path(args.base))
+    wanted = [m.strip() for m in args.models.split(",")]
+    if not wanted or not set(wanted) <= {"base", "tuned"} or ("tuned" in wanted and not args.tuned):
+        raise ValueError(f"--models {args.models}: give base, tuned or base,tuned (tuned needs --tuned)")
+    models = [(label, bundle) for label, bundle in (("base", base), ("tuned", Path(args.tuned or "")))
+              if label in wanted]
+    judge = Judge(load_clip_scorer(base), args.data, read_rows(args.emoji), args.emoji)
+    sets = [judge.prompt_set("heldout", args.data, "test"), judge.prompt_set("other", args.other, "train", args.other_prompts)]
+    print(f"prompts: {len(sets[0].names)} heldout, {len(sets[1].names)} other; style centroids from "
+          f"{judge.train_count} train emoji per style", file=sys.stderr)
+    results = {"settings": {"base": str(args.base), "tuned": str(args.tuned), "seeds": seeds, "steps": args.steps,
+                            "guidance": args.guidance, **{ps.key: ps.prompts("openmoji") for ps in sets}},
+               "reference": {ps.key: judge.reference(ps) for ps in sets}}
+    drawn = {}
+    jobs = [(ps, "openmoji") for ps in sets] + [(sets[1], "twemoji")]
+    for label, bundle in models:
+        results[label], pipe = {}, Text2ImagePipeline.from_pretrained(bundle)
+        for ps, style in jobs:
+            images, seconds = draw(pipe, ps.prompts(style), seeds, steps=args.steps, guidance=args.guidance)
+            key = ps.key if style == "openmoji" else f"{ps.key}_{style}"
+            results[label][key] = {**judge.measure(images, ps, seeds, style, ps.prompts(style)),
+                                   "sampling_seconds": round(seconds, 1)}
+            drawn[label, key] = images
+            print(f"{label} {key}: {json.dumps(results[label][key])}", file=sys.stderr)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "metrics.json", json.dumps(results, indent=2) + "\n")
+    rows, columns = [], {"OpenMoji\n(real)": [], "Twemoji\n(real)": []}
+    grid_seeds = seeds[:2]
+    for ps, count in zip(sets, (int(n) for n in args.grid_rows.split(","))):
+        shown = list(range(0, len(ps.names), max(1, len(ps.names) // max(count, 1))))[:count]
+        rows += [f"{ps.names[i]}, openmoji style" + (" *" if ps.key == "heldout" else "") for i in shown]
+        columns["OpenMoji\n(real)"] += [ps.real["openmoji"][i] for i in shown]
+        columns["Twemoji\n(real)"] += [ps.real["twemoji"][i] for i in shown]
+        for label, _ in models:
+            for s in grid_seeds:
+                title = f"{'base' if label == 'base' else 'fine-tuned'}\nseed {s}"
+                columns.setdefault(title, []).extend(drawn[label, ps.key][i * len(seeds) + seeds.index(s)] for i in shown)
+    save_image(grid(rows, list(columns.items())), args.out / "grid.png")
+    print(json.dumps({k: results[k] for k in ("reference", *(label for label, _ in models))}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
