@@ -270,10 +270,19 @@ class TextTrainingConfig:
 
 
 @dataclass
+class FinetuneCheckpointConfig(CheckpointConfig):
+    """CheckpointConfig at fine-tuning's scale: with 500 steps in all, one every 100 (as the validations), so a
+    stopped fine-tune resumes from at most 100 steps back rather than from the start."""
+
+    every: int = 100
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
 
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    checkpoint: FinetuneCheckpointConfig = field(default_factory=FinetuneCheckpointConfig)
     objective: FinetuneObjectiveConfig = field(default_factory=FinetuneObjectiveConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     train: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
