@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -114,8 +113,6 @@ class FinetuneTrainer(LDMTrainer):
                     "new_words": "text.train=new_words learns a row for each", "full": "text.train=full trains the encoder"}[mode]
             self.notes.append(f"{len(words)} caption words are unknown to the text encoder (their tokens share one row "
                               f"of its token table, so the frozen encoder reads them all as one word): {listed}; {what}")
-            if self.accelerator.is_main_process:
-                print(f"data: {self.notes[-1]}", file=sys.stderr)
         if mode == "frozen" or (mode == "new_words" and not words):
             return {}
         named = dict(self.text_encoder.named_parameters())
