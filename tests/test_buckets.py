@@ -17,8 +17,8 @@ from train.data.buckets import assign, make_buckets
 from train.run.log import read_csv
 from train.run.order import BucketOrder
 from train.unet.cache import LatentCache, build_cache
-from train_fakes import (TrainFakeAutoencoder, make_imagefolder, reset_accelerate, tiny_config, tiny_text_encoder,
-                         one_thread)  # noqa: F401  (one_thread: autouse fixture)
+from train_fakes import TrainFakeAutoencoder, make_imagefolder, tiny_config, tiny_text_encoder
+from train_fakes import fresh_accelerate, one_thread  # noqa: F401  (autouse fixtures)
 
 # (width, height): square, 3:2 landscape, 2:3 portrait
 MIXED = [(32, 32), (48, 32), (32, 48)]
@@ -26,12 +26,6 @@ MIXED = [(32, 32), (48, 32), (32, 48)]
 # (width x height, about 32 x 32 pixels, sides in [16, 64]) include 40x24 and 24x40, nearest to 3:2 and 2:3
 GRANULARITY = 8
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
 
 
 # -- buckets and assignment ----------------------------------------------------------------------------

@@ -13,17 +13,12 @@ from ldm.testing import build_bundle
 from train.run.config import load_config
 from train.unet.cache import LatentCache
 from train.unet.config import FinetuneConfig
-from train_fakes import make_imagefolder, reset_accelerate, one_thread  # noqa: F401
+from train_fakes import make_imagefolder
+from train_fakes import fresh_accelerate, one_thread  # noqa: F401  (autouse fixtures)
 
 # the base model's own captions: what ``ldm pack`` keeps; "purple" and "sketch" are words it never saw
 BASE_CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "bar")]
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    reset_accelerate()
-    yield
-    reset_accelerate()
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,14 @@ def reset_accelerate() -> None:
 
 
 @pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Each test starts and ends with accelerate's process-wide state forgotten (a module imports this to use it)."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and far faster than on two when the cores are shared."""
     before = torch.get_num_threads()
