@@ -366,8 +366,11 @@ def claim_outputs(args: argparse.Namespace) -> list[Path]:
     else:
         paths = output_paths(args.out, max(args.num_images, 1))
         paths += [grid_path(paths)] if len(paths) > 1 else []
-    for path in paths:
-        claim_output_file(path, command="ldm generate", ours=written_by_ldm, inputs=[args.from_png])
+    for i, path in enumerate(paths):
+        # every path is in the first one's folder, so only the first and those that exist need a check of their own
+        # (a million --num-images stay a quick one-line error, not a million writability probes)
+        if i == 0 or os.path.lexists(path):
+            claim_output_file(path, command="ldm generate", ours=written_by_ldm, inputs=[args.from_png])
     return paths
 
 
