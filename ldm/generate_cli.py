@@ -34,20 +34,25 @@ LONG_RUN = 120  # seconds: a run estimated to take longer says so after its seco
 MEMORY_SHARE = 0.8  # the most of the free memory a run's estimate may claim
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by generate and sweep: the model and how to run it."""
+def add_model_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """Options shared by generate and sweep: the model and how to run it. ``sweep``: leave out --steps, --method
+    and --eta (a sweep's are lists) and --batch-size's default (a sweep's is as large as memory allows)."""
     p.add_argument("--model", type=Path, default=None, help="model bundle folder, a Stable Diffusion 1.x/2.x single .safetensors file (converted once, then cached), or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--method", default="ddim",
-                   help="sampler: ddim, ddpm, dpmpp-2m (DPM-Solver++ 2M), euler or euler-a (Euler ancestral) (default ddim)")
+    if not sweep:
+        p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+        p.add_argument("--method", default="ddim",
+                       help="sampler: ddim, ddpm, dpmpp-2m (DPM-Solver++ 2M), euler or euler-a (Euler ancestral) (default ddim)")
     p.add_argument("--sigmas", default=None,
                    help="noise levels for dpmpp-2m, euler and euler-a: karras (Karras et al. 2022, rho 7; A1111's "
                         "\"Karras\" schedule type); default: the model's timestep grid, as ddim and ddpm use")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like; ddim only (default 0)")
+    if not sweep:
+        p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like; ddim only (default 0)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the autoencoder's factor")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the autoencoder's factor")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batched U-Net call (default 8)")
+    p.add_argument("--batch-size", type=int, default=None if sweep else 8,
+                   help="images per batched U-Net call (default: " + ("as large as memory allows, up to 64 on a CPU and "
+                                                                      "256 on a GPU)" if sweep else "8)"))
     p.add_argument("--backend", default="auto",
                    help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model) "
                         "or auto: onnx on the CPU, torch elsewhere (default auto)")
