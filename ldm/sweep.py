@@ -54,7 +54,7 @@ AXIS_NAMES = {"guidance": "w", "guidance_method": "guidance method", "steps": "s
 BOOTSTRAP = 200  # resamples behind each interval (as ldm.fidelity's)
 LEVEL = 0.95  # the intervals' coverage
 ATTRIBUTES = ("colour", "shape", "size", "position", "all")  # ldm.shapes.score_attributes' keys
-MIX_WEIGHTS = False  # whether one sampler batch may hold rows of several weights (the pipeline takes per-row w)
+MIX_WEIGHTS = True  # whether one sampler batch may hold rows of several weights (the pipeline takes per-row w)
 
 
 @dataclass(frozen=True)
