@@ -132,7 +132,7 @@ def make_spec(args: argparse.Namespace, prompts: list[str]):
     cells = make_cells(parse_list(args.guidance, float, "--guidance"), methods, parse_list(args.steps, int, "--steps"),
                        [m.strip() for m in args.method.split(",") if m.strip()], parse_list(args.eta, float, "--eta"))
     return SweepSpec(prompts, parse_list(args.seeds, int, "--seeds"), cells, args.negative, args.sigmas, args.height,
-                     args.width, args.batch_size or 1)
+                     args.width, 1 if args.batch_size is None else args.batch_size)  # None: auto_batch_size
 
 
 def check_cells(args: argparse.Namespace, model: Path, spec) -> tuple:
@@ -200,8 +200,10 @@ class Ranks:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ldm.generate_cli import check_device
     from ldm.sweep import claim_sweep_output, start_output, write_images
 
+    check_device(args.device, args.backend)
     ranks = Ranks(args.device)
     if ranks.state is not None and ranks.state.device.type == "cuda":
         args.device = str(ranks.state.device)  # one GPU per process

@@ -108,7 +108,7 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     t0 = time.perf_counter()
     res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
     clip_metrics(res, scorer)
-    images = res.images[4.0]
+    images = res.images[res.cells[0]]
     k = len(seeds)
     row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
     scores = scorer.score(images, [p for p in res.prompts for _ in seeds])  # (N,)
@@ -127,7 +127,7 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     sweep = run_sweep(pipe, EMOJI_TRAIN_PROMPTS[:2] + heldout[:2], [1.0, 2.0, 3.0, 4.0, 6.0, 8.0], seeds, steps=50)
     clip_metrics(sweep, scorer)
     write_outputs(sweep, out / "sweep-emoji")
-    report["sweep_emoji"] = {"prompts": sweep.prompts, "metrics": {str(w): m for w, m in sweep.metrics.items()},
+    report["sweep_emoji"] = {"prompts": sweep.prompts, "metrics": {str(c.guidance): m for c, m in sweep.metrics.items()},
                              "seconds": time.perf_counter() - t0}
 
     rows, metrics = [], {}
@@ -137,8 +137,8 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
             t0 = time.perf_counter()
             res = run_sweep(pipe, prompts, [4.0], [0, 1], steps=steps, method=method)
             clip_metrics(res, scorer)
-            metrics[f"{method} {steps}"] = {**res.metrics[4.0], "seconds": time.perf_counter() - t0}
-            rows.append((f"{method.upper()} {steps} steps  CLIP {res.metrics[4.0]['clip_score']:.1f}", res.images[4.0]))
+            metrics[f"{method} {steps}"] = {**res.metrics[res.cells[0]], "seconds": time.perf_counter() - t0}
+            rows.append((f"{method.upper()} {steps} steps  CLIP {res.metrics[res.cells[0]]['clip_score']:.1f}", res.images[res.cells[0]]))
     row_grid(rows).save(out / "samplers-emoji.png")
     report["samplers_emoji"] = {"prompts": prompts, "seeds": [0, 1], "guidance": 4.0, "metrics": metrics}
 
@@ -152,7 +152,7 @@ def shapes_section(bundle: Path, out: Path, report: dict) -> None:
     sweep = run_sweep(pipe, SHAPES_PROMPTS, [0.0, 1.0, 2.0, 4.0, 6.0, 8.0], seeds, steps=50, batch_size=32)
     shapes_metrics(sweep)
     write_outputs(sweep, out / "sweep-shapes")
-    report["sweep_shapes"] = {"prompts": sweep.prompts, "metrics": {str(w): m for w, m in sweep.metrics.items()}}
+    report["sweep_shapes"] = {"prompts": sweep.prompts, "metrics": {str(c.guidance): m for c, m in sweep.metrics.items()}}
 
     rows, metrics = [], {}
     for method in ("ddim", "ddpm"):
@@ -160,8 +160,8 @@ def shapes_section(bundle: Path, out: Path, report: dict) -> None:
             t0 = time.perf_counter()
             res = run_sweep(pipe, SHAPES_PROMPTS, [4.0], seeds, steps=steps, method=method, batch_size=32)
             shapes_metrics(res)
-            metrics[f"{method} {steps}"] = {**res.metrics[4.0], "seconds": time.perf_counter() - t0}
-            rows.append((f"{method.upper()} {steps}  all-correct {res.metrics[4.0]['all_acc']:.2f}", res.images[4.0][::4]))
+            metrics[f"{method} {steps}"] = {**res.metrics[res.cells[0]], "seconds": time.perf_counter() - t0}
+            rows.append((f"{method.upper()} {steps}  all-correct {res.metrics[res.cells[0]]['all_acc']:.2f}", res.images[res.cells[0]][::4]))
     row_grid(rows, scale=2, label_w=200).save(out / "samplers-shapes.png")
     report["samplers_shapes"] = {"prompts": SHAPES_PROMPTS, "seeds": seeds, "guidance": 4.0, "metrics": metrics}
 
