@@ -29,7 +29,6 @@ A model that has learned anything shows alignment rising with w and diversity fa
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
@@ -487,11 +486,6 @@ def fidelity_metrics(result: SweepResult, embeddings: dict[Cell, torch.Tensor], 
     for cell in result.cells:
         est = fidelity.fidelity_metrics(embeddings[cell], reference, bootstrap=bootstrap, seed=0)
         result.metrics.setdefault(cell, {}).update(fidelity.flat_metrics(est))
-
-
-def spec_hash(spec: SweepSpec) -> str:
-    """A short hash of the request (what a resumed sweep must match)."""
-    return hashlib.sha256(json.dumps(replace(spec, batch_size=0).as_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- the output folder ------------------------------------------------------------------------------------------

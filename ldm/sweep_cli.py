@@ -120,8 +120,13 @@ def load_reference_set(args: argparse.Namespace):
         return None
     from ldm.fidelity import METADATA, load_reference
 
-    captioned = (args.reference / METADATA).is_file()
-    return load_reference(args.reference, args.split if captioned and args.split != "all" else None)
+    split = args.split if (args.reference / METADATA).is_file() and args.split != "all" else None
+    try:
+        return load_reference(args.reference, split)
+    except ValueError as exc:
+        if split is None:
+            raise
+        raise UsageError(f"--reference with --split {split}: {exc} (--split all uses every image)") from None
 
 
 def make_spec(args: argparse.Namespace, prompts: list[str]):
@@ -217,8 +222,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             claim_sweep_output(args.out, overwrite=args.overwrite, resume=args.resume, models=[model, args.clip])
             reference = load_reference_set(args)  # before the long part: a bad --reference is a one-line error now
-            if reference is not None and clip_scorer(args.clip or model) is None:
-                raise UsageError("--reference needs a CLIP to embed images with; give --clip a CLIP folder")
+            if reference is not None:
+                if clip_scorer(args.clip or model) is None:
+                    raise UsageError("--reference needs a CLIP to embed images with; give --clip a CLIP folder")
+                if len(reference) < 2 or len(spec.prompts) * len(spec.seeds) < 2:
+                    raise UsageError(f"--reference: KID, FD and CMMD need 2 or more images per set; the reference has "
+                                     f"{len(reference)}, each cell {len(spec.prompts) * len(spec.seeds)} (prompts x seeds)")
             if args.batch_size is None:
                 spec.batch_size = auto_batch_size(args, model, spec)
             est, free = check_cells(args, model, spec)

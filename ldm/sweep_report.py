@@ -192,11 +192,22 @@ def metrics_table(result: SweepResult) -> str:
     return table.getvalue()
 
 
+def _json_safe(x):
+    """NaN (an interval that could not be drawn: one image, --bootstrap 0) as null: metrics.json stays JSON."""
+    if isinstance(x, float) and x != x:
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def metrics_record(result: SweepResult, suggestion: Optional[dict]) -> dict:
     """metrics.json: the request, the axes that vary, each cell with its metrics, and the suggestion."""
-    return {"prompts": result.prompts, "seeds": result.seeds, "axes": result.axes,
-            "cells": [{**asdict(c), "key": c.key, "metrics": result.metrics.get(c, {})} for c in result.cells],
-            "suggestion": suggestion}
+    return _json_safe({"prompts": result.prompts, "seeds": result.seeds, "axes": result.axes,
+                       "cells": [{**asdict(c), "key": c.key, "metrics": result.metrics.get(c, {})} for c in result.cells],
+                       "suggestion": suggestion})
 
 
 # -- suggestion -------------------------------------------------------------------------------------------------
@@ -385,7 +396,8 @@ def write_report(result: SweepResult, out: Path) -> dict[str, Path]:
     suggestion = suggest(result)
     paths = {"grid.png": grids[0]}
     paths["metrics.csv"] = write_text(out / "metrics.csv", metrics_table(result))
-    paths["metrics.json"] = write_text(out / "metrics.json", json.dumps(metrics_record(result, suggestion), indent=2))
+    paths["metrics.json"] = write_text(out / "metrics.json", json.dumps(metrics_record(result, suggestion), indent=2,
+                                                                        allow_nan=False))
     paths["metrics.png"] = out / "metrics.png"
     plot_metrics(result, paths["metrics.png"])
     paths["pareto.png"] = out / "pareto.png"

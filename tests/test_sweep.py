@@ -84,6 +84,7 @@ def test_batch_plan_covers_every_image_once_and_shares_batches_only_where_one_sa
         assert len(settings) == 1  # one sampler run: one method, step count, eta and guidance method
         ws = {cells[c].guidance for c in b.cells}
         assert ws <= {0.0} or ws <= {1.0} or not ws & {0.0, 1.0}  # half-size calls (w 0, 1) batched apart
+    assert any(len({cells[c].guidance for c in b.cells}) > 1 for b in batches)  # weights share batches
     assert plan_batches(spec) == batches  # a function of the request
 
 

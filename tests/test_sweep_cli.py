@@ -222,3 +222,44 @@ def test_a_killed_sweep_resumed_gives_the_metrics_of_an_unbroken_one(bundle, tmp
     assert proc.returncode == -signal.SIGKILL and 5 <= n < 36 and not (out / "metrics.json").exists()
     assert main(sweep(bundle, out, *args, "--resume")) == 0
     assert (out / "metrics.json").read_text() == (tmp_path / "whole" / "metrics.json").read_text()
+
+
+def test_the_batch_size_is_as_large_as_memory_allows(bundle, monkeypatch):
+    """The largest power of two whose memory estimate (ldm.pipeline.memory_estimate) fits the share of free memory
+    a run may claim, at most 64 on a CPU and the largest group of rows that can share a batch."""
+    import argparse
+
+    from ldm import generate_cli
+    from ldm.bundle import read_geometry
+    from ldm.pipeline import memory_estimate
+    from ldm.sweep import SweepSpec, make_cells
+    from ldm.sweep_cli import auto_batch_size
+
+    args = argparse.Namespace(height=None, width=None, device="cpu")
+    spec = SweepSpec([f"p{k}" for k in range(10)], list(range(10)), make_cells([2, 3], ["cfg", "apg"]))  # 200-row groups
+    monkeypatch.setattr(generate_cli, "available_memory", lambda device: (1 << 40, "this machine has"))
+    assert auto_batch_size(args, bundle, spec) == 64
+    g = read_geometry(bundle)
+    need16 = memory_estimate(g, num_images=16, batch_size=16, height=32, width=32).total
+    monkeypatch.setattr(generate_cli, "available_memory", lambda device: ((need16 - 1) / generate_cli.MEMORY_SHARE, ""))
+    assert auto_batch_size(args, bundle, spec) == 8
+    small = SweepSpec(["p"], [0, 1, 2], make_cells([2, 3]))  # 6 rows can share a batch
+    monkeypatch.setattr(generate_cli, "available_memory", lambda device: (1 << 40, "this machine has"))
+    assert auto_batch_size(args, bundle, small) == 6
+
+
+def test_a_reference_without_splits_needs_split_all(bundle, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for name in ("red", "blue"):
+        Image.new("RGB", (32, 32), name).save(ref / f"{name}.png")
+    (ref / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n}.png", "text": n}) + "\n"
+                                                for n in ("red", "blue")))
+    assert main(sweep(bundle, tmp_path / "s", "a koala", "--reference", str(ref))) == 2
+    assert "(--split all uses every image)" in capsys.readouterr().err
+    assert main(sweep(bundle, tmp_path / "s", "a koala", "--reference", str(ref), "--split", "all", "--seeds", "0")) == 2
+    assert "need 2 or more images per set; the reference has 2, each cell 1" in capsys.readouterr().err
+    assert main(sweep(bundle, tmp_path / "s", "a koala", "--reference", str(ref), "--split", "all", "--guidance", "2",
+                      "--seeds", "0,1", "--bootstrap", "0")) == 0
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())["cells"][0]["metrics"]
+    assert m["kid_n_reference"] == 2 and m["kid_n_generated"] == 2 and m["kid_low"] is None  # --bootstrap 0: no interval
