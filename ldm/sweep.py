@@ -438,9 +438,10 @@ def _put(m: dict, name: str, values: np.ndarray, n: int, bootstrap: int) -> None
 
 
 def clip_metrics(result: SweepResult, scorer, *, bootstrap: int = BOOTSTRAP,
-                 embeddings: Optional[dict[Cell, torch.Tensor]] = None) -> dict[Cell, torch.Tensor]:
+                 embeddings: Optional[dict[Cell, torch.Tensor]] = None, progress=None) -> dict[Cell, torch.Tensor]:
     """CLIP score and diversity per cell, with intervals, into ``result.metrics``; returns each cell's image
-    embeddings (N, E) (given in ``embeddings``, or computed) for the fidelity metrics."""
+    embeddings (N, E) (given in ``embeddings``, or computed) for the fidelity metrics. ``progress()`` after
+    each cell."""
     from ldm.fidelity import embed_images
 
     n_prompts, n_seeds = len(result.prompts), len(result.seeds)
@@ -458,11 +459,14 @@ def clip_metrics(result: SweepResult, scorer, *, bootstrap: int = BOOTSTRAP,
             sim = per @ per.transpose(1, 2)  # (P, S, S)
             off = ~torch.eye(n_seeds, dtype=torch.bool)
             _put(m, "diversity", (1 - sim[:, off]).numpy(), len(imgs), bootstrap)  # (P, S (S - 1)) pairs
+        if progress is not None:
+            progress()
     return out
 
 
-def shapes_metrics(result: SweepResult, *, bootstrap: int = BOOTSTRAP) -> bool:
-    """Attribute accuracy from the shapes checker, if every prompt is a shapes caption; returns whether it applied."""
+def shapes_metrics(result: SweepResult, *, bootstrap: int = BOOTSTRAP, progress=None) -> bool:
+    """Attribute accuracy from the shapes checker, if every prompt is a shapes caption; returns whether it applied.
+    ``progress()`` after each cell."""
     from ldm import shapes
 
     if not all(shapes.parse_caption(p) is not None for p in result.prompts):
@@ -474,18 +478,22 @@ def shapes_metrics(result: SweepResult, *, bootstrap: int = BOOTSTRAP) -> bool:
         for attr in ATTRIBUTES:
             right = np.array([bool(s[attr]) for s in scores], dtype=np.float64).reshape(len(result.prompts), -1)
             _put(m, f"{attr}_acc", right, len(scores), bootstrap)
+        if progress is not None:
+            progress()
     return True
 
 
 def fidelity_metrics(result: SweepResult, embeddings: dict[Cell, torch.Tensor], reference: torch.Tensor, *,
-                     bootstrap: int = BOOTSTRAP) -> None:
+                     bootstrap: int = BOOTSTRAP, progress=None) -> None:
     """KID, FD and CMMD of each cell's images against the reference embeddings (``ldm.fidelity``), into
-    ``result.metrics``."""
+    ``result.metrics``. ``progress()`` after each cell."""
     from ldm import fidelity
 
     for cell in result.cells:
         est = fidelity.fidelity_metrics(embeddings[cell], reference, bootstrap=bootstrap, seed=0)
         result.metrics.setdefault(cell, {}).update(fidelity.flat_metrics(est))
+        if progress is not None:
+            progress()
 
 
 # -- the output folder ------------------------------------------------------------------------------------------

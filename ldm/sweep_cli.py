@@ -285,19 +285,28 @@ def record_common(args: argparse.Namespace, model: Path, pipe, spec) -> dict:
 
 def report(args: argparse.Namespace, model: Path, spec, reference) -> int:
     """Read the sweep's images back, measure every cell, write the reading files and print the suggestion."""
+    from tqdm import tqdm
+
     from ldm.sweep import clip_metrics, fidelity_metrics, read_images, shapes_metrics
     from ldm.sweep_report import base_metrics, suggest, suggestion_text, write_report
 
     result = read_images(spec, args.out)
     scorer = clip_scorer(args.clip or model)
-    embeddings = clip_metrics(result, scorer, bootstrap=args.bootstrap) if scorer is not None else None
-    shapes_metrics(result, bootstrap=args.bootstrap)
-    if reference is not None:
-        if scorer is None:
-            raise UsageError("--reference needs a CLIP to embed images with; give --clip a CLIP folder")
-        from ldm.fidelity import reference_embeddings
+    groups = (scorer is not None) + (reference is not None) + 1  # CLIP, fidelity, shapes: a pass over the cells each
+    bar = None if args.quiet else tqdm(total=groups * len(result.cells), desc="measure", unit="cell", leave=False,
+                                       file=sys.stderr)
+    tick = None if bar is None else (lambda: bar.update(1))
+    try:
+        embeddings = clip_metrics(result, scorer, bootstrap=args.bootstrap, progress=tick) if scorer is not None else None
+        shapes_metrics(result, bootstrap=args.bootstrap, progress=tick)
+        if reference is not None:
+            from ldm.fidelity import reference_embeddings
 
-        fidelity_metrics(result, embeddings, reference_embeddings(reference, scorer), bootstrap=args.bootstrap)
+            fidelity_metrics(result, embeddings, reference_embeddings(reference, scorer), bootstrap=args.bootstrap,
+                             progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
     paths = write_report(result, args.out)
     names = base_metrics(result)
     for cell in result.cells:
