@@ -379,7 +379,7 @@ def parse_guidance_method(spec: Union[str, GuidanceMethod, None]) -> GuidanceMet
     name, sep, rest = spec.strip().partition(":")
     name = name.strip().lower()
     if name not in METHODS:
-        raise ValueError(f"guidance method {spec!r} is not one of: {SPEC_FORMS}")
+        raise ValueError(f"guidance method {spec!r} is unknown; allowed: {SPEC_FORMS}")
     defaults, rest = METHODS[name], rest.strip()
     if sep and not rest or name == "cfg" and sep:
         raise ValueError(f"guidance method {spec!r}: " + ("cfg takes no parameters" if name == "cfg" else
@@ -412,7 +412,7 @@ def parse_guidance_methods(text: str) -> list[GuidanceMethod]:
     """A comma-separated list of specs (a sweep's ``--guidance-method``): ``cfg,rescale:0.7,apg:eta=0,r=15``.
     A piece of the form KEY=VALUE continues the apg spec before it, so apg's own commas need no quoting."""
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"guidance methods {text!r}: give one or more of: {SPEC_FORMS}, separated by commas")
+        raise ValueError(f"guidance methods {text!r}: give one or more, separated by commas; allowed: {SPEC_FORMS}")
     specs: list[str] = []
     for piece in text.split(","):
         if "=" in piece and ":" not in piece and specs:
