@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the weight is applied: cfg (classifier-free guidance); rescale[:PHI] (CFG rescaled to the "
                         "conditional prediction's std, Lin et al. 2023; PHI in [0, 1], default 0.7); interval:LO-HI (CFG only "
                         "at noise levels sigma in (LO, HI], the conditional model elsewhere, Kynkaanniemi et al. 2024; "
-                        "sigma = sqrt((1 - abar_t) / abar_t), e.g. interval:0.3-5, HI may be inf); "
+                        "sigma = sqrt((1 - abar_t) / abar_t), 0.03 to 14.6 on the shipped models, e.g. interval:0.3-5, HI may "
+                        "be inf); "
                         "apg[:eta=E,r=R,beta=B] (adaptive projected guidance, Sadat et al. 2024: parallel-part weight "
                         "E in [0, 1], norm threshold R > 0 or inf, momentum -1 < B < 1; default eta=0,r=15,beta=-0.5) "
                         "(default cfg)")

@@ -154,13 +154,14 @@ class RescaledGuidance(ClassifierFreeGuidance):
     std over every dimension but the batch (per sample), as diffusers' ``rescale_noise_cfg``.
 
     Which output: the v prediction, whatever the model predicts (eps and x0 models are converted to v
-    and back with abar at t). The paper's models predict v and its fix targets the over-exposed x0 that
-    a high w gives; matching the std of v rather than of eps keeps it a statement about the image (v is
-    a unit-variance mix of x0 and eps at every t, and at low noise it is dominated by -x0), and it is what
-    ComfyUI's RescaleCFG does for every model. For a v-prediction model this is exactly diffusers'
-    ``rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=phi)`` on the model's outputs (a
-    diffusers pipeline applies that function to whatever its model outputs, eps for SD 1.x, so for eps
-    models the two differ). phi = 0 is plain CFG (the same arithmetic; the paper recommends 0.7).
+    and back with abar at t). The paper's models are trained with v prediction (its fix 2), so the formula
+    as published acts on v; its aim is the over-exposed x0 that a high w gives, and matching the std of v
+    rather than of eps keeps it a statement about the image (v is a unit-variance mix of x0 and eps at every
+    t, dominated by -x0 at low noise, where eps's std says nothing about the image). ComfyUI's RescaleCFG
+    likewise converts every model's output to a v-style prediction before rescaling. For a v-prediction
+    model this is exactly diffusers' ``rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale=phi)``
+    on the model's outputs (a diffusers pipeline applies that function to whatever its model outputs, eps for
+    SD 1.x, so for eps models the two differ). phi = 0 is plain CFG (the same arithmetic); the paper uses 0.7.
     """
 
     def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, *,
