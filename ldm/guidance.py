@@ -6,6 +6,8 @@ Each wrapper turns a conditional model ``model(x_t, t, context) -> output`` and 
 negative prompt, and the prompt) into a ``denoise(x_t, t)`` with the sampler's signature, and makes ONE
 batched model call on [uncond, cond] per step (or one half-size call where it needs one context only:
 w = 1 is the conditional model alone for every method, w = 0 the unconditional one for cfg and interval).
+A wrapper also takes one weight per row (``guidance`` a sequence of B numbers, for sweeps that batch several
+weights): then every guided call is the batched one, and each row is what its own scalar w gives.
 It always returns a tensor of x_t's shape, whatever w is.
 
 The CFG combination is valid for eps, x0 and v outputs: all three are affine in the score at fixed
@@ -31,7 +33,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -41,6 +43,28 @@ from ldm.schedule import (
 
 # model(x_t (B, C, H, W), t (B,), context (B, L, D)) -> output (B, C, H, W)
 ConditionalModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# w: one weight, or one per row of x_t
+Weights = Union[float, Sequence[float], torch.Tensor]
+
+
+def _check_weights(guidance) -> Union[float, tuple[float, ...]]:
+    """A float for one weight, a tuple of floats for per-row weights; ValueError unless each is a number >= 0."""
+    if isinstance(guidance, torch.Tensor) and guidance.dim() == 1:
+        values = guidance.detach().cpu().tolist()
+    elif isinstance(guidance, (list, tuple)):
+        values = list(guidance)
+    else:
+        values = None
+    for v in values if values is not None else [guidance]:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+            raise ValueError(f"guidance={guidance!r} must be a number >= 0 (1 disables guidance) or a sequence of such")
+    if values is None:
+        return float(guidance)
+    if not values:
+        raise ValueError("guidance=[] has no weights; give a number >= 0 or one per row")
+    return tuple(float(v) for v in values)
 
 
 def _match_batch(context: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -59,18 +83,23 @@ class ClassifierFreeGuidance:
         model: ``model(x_t, t, context)``.
         cond: the prompt's context, (B, L, D) or (1, L, D).
         uncond: the empty-prompt or negative-prompt context, the same shape as ``cond``.
-        guidance: the weight w >= 0 (1 = no guidance; Stable Diffusion's default is 7.5).
+        guidance: the weight w >= 0 (1 = no guidance; Stable Diffusion's default is 7.5), or one weight per
+            row of x_t (a sequence or 1-D tensor of B numbers; a sweep batching several weights together): then
+            every call is the batched one, and a row of weight 1 gets the conditional output exactly.
     """
 
-    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: float):
-        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not guidance >= 0:
-            raise ValueError(f"guidance={guidance!r} must be a number >= 0 (1 disables guidance)")
+    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: Weights):
+        guidance = _check_weights(guidance)
         if cond.shape[1:] != uncond.shape[1:]:
             raise ValueError(f"cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} contexts differ in shape")
         self.model = model
         self.cond = cond
         self.uncond = uncond
-        self.guidance = float(guidance)
+        self.guidance = guidance  # a float, or a tuple of one float per row
+
+    @property
+    def per_row(self) -> bool:
+        return isinstance(self.guidance, tuple)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         batch = x_t.shape[0]
@@ -81,7 +110,22 @@ class ClassifierFreeGuidance:
         if self.guidance == 0:
             return self.model(x_t, t, uncond)
         out_uncond, out_cond = self._both(x_t, t, cond, uncond)
-        return out_uncond + self.guidance * (out_cond - out_uncond)
+        w = self._weight(x_t)
+        return self._exact_rows(out_uncond + w * (out_cond - out_uncond), out_cond, w)
+
+    def _weight(self, x: torch.Tensor) -> Union[float, torch.Tensor]:
+        """w: the float, or the per-row weights as a (B, 1, ..., 1) tensor of x's dtype."""
+        if not self.per_row:
+            return self.guidance
+        if len(self.guidance) != x.shape[0]:
+            raise ValueError(f"guidance has {len(self.guidance)} weights but x_t has batch {x.shape[0]}; "
+                             f"give one weight or {x.shape[0]}")
+        return torch.tensor(self.guidance, dtype=x.dtype, device=x.device).view(-1, *[1] * (x.dim() - 1))
+
+    @staticmethod
+    def _exact_rows(out: torch.Tensor, out_cond: torch.Tensor, w: Union[float, torch.Tensor]) -> torch.Tensor:
+        """Per-row weights: a row of weight 1 is the conditional output exactly, as a scalar w = 1 gives."""
+        return torch.where(w == 1, out_cond, out) if isinstance(w, torch.Tensor) else out
 
     def _contexts(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _match_batch(self.cond, batch, "cond"), _match_batch(self.uncond, batch, "uncond")
@@ -164,7 +208,7 @@ class RescaledGuidance(ClassifierFreeGuidance):
     SD 1.x, so for eps models the two differ). phi = 0 is plain CFG (the same arithmetic); the paper uses 0.7.
     """
 
-    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, *,
+    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: Weights, *,
                  phi: float, schedule: NoiseSchedule, prediction: str = "eps"):
         super().__init__(model, cond, uncond, guidance)
         _check_schedule(schedule, prediction, "rescale")
@@ -172,18 +216,19 @@ class RescaledGuidance(ClassifierFreeGuidance):
         self.phi, self.schedule, self.prediction = float(phi), schedule, prediction
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.phi == 0 or self.guidance == 1:
+        if self.phi == 0 or self.guidance == 1:  # (a tuple of per-row weights is never == 1)
             return super().__call__(x_t, t)
         cond, uncond = self._contexts(x_t.shape[0])
         out_uncond, out_cond = self._both(x_t, t, cond, uncond)
         abar = _abar(self.schedule, t)
         v_uncond, v_cond = _to_v(out_uncond, x_t, abar, self.prediction), _to_v(out_cond, x_t, abar, self.prediction)
-        v_cfg = v_uncond + self.guidance * (v_cond - v_uncond)
+        w = self._weight(x_t)
+        v_cfg = v_uncond + w * (v_cond - v_uncond)
         dims = _per_sample(v_cfg)
         std_cond, std_cfg = v_cond.std(dim=dims, keepdim=True), v_cfg.std(dim=dims, keepdim=True)
         ratio = torch.where(std_cfg > 0, std_cond / std_cfg, torch.ones_like(std_cfg))  # a constant x_cfg stays
         v = self.phi * (v_cfg * ratio) + (1 - self.phi) * v_cfg
-        return _from_v(v, x_t, abar, self.prediction)
+        return self._exact_rows(_from_v(v, x_t, abar, self.prediction), out_cond, w)
 
 
 class IntervalGuidance(ClassifierFreeGuidance):
@@ -197,7 +242,7 @@ class IntervalGuidance(ClassifierFreeGuidance):
     covers every step.
     """
 
-    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, *,
+    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: Weights, *,
                  sigma_lo: float, sigma_hi: float, schedule: NoiseSchedule, prediction: str = "eps"):
         super().__init__(model, cond, uncond, guidance)
         _check_schedule(schedule, prediction, "interval")
@@ -213,7 +258,8 @@ class IntervalGuidance(ClassifierFreeGuidance):
         if not bool(inside.any()):
             return self.model(x_t, t, cond)
         out_uncond, out_cond = self._both(x_t, t, cond, uncond)  # rows on both sides (t differs across rows)
-        guided = out_uncond + self.guidance * (out_cond - out_uncond)
+        w = self._weight(x_t)
+        guided = self._exact_rows(out_uncond + w * (out_cond - out_uncond), out_cond, w)
         return torch.where(inside.to(x_t.device).view(-1, *[1] * (x_t.dim() - 1)), guided, out_cond)
 
 
@@ -235,7 +281,7 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
     highest noise) or the batch shape changes. Make one wrapper per run where runs may share a t.
     """
 
-    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, *,
+    def __init__(self, model: ConditionalModel, cond: torch.Tensor, uncond: torch.Tensor, guidance: Weights, *,
                  eta: float = 0.0, r: float = 15.0, beta: float = -0.5, schedule: NoiseSchedule,
                  prediction: str = "eps"):
         super().__init__(model, cond, uncond, guidance)
@@ -280,8 +326,9 @@ class AdaptiveProjectedGuidance(ClassifierFreeGuidance):
         parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
         orthogonal = v0 - parallel
         update = (orthogonal + self.eta * parallel).to(diff.dtype)
-        x0 = x0_cond + (self.guidance - 1) * update
-        return _from_x0(x0, x_t, abar, self.prediction)
+        w = self._weight(x_t)
+        x0 = x0_cond + (w - 1) * update
+        return self._exact_rows(_from_x0(x0, x_t, abar, self.prediction), out_cond, w)
 
 
 # -- method specs ------------------------------------------------------------------------------------
@@ -424,7 +471,7 @@ def parse_guidance_methods(text: str) -> list[GuidanceMethod]:
 
 
 def make_guidance(method: Union[str, GuidanceMethod, None], model: ConditionalModel, cond: torch.Tensor,
-                  uncond: torch.Tensor, guidance: float, *, schedule: Optional[NoiseSchedule] = None,
+                  uncond: torch.Tensor, guidance: Weights, *, schedule: Optional[NoiseSchedule] = None,
                   prediction: str = "eps") -> ClassifierFreeGuidance:
     """The ``denoise(x_t, t)`` of ``method`` (a spec or ``GuidanceMethod``) with weight w = ``guidance``;
     ``schedule`` and ``prediction`` (the model's) are needed by every method but cfg. Make one per sampling run."""

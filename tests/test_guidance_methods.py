@@ -146,6 +146,31 @@ def test_interval_makes_half_size_calls_outside():
     assert torch.equal(out[1], cfg[1]) and torch.allclose(out[0], CountingModel()(x, t, cond)[0])
 
 
+@pytest.mark.parametrize("spec", ["cfg", "rescale:0.7", "interval:0.5-3", "apg:eta=0.2,r=3,beta=-0.5"])
+@pytest.mark.parametrize("sampler", [("ddim", None), ("euler", "karras")])
+def test_per_row_weights_give_each_row_its_scalar_run(spec, sampler):
+    """One weight per row (a sweep batching several w): row i is the run with the scalar w_i, exactly (every
+    operation is per row, and rows of weight 1 take the conditional output as the scalar w = 1 does). Every
+    guided step is the batched call (interval's steps outside its range stay half-size)."""
+    method, sigmas = sampler
+    weights = (1.0, 4.5)
+    model = CountingModel()
+    mixed = run(spec, w=list(weights), method=method, sigmas=sigmas, model=model)
+    assert set(model.batches) == ({2, 4} if spec.startswith("interval") else {4})
+    for i, w in enumerate(weights):
+        assert torch.equal(mixed[i], run(spec, w=w, method=method, sigmas=sigmas)[i]), (spec, w)
+    assert torch.equal(run(spec, w=torch.tensor(weights)), run(spec, w=list(weights)))
+
+
+def test_per_row_weights_must_match_the_batch():
+    cond, uncond = contexts()
+    with pytest.raises(ValueError, match="guidance has 3 weights but x_t has batch 2"):
+        make_guidance("cfg", CountingModel(), cond, uncond, [1.0, 2.0, 3.0])(torch.zeros(2, 4, 8, 8), torch.zeros(2).long())
+    for bad in ([], [1.0, -1.0], [2.0, "3"]):
+        with pytest.raises(ValueError, match="guidance"):
+            make_guidance("apg", CountingModel(), cond, uncond, bad, schedule=SCHEDULE)
+
+
 # -- agreement with the references -------------------------------------------------------------------
 
 def test_rescale_agrees_with_diffusers_rescale_noise_cfg():
