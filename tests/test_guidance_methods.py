@@ -265,7 +265,8 @@ def test_pipeline_takes_the_method_and_its_parameters(bundle):
     cfg = image("cfg")
     assert torch.equal(cfg, pipe("a koala", steps=4, guidance=6.0, seed=0, num_images=2, output="tensor"))
     assert torch.equal(image("rescale:0"), cfg) and torch.equal(image(parse_guidance_method("interval:0-inf")), cfg)
-    for a, b in [("rescale:0.3", "rescale:0.9"), ("interval:0.5-3", "interval:2-20"), ("apg:eta=0", "apg:eta=1")]:
+    for a, b in [("rescale:0.3", "rescale:0.9"), ("interval:0.5-3", "interval:2-20"), ("apg:eta=0", "apg:eta=1"),
+                 ("apg:beta=0", "apg:beta=-0.5"), ("apg:r=inf", "apg:r=0.5")]:
         assert not torch.equal(image(a), image(b)), (a, b)
     with pytest.raises(ValueError, match="guidance method 'apg:k=1'"):
         image("apg:k=1")
@@ -310,6 +311,13 @@ def test_cfg_record_and_text_and_old_records(bundle, tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--from-png", str(old), "--out", str(tmp_path / "again.png"), "--quiet"]) == 0
     assert "bit-identical" in capsys.readouterr().out
+    # a record whose method was edited into nonsense is named as damaged
+    info = PngInfo()
+    info.add_text(PNG_KEY, json.dumps({**record, "guidance_method": "apg:eta=7"}))
+    Image.open(out).save(old, pnginfo=info)
+    assert main(["generate", "--from-png", str(old), "--out", str(tmp_path / "again2.png"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "was edited or damaged" in err and "eta=7.0 is out of range" in err
 
 
 @pytest.mark.parametrize("spec", ["apg:eta=2", "sag", "interval:1"])
