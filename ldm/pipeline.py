@@ -31,7 +31,7 @@ from PIL import Image
 
 from ldm.backends import Backend, TorchBackend, make_backend
 from ldm.bundle import Geometry, load_parts
-from ldm.guidance import ClassifierFreeGuidance
+from ldm.guidance import GuidanceMethod, make_guidance, parse_guidance_method
 from ldm.samplers import check_method, randn, sample
 from ldm.schedule import NoiseSchedule, SamplingConfig, inference_timesteps
 
@@ -305,8 +305,10 @@ class Text2ImagePipeline:
         variance: str = "fixed_small",
         progress: Optional[Progress] = None,
         sigmas: Optional[str] = None,
+        guidance_method: Union[str, GuidanceMethod, None] = "cfg",
     ) -> torch.Tensor:
         """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
+        guidance_method = parse_guidance_method(guidance_method)
         check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=guidance,
                        batch_size=batch_size, sigmas=sigmas)
         shape = self.latent_shape(height, width)
@@ -318,7 +320,8 @@ class Text2ImagePipeline:
             cond, uncond = self._contexts(req.prompts[rows], req.negatives[rows], guidance)
             generators = [torch.Generator().manual_seed(s) for s in req.seeds[rows]]
             x_T = randn((len(generators), *shape), generators, torch.float32, self.device)  # (B, C, h, w)
-            denoise = ClassifierFreeGuidance(self.model, cond, uncond, guidance)
+            denoise = make_guidance(guidance_method, self.model, cond, uncond, guidance, schedule=self.schedule,
+                                    prediction=self.sampling.prediction)  # one per batch: APG's momentum is per run
 
             def step_done(i, t, x, x0, _base=done):
                 if progress is not None:
@@ -359,17 +362,19 @@ class Text2ImagePipeline:
         progress: Optional[Progress] = None,
         output: str = "pil",
         sigmas: Optional[str] = None,
+        guidance_method: Union[str, GuidanceMethod, None] = "cfg",
     ):
         """Images for each prompt (``num_images`` each), as PIL images (``output="pil"``) or a
         tensor (B, 3, H, W) in [-1, 1] (``output="tensor"``). Arguments as in ``ldm.samplers.sample``
         (``method`` ddim, ddpm, dpmpp-2m, euler or euler-a; ``sigmas`` None or "karras");
-        ``guidance`` is the classifier-free guidance weight w (1 = off, 0 = unconditional)."""
+        ``guidance`` is the classifier-free guidance weight w (1 = off, 0 = unconditional); ``guidance_method``
+        how it is applied, a spec or ``GuidanceMethod`` (``ldm.guidance``: cfg, rescale:PHI, interval:LO-HI, apg)."""
         if output not in ("pil", "tensor"):
             raise ValueError(f"output={output!r}; allowed: pil, tensor")
         req = self.request(prompt, negative_prompt, seed, num_images)
         latents = self.generate_latents(
             req, steps=steps, method=method, eta=eta, guidance=guidance, height=height, width=width,
-            batch_size=batch_size, variance=variance, progress=progress, sigmas=sigmas,
+            batch_size=batch_size, variance=variance, progress=progress, sigmas=sigmas, guidance_method=guidance_method,
         )
         images = torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
         return to_pil(images) if output == "pil" else images
