@@ -271,7 +271,7 @@ class Text2ImagePipeline:
     def _contexts(self, prompts: list[str], negatives: list[Optional[str]], guidance: float):
         """(cond, uncond) contexts (B, L, D); with guidance 1 the unconditional one is never used."""
         cond = self.text_encoder(prompts)[0]  # (B, L, D)
-        if guidance == 1:
+        if all(w == 1 for w in (guidance if isinstance(guidance, list) else [guidance])):
             uncond = cond
         elif all(n is None for n in negatives):
             uncond = self.text_encoder.empty_context(len(prompts))  # the one empty prompt of conditioning
@@ -298,7 +298,7 @@ class Text2ImagePipeline:
         steps: int = 50,
         method: str = "ddim",
         eta: float = 0.0,
-        guidance: float = 7.5,
+        guidance: Union[float, Sequence[float]] = 7.5,
         height: Optional[int] = None,
         width: Optional[int] = None,
         batch_size: int = 8,
@@ -307,20 +307,27 @@ class Text2ImagePipeline:
         sigmas: Optional[str] = None,
         guidance_method: Union[str, GuidanceMethod, None] = "cfg",
     ) -> torch.Tensor:
-        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
+        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time. ``guidance``: one
+        weight, or one per row of ``req`` (a sweep batching cells of several weights; ``ldm.guidance``)."""
         guidance_method = parse_guidance_method(guidance_method)
-        check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=guidance,
-                       batch_size=batch_size, sigmas=sigmas)
+        per_row = not isinstance(guidance, (int, float))
+        weights = list(guidance) if per_row else [guidance]
+        if per_row and len(weights) != len(req.prompts):
+            raise ValueError(f"got {len(weights)} guidance weights for {len(req.prompts)} rows; give one or one per row")
+        for w in dict.fromkeys(weights):
+            check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=w,
+                           batch_size=batch_size, sigmas=sigmas)
         shape = self.latent_shape(height, width)
         n = len(req.prompts)
         done, total = 0, steps * -(-n // batch_size)
         out = []
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
-            cond, uncond = self._contexts(req.prompts[rows], req.negatives[rows], guidance)
+            w = weights[rows] if per_row else guidance
+            cond, uncond = self._contexts(req.prompts[rows], req.negatives[rows], w)
             generators = [torch.Generator().manual_seed(s) for s in req.seeds[rows]]
             x_T = randn((len(generators), *shape), generators, torch.float32, self.device)  # (B, C, h, w)
-            denoise = make_guidance(guidance_method, self.model, cond, uncond, guidance, schedule=self.schedule,
+            denoise = make_guidance(guidance_method, self.model, cond, uncond, w, schedule=self.schedule,
                                     prediction=self.sampling.prediction)  # one per batch: APG's momentum is per run
 
             def step_done(i, t, x, x0, _base=done):

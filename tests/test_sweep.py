@@ -193,3 +193,21 @@ def test_pareto_front_and_the_suggestion_rule():
     assert s["on_pareto_front"] and "within 1% of the best" in s["rule"]
     result.metrics[Cell(8.0)]["kid"] = 0.030  # a tie on KID goes to the lower w
     assert suggest(result)["cell"]["guidance"] == 4.0
+
+
+def test_pipeline_takes_one_weight_per_row():
+    """A batch of rows with their own weights gives each row exactly what a batch of the same rows with that one
+    weight gives (the same shapes, so the same kernels; a row's arithmetic never sees another row's w)."""
+    from ldm.pipeline import GenerationRequest
+
+    pipe = make_pipe()
+    req = GenerationRequest(["a koala", "a cat", "a koala", "a cat"], [None] * 4, [1, 2, 3, 4])
+    for method in ("cfg", "apg", "rescale:0.7"):
+        mixed = pipe.generate_latents(req, steps=3, guidance=[2.0, 5.0, 2.0, 5.0], guidance_method=method)
+        for w, rows in ((2.0, [0, 2]), (5.0, [1, 3])):
+            alone = pipe.generate_latents(req, steps=3, guidance=w, guidance_method=method)
+            assert torch.equal(mixed[rows], alone[rows]), (method, w)
+    with pytest.raises(ValueError, match="got 3 guidance weights for 4 rows"):
+        pipe.generate_latents(req, steps=2, guidance=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="guidance=-1.0 must be a finite number >= 0"):
+        pipe.generate_latents(req, steps=2, guidance=[1.0, 2.0, 3.0, -1.0])
