@@ -144,10 +144,10 @@ def check_cells(args: argparse.Namespace, model: Path, spec) -> tuple:
     """Every cell's sampler options checked against the model, and the device and memory for one batch
     (``check_request``), before anything loads; returns the estimate and the free memory of the last check."""
     est = free = None
-    for steps, method, eta in dict.fromkeys((c.steps, c.method, c.eta) for c in spec.cells):
-        weights = sorted({c.guidance for c in spec.cells if (c.steps, c.method, c.eta) == (steps, method, eta)})
-        one = argparse.Namespace(**{**vars(args), "steps": steps, "method": method, "eta": eta,
-                                    "batch_size": spec.batch_size})
+    for setting in dict.fromkeys((c.steps, c.method, c.eta, c.guidance_method) for c in spec.cells):
+        weights = sorted({c.guidance for c in spec.cells if (c.steps, c.method, c.eta, c.guidance_method) == setting})
+        one = argparse.Namespace(**{**vars(args), "batch_size": spec.batch_size,
+                                    **dict(zip(("steps", "method", "eta", "guidance_method"), setting))})
         est, free = check_request(one, model, spec.batch_size, grid=False, guidances=weights,
                                   fewer="a smaller --batch-size")
     return est, free
