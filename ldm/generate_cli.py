@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
     for image, record, path in zip(images, records, paths):
         save_png(image, path, record)
     if len(images) > 1:
-        from ldm.pipeline import image_grid
+        from ldm.runtime.images import image_grid
         from ldm_io import save_image
 
         cols = min(len(images), 8)

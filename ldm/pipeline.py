@@ -35,6 +35,7 @@ from PIL import Image
 from ldm.backends import Backend, TorchBackend, make_backend
 from ldm.bundle import Geometry, load_parts
 from ldm.guidance import ClassifierFreeGuidance
+from ldm.runtime.images import image_grid  # noqa: F401  (re-exported)
 from ldm.runtime.steps import apply_step
 from ldm.samplers import check_method, randn
 from ldm.schedule import NoiseSchedule, SamplingConfig, inference_timesteps
@@ -392,14 +393,3 @@ class Text2ImagePipeline:
         )
         images = self.decode(latents)  # (B, 3, H, W)
         return to_pil(images) if output == "pil" else images
-
-
-def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
-    """Tile equally sized images row-major into one image."""
-    if len(images) != rows * cols:
-        raise ValueError(f"{len(images)} images do not fill a {rows}x{cols} grid")
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid

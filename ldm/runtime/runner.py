@@ -15,7 +15,7 @@ size, a bad argument), raises ``Unsupported`` and the caller runs the torch pipe
 answer or the proper error.
 
 What each image sees matches the pipeline: its prompts encoded alone, its own generator's noise
-(``ldm.runtime.noise``: torch's, to 1 ulp), one U-Net call per step on its [uncond, cond] pair, guidance
+(``ldm.runtime.noise``: torch's, to a few ulp), one U-Net call per step on its [uncond, cond] pair, guidance
 ``out_u + w (out_c - out_u)`` in float32, decoding alone, rounding as ``ldm.pipeline.to_pil``.
 """
 
