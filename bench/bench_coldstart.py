@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's ldm, not an installed one
 PHASES = ("start-up and imports", "loading", "text encoding", "sampling", "decoding", "png")
 PATHS = {"torch": ["--runtime", "torch"], "torch-free": []}
 

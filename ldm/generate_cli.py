@@ -6,6 +6,10 @@ with their hashes and scales, the batch it was made in, and package versions.
 `ldm generate --from-png FILE` reads them back and regenerates the image; on the same machine
 the result is bit-identical.
 
+On the CPU, once the model's ONNX graphs are exported (by a first run), images are made without torch
+(numpy + ONNX Runtime, ldm.runtime), which starts in a fraction of the time; --runtime torch always
+uses the torch pipeline. Image i of a batch is the image made alone from seed + i, bit for bit.
+
 --lora FILE[:SCALE] (repeatable) merges a LoRA into the model's U-Net, W + SCALE * (alpha/r) B A,
 in the order given: a bundle written by `ldm finetune` (or its pytorch_lora_weights.safetensors,
 diffusers' layout) or a kohya/A1111 file (lora_unet_*.lora_down/lora_up.weight); SCALE defaults to 1.
