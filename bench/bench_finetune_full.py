@@ -187,7 +187,7 @@ def run_case(args, case: str, work: Path, result: Path) -> dict:
     base_unet = None
     if config.lora.method == "lora":
         base_unet = copy.deepcopy(unet)  # the bundle's unet/ (finetune keeps the untouched base weights)
-        add_lora(unet, config.lora)
+        add_lora(unet, config.lora, config.train.seed)
     else:
         unet.requires_grad_(True)
     record["trainable_parameters"] = sum(p.numel() for p in unet.parameters() if p.requires_grad)

@@ -1,7 +1,7 @@
 """Generate images from a prompt.
 
 Each PNG carries, in its text chunks, everything needed to make it again: prompt, negative
-prompt, seed, steps, method, sigmas, eta, guidance, size, the model's path and hash, the LoRA files
+prompt, seed, steps, method, sigmas, eta, guidance weight and method, size, the model's path and hash, the LoRA files
 with their hashes and scales, the batch it was made in, and package versions.
 `ldm generate --from-png FILE` reads them back and regenerates the image; on the same machine
 the result is bit-identical.
@@ -19,6 +19,7 @@ examples:
   ldm generate "a small red circle at the top left" --model shapes --guidance 4 --num-images 8 --out circles.png
   ldm generate "koala, twemoji style" --lora runs/finetune/bundle:0.8 --lora other_style.safetensors:0.5
   ldm generate "koala, twemoji style" --method dpmpp-2m --sigmas karras --steps 15
+  ldm generate "koala, twemoji style" --guidance 12 --guidance-method apg:eta=0,r=15,beta=-0.5
   ldm generate --from-png circles-3.png
 """
 
@@ -67,6 +68,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", help="the text prompt")
     add_model_arguments(p)
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance weight w >= 0; 1 = off (default 7.5)")
+    p.add_argument("--guidance-method", default="cfg", metavar="SPEC",
+                   help="how the weight is applied: cfg (classifier-free guidance); rescale[:PHI] (CFG rescaled to the "
+                        "conditional prediction's std, Lin et al. 2023; PHI in [0, 1], default 0.7); interval:LO-HI (CFG only "
+                        "at noise levels sigma in (LO, HI], the conditional model elsewhere, Kynkaanniemi et al. 2024; "
+                        "sigma = sqrt((1 - abar_t) / abar_t), 0.03 to 14.6 on the shipped models, e.g. interval:0.3-5, HI may "
+                        "be inf); "
+                        "apg[:eta=E,r=R,beta=B] (adaptive projected guidance, Sadat et al. 2024: parallel-part weight "
+                        "E in [0, 1], norm threshold R > 0 or inf, momentum -1 < B < 1; default eta=0,r=15,beta=-0.5) "
+                        "(default cfg)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
     p.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     p.add_argument("--out", type=Path, default=None,
@@ -198,9 +208,15 @@ def check_request(args: argparse.Namespace, model: Path, num_images: int, *, gri
     ``fewer`` says how to ask for fewer images (e.g. "fewer --num-images"); ``origin`` prefixes the messages
     about options that came from elsewhere than the command line (a PNG's record)."""
     from ldm.bundle import load_schedule, read_geometry
+    from ldm.guidance import parse_guidance_method
     from ldm.pipeline import check_sampling, image_size, memory_estimate
 
     check_device(args.device, args.backend)
+    if isinstance(getattr(args, "guidance_method", None), str):
+        try:
+            parse_guidance_method(args.guidance_method)
+        except ValueError as exc:
+            raise UsageError(f"{origin}--guidance-method: {exc}") from None
     geometry = read_geometry(model)
     _, sampling = load_schedule(model)
     try:
@@ -312,6 +328,8 @@ def read_record(path: Path) -> dict:
     anything else (not an image, no record, an edited or damaged one) is a UsageError saying which."""
     from PIL import Image
 
+    from ldm.guidance import parse_guidance_method
+
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     try:
@@ -331,6 +349,11 @@ def read_record(path: Path) -> dict:
         raise UsageError(f"{damaged} (it is a JSON {type(rec).__name__}, not an object); {fix}")
     if not isinstance(rec.get("sigmas"), (str, type(None))):  # optional: records before Karras sigmas lack it
         raise UsageError(f"{damaged} (sigmas={rec['sigmas']!r} is not str); {fix}")
+    method = rec.setdefault("guidance_method", "cfg")  # records made before guidance methods were: cfg
+    try:
+        parse_guidance_method(method)
+    except ValueError as exc:
+        raise UsageError(f"{damaged} ({exc}); {fix}") from None
     missing = [k for k in RECORD_FIELDS if k not in rec]
     if missing:
         raise UsageError(f"{damaged} (it lacks {', '.join(missing)}); {fix}")
@@ -454,6 +477,16 @@ def load(args: argparse.Namespace, model: Path):
     return pipe
 
 
+def recorded_guidance_method(args: argparse.Namespace) -> str:
+    """The record's canonical --guidance-method spec (``ldm.guidance``, which imports torch, for any but cfg)."""
+    method = getattr(args, "guidance_method", None)
+    if method in (None, "cfg"):
+        return "cfg"
+    from ldm.guidance import format_guidance_method, parse_guidance_method
+
+    return format_guidance_method(parse_guidance_method(method))
+
+
 def image_records(args: argparse.Namespace, images, prompts: list[str], seeds: list[int], source: Path,
                   model_hash: str, backend: str, extra: Optional[dict] = None) -> list[dict]:
     """The PNG records of images made for rows ``prompts``/``seeds``: the request's options, the model, and the
@@ -461,7 +494,8 @@ def image_records(args: argparse.Namespace, images, prompts: list[str], seeds: l
     common = {
         "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "sigmas": args.sigmas,
         "eta": args.eta,
-        "guidance": args.guidance, "width": images[0].size[0], "height": images[0].size[1],
+        "guidance": args.guidance, "guidance_method": recorded_guidance_method(args),
+        "width": images[0].size[0], "height": images[0].size[1],
         "model": str(source), "model_hash": model_hash, "device": args.device,
         "backend": backend,
         "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras), **(extra or {}),
@@ -556,7 +590,8 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     try:
         latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
                                         guidance=args.guidance, height=args.height, width=args.width,
-                                        batch_size=args.batch_size, progress=progress)
+                                        batch_size=args.batch_size, progress=progress,
+                                        guidance_method=args.guidance_method)
     finally:
         close()
     TIMINGS["sampling (with text encoding)"] = time.perf_counter() - clock
@@ -613,6 +648,7 @@ def regenerate(args: argparse.Namespace) -> int:
         rec = {**rec, "loras": lora_records(args.loras)}  # the remade image records the files it was made with
     args.negative = rec["negative_prompt"]
     args.sigmas = rec.get("sigmas")
+    args.guidance_method = rec["guidance_method"]
     out = regenerate_path(args)
     n = len(rec["batch_prompts"])
     if rec.get("runner") == FAST_RUNNER:  # made without torch: remade the same way, where the runner can
@@ -639,7 +675,7 @@ def regenerate(args: argparse.Namespace) -> int:
     progress = with_estimate(progress, est, free)
     try:
         latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
-                                        guidance=args.guidance,
+                                        guidance=args.guidance, guidance_method=args.guidance_method,
                                         height=args.height, width=args.width, batch_size=args.batch_size, progress=progress)
     finally:
         close()

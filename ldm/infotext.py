@@ -13,6 +13,10 @@ string, as A1111's ``quote`` does. ``Model hash`` is the first 10 hex digits of 
 (``ldm.bundle.bundle_hash``), the length A1111 shows. LoRAs go where A1111 puts them: ``<lora:NAME:SCALE>``
 after the prompt and a ``Lora hashes`` entry. ``parse_parameters`` reads the text back as A1111's
 ``parse_generation_parameters`` does.
+
+A guidance method other than plain CFG (``ldm.guidance``) is written as A1111 extensions write theirs:
+rescale as ``CFG Rescale phi: 0.7`` (the CFG-rescale extension's key), interval and APG as ``Guidance method``
+with our spec (``"apg:eta=0,r=15,beta=-0.5"``); ``guidance_method_from_parameters`` reads either back.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def a1111_parameters(record: dict) -> str:
         "Schedule type": "Karras" if record.get("sigmas") == "karras" else None,
         "Eta DDIM": _number(record["eta"]) if record["method"] == "ddim" and record.get("eta") else None,
         "CFG scale": _number(record["guidance"]),
+        **_guidance_method_entries(record.get("guidance_method") or "cfg"),
         "Seed": record["seed"],
         "Size": f"{record['width']}x{record['height']}",
         "Model hash": record["model_hash"][:MODEL_HASH_LENGTH],
@@ -62,6 +67,27 @@ def a1111_parameters(record: dict) -> str:
     line = ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
     negative = f"\nNegative prompt: {record['negative_prompt']}" if record.get("negative_prompt") else ""
     return f"{prompt}{negative}\n{line}".strip()
+
+
+def _guidance_method_entries(spec: str) -> dict:
+    from ldm.guidance import parse_guidance_method
+
+    method = parse_guidance_method(spec)
+    if method.name == "cfg":
+        return {}
+    if method.name == "rescale":
+        return {"CFG Rescale phi": _number(method.kwargs["phi"])}
+    return {"Guidance method": str(method)}
+
+
+def guidance_method_from_parameters(params: dict) -> str:
+    """The canonical guidance method spec that a ``parse_parameters`` dict records (cfg when it names none)."""
+    from ldm.guidance import format_guidance_method, parse_guidance_method
+
+    if "Guidance method" in params:
+        return format_guidance_method(parse_guidance_method(params["Guidance method"]))
+    phi = float(params.get("CFG Rescale phi", 0))
+    return format_guidance_method(parse_guidance_method(f"rescale:{params['CFG Rescale phi']}" if phi else "cfg"))
 
 
 def _lora_name(lora: dict) -> str:

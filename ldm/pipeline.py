@@ -34,7 +34,7 @@ from PIL import Image
 
 from ldm.backends import Backend, TorchBackend, make_backend
 from ldm.bundle import Geometry, load_parts
-from ldm.guidance import ClassifierFreeGuidance
+from ldm.guidance import GuidanceMethod, make_guidance, parse_guidance_method
 from ldm.runtime.images import image_grid  # noqa: F401  (re-exported)
 from ldm.runtime.steps import apply_step
 from ldm.samplers import check_method, randn
@@ -315,8 +315,10 @@ class Text2ImagePipeline:
         variance: str = "fixed_small",
         progress: Optional[Progress] = None,
         sigmas: Optional[str] = None,
+        guidance_method: Union[str, GuidanceMethod, None] = "cfg",
     ) -> torch.Tensor:
         """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
+        guidance_method = parse_guidance_method(guidance_method)
         check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=guidance,
                        batch_size=batch_size, sigmas=sigmas)
         rows = self.step_rows(method=method, steps=steps, eta=eta, variance=variance, sigmas=sigmas)
@@ -329,8 +331,10 @@ class Text2ImagePipeline:
             cond, uncond = self._contexts(req.prompts[batch], req.negatives[batch], guidance)
             generators = [torch.Generator().manual_seed(s) for s in req.seeds[batch]]
             x = randn((len(generators), *shape), generators, torch.float32, self.device)  # x_T (B, C, h, w)
-            # one guided U-Net call per image, on its [uncond, cond] pair
-            guides = [ClassifierFreeGuidance(self.model, cond[i : i + 1], uncond[i : i + 1], guidance)
+            # one guided U-Net call per image, on its [uncond, cond] pair; one guide per image and run (APG's
+            # momentum is per run)
+            guides = [make_guidance(guidance_method, self.model, cond[i : i + 1], uncond[i : i + 1], guidance,
+                                    schedule=self.schedule, prediction=self.sampling.prediction)
                       for i in range(len(generators))]
             x0_prev = None
             for i, row in enumerate(rows):
@@ -379,17 +383,19 @@ class Text2ImagePipeline:
         progress: Optional[Progress] = None,
         output: str = "pil",
         sigmas: Optional[str] = None,
+        guidance_method: Union[str, GuidanceMethod, None] = "cfg",
     ):
         """Images for each prompt (``num_images`` each), as PIL images (``output="pil"``) or a
         tensor (B, 3, H, W) in [-1, 1] (``output="tensor"``). Arguments as in ``ldm.samplers.sample``
         (``method`` ddim, ddpm, dpmpp-2m, euler or euler-a; ``sigmas`` None or "karras");
-        ``guidance`` is the classifier-free guidance weight w (1 = off, 0 = unconditional)."""
+        ``guidance`` is the classifier-free guidance weight w (1 = off, 0 = unconditional); ``guidance_method``
+        how it is applied, a spec or ``GuidanceMethod`` (``ldm.guidance``: cfg, rescale:PHI, interval:LO-HI, apg)."""
         if output not in ("pil", "tensor"):
             raise ValueError(f"output={output!r}; allowed: pil, tensor")
         req = self.request(prompt, negative_prompt, seed, num_images)
         latents = self.generate_latents(
             req, steps=steps, method=method, eta=eta, guidance=guidance, height=height, width=width,
-            batch_size=batch_size, variance=variance, progress=progress, sigmas=sigmas,
+            batch_size=batch_size, variance=variance, progress=progress, sigmas=sigmas, guidance_method=guidance_method,
         )
         images = self.decode(latents)  # (B, 3, H, W)
         return to_pil(images) if output == "pil" else images

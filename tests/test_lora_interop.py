@@ -35,7 +35,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)  # see the module docstring
 def with_random_lora(unet, *, rank, alpha, seed, targets=("to_q", "to_k", "to_v", "to_out.0")):
     """``unet`` with a peft adapter added as ``ldm finetune`` adds it (train.unet.finetune.add_lora), its A and B
     drawn at random (B = 0 after init would make it the base model)."""
-    add_lora(unet, LoRAConfig(rank=rank, alpha=alpha, target_modules=list(targets)))
+    add_lora(unet, LoRAConfig(rank=rank, alpha=alpha, target_modules=list(targets)), seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in unet.named_parameters():

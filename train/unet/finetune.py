@@ -38,15 +38,20 @@ from train.unet.trainer import LDMTrainer, TrainResult
 from train.unet.validation import draw_prompts
 
 
-def add_lora(unet, config) -> None:
-    """Freeze ``unet`` and give it a trainable LoRA adapter on ``config.target_modules``."""
+def add_lora(unet, config, seed: int) -> None:
+    """Freeze ``unet`` and give it a trainable LoRA adapter on ``config.target_modules``.
+
+    peft draws the A matrices from torch's global generator; they are drawn here under ``seed`` (the
+    caller's state left as it was), so that two runs of one config start from the same adapter."""
     from peft import LoraConfig
 
     if config.rank < 1:
         raise ValueError(f"lora.rank={config.rank} must be >= 1")
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                                target_modules=list(config.target_modules), init_lora_weights=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                    target_modules=list(config.target_modules), init_lora_weights=True))
 
 
 def shared_token_ids(text_encoder) -> set[int]:
@@ -185,7 +190,7 @@ def finetune(model: str | Path, config: FinetuneConfig, *, resume: Optional[str]
     base_unet = None
     if config.lora.method == "lora":
         base_unet = copy.deepcopy(unet)
-        add_lora(unet, config.lora)
+        add_lora(unet, config.lora, config.train.seed)
     else:
         unet.requires_grad_(True)
     trainer = FinetuneTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
