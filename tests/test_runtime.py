@@ -102,7 +102,10 @@ def test_generate_runs_without_torch_and_batches_change_no_image(prepared, tmp_p
     assert result == {"rc": 0, "heavy": []}  # none of torch, diffusers, transformers, open_clip
     record = json.loads(Image.open(tmp_path / "fast-2.png").text[PNG_KEY])
     assert record["runner"] == FAST_RUNNER and record["backend"] == "onnx" and record["seed"] == 2
-    assert {"ldm-toolkit", "torch", "diffusers"} <= set(record["versions"])
+    torch_png = Image.open(root / "torch-2.png")  # the same request's image from the torch path
+    torch_record = json.loads(torch_png.text[PNG_KEY])
+    assert set(record) == set(torch_record) | {"runner"} and record["versions"] == torch_record["versions"]
+    assert Image.open(tmp_path / "fast-2.png").text["parameters"] == torch_png.text["parameters"]
     alone = run_fast(bundle, tmp_path / "alone.png", "--seed", "2")  # image 2 made alone
     assert alone["heavy"] == []
     assert np.array_equal(pixels(tmp_path / "alone.png"), pixels(tmp_path / "fast-2.png"))
