@@ -29,10 +29,12 @@ import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSchedule, SamplingConfig
 from ldm_io import atomic_directory
+
+if TYPE_CHECKING:  # ldm.schedule imports torch; the torch-free runner (ldm.runtime) reads bundles through this module
+    from ldm.schedule import NoiseSchedule, SamplingConfig
 
 PathLike = Union[str, os.PathLike]
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -68,6 +70,8 @@ def check_bundle(path: PathLike) -> Path:
 
 def scheduler_config(schedule: NoiseSchedule, sampling: SamplingConfig) -> dict:
     """A DDIMScheduler config (diffusers names) for our schedule and sampling conventions."""
+    from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION
+
     beta = DIFFUSERS_BETA_SCHEDULE.get(schedule.beta_schedule, "scaled_linear")  # quadratic is that curve
     return {
         "_class_name": "DDIMScheduler",
@@ -86,6 +90,8 @@ def scheduler_config(schedule: NoiseSchedule, sampling: SamplingConfig) -> dict:
 
 def schedule_from_config(config: dict) -> tuple[NoiseSchedule, SamplingConfig]:
     """Our schedule and sampling conventions from any diffusers scheduler config."""
+    from ldm.schedule import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, NoiseSchedule, SamplingConfig
+
     from_diffusers_beta = {v: k for k, v in DIFFUSERS_BETA_SCHEDULE.items()}
     from_diffusers_pred = {v: k for k, v in DIFFUSERS_PREDICTION.items()}
     beta = config.get("beta_schedule", "linear")

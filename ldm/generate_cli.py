@@ -6,6 +6,10 @@ with their hashes and scales, the batch it was made in, and package versions.
 `ldm generate --from-png FILE` reads them back and regenerates the image; on the same machine
 the result is bit-identical.
 
+On the CPU, once the model's ONNX graphs are exported (by a first run), images are made without torch
+(numpy + ONNX Runtime, ldm.runtime), which starts in a fraction of the time; --runtime torch always
+uses the torch pipeline. Image i of a batch is the image made alone from seed + i, bit for bit.
+
 --lora FILE[:SCALE] (repeatable) merges a LoRA into the model's U-Net, W + SCALE * (alpha/r) B A,
 in the order given: a bundle written by `ldm finetune` (or its pytorch_lora_weights.safetensors,
 diffusers' layout) or a kohya/A1111 file (lora_unet_*.lora_down/lora_up.weight); SCALE defaults to 1.
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +38,9 @@ from ldm.errors import UsageError
 PNG_KEY = "ldm-toolkit"  # the PNG text chunk holding our JSON record
 LONG_RUN = 120  # seconds: a run estimated to take longer says so after its second step
 MEMORY_SHARE = 0.8  # the most of the free memory a run's estimate may claim
+RUNTIMES = ("auto", "torch")  # --runtime
+FAST_RUNNER = "numpy+onnxruntime"  # the record's "runner" for images the torch-free runner made (ldm.runtime)
+FAST_MAX_IMAGES = 16  # larger requests take the torch path, which checks their memory first
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
@@ -83,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "pytorch_lora_weights.safetensors, or a kohya/A1111 .safetensors; repeat for several (with "
                         "--from-png: these replace the recorded files)")
     p.add_argument("--from-png", type=Path, default=None, help="regenerate the image recorded in this PNG's metadata")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                   help="auto: on the CPU, once the model's ONNX graphs are exported (by a first run), generate without "
+                        "torch (numpy + ONNX Runtime; starts at once), else through the torch pipeline; torch: always "
+                        "the torch pipeline (for comparison) (default auto)")
 
 
 def model_path(model: Optional[Path]) -> Path:
@@ -105,6 +117,8 @@ def model_path(model: Optional[Path]) -> Path:
 def lora_arguments(specs: list[str]) -> list[tuple[Path, float]]:
     """``--lora FILE[:SCALE]`` values -> [(LoRA file, scale)], each file found and checked to be a LoRA
     (``ldm.lora``) before any model loads."""
+    if not specs:
+        return []  # (ldm.lora imports torch)
     from ldm.lora import find_lora_file, parse_lora_spec, read_lora
 
     loras = []
@@ -118,6 +132,8 @@ def lora_arguments(specs: list[str]) -> list[tuple[Path, float]]:
 def lora_records(loras: list[tuple[Path, float]]) -> list[dict]:
     """The PNG record's entries for the LoRAs merged, in order: file, name, hash (the file's sha256, 16 hex
     digits; ``ldm.infotext`` writes them as A1111's ``<lora:NAME:SCALE>`` and ``Lora hashes``) and scale."""
+    if not loras:
+        return []
     from ldm.lora import file_hash
 
     return [{"file": str(path), "name": lora_name(path), "hash": file_hash(path), "scale": scale} for path, scale in loras]
@@ -276,12 +292,21 @@ def progress_bar(quiet: bool, desc: str):
 
 
 def versions() -> dict:
-    import diffusers
-    import torch
+    """The package versions a record names, as ``torch.__version__`` and ``diffusers.__version__`` say them,
+    read without importing either (the torch-free runner records them too)."""
+    import re
+    from importlib.metadata import version
+    from importlib.util import find_spec
 
     from ldm import __version__
 
-    return {"ldm-toolkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    torch_version = None
+    try:  # torch.__version__ keeps the build's local part (e.g. 2.14.1+cu130), which the metadata drops
+        text = (Path(list(find_spec("torch").submodule_search_locations)[0]) / "version.py").read_text()
+        torch_version = re.search(r"^__version__ = '([^']+)'", text, re.M).group(1)
+    except (AttributeError, TypeError, IndexError, OSError):
+        torch_version = version("torch")
+    return {"ldm-toolkit": __version__, "torch": torch_version, "diffusers": version("diffusers")}
 
 
 def save_png(image, path: Path, record: dict) -> None:
@@ -411,12 +436,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give a prompt, e.g. ldm generate \"koala, twemoji style\", or --from-png FILE")
     if args.num_images < 1:
         raise UsageError(f"--num-images {args.num_images} must be >= 1")
-    images, records = generate(args, [args.prompt], args.seed, args.num_images)
+    made = generate_fast(args, [args.prompt], args.seed, args.num_images)
+    images, records = made if made is not None else generate(args, [args.prompt], args.seed, args.num_images)
+    clock = time.perf_counter()
     paths = output_paths(args.out, len(images))
     for image, record, path in zip(images, records, paths):
         save_png(image, path, record)
     if len(images) > 1:
-        from ldm.pipeline import image_grid
+        from ldm.runtime.images import image_grid
         from ldm_io import save_image
 
         cols = min(len(images), 8)
@@ -424,22 +451,135 @@ def run(args: argparse.Namespace) -> int:
         filler = [images[0].copy().point(lambda _: 255)] * (rows * cols - len(images))
         grid = image_grid(images + filler, rows, cols)
         save_image(grid, grid_path(paths), pnginfo=marked_png_info())
+    TIMINGS["png"] = time.perf_counter() - clock
+    report_timings()
     print("\n".join(str(p) for p in paths))
     return 0
 
 
+# phase -> seconds of this process's run, printed to stderr as one JSON line when LDM_TIMINGS=1
+# (bench/bench_coldstart.py reads it): imports, loading, text encoding, sampling, decoding, png
+TIMINGS: dict[str, float] = {}
+
+
+def report_timings() -> None:
+    if os.environ.get("LDM_TIMINGS") == "1":
+        print("timings: " + json.dumps({k: round(v, 4) for k, v in TIMINGS.items()}), file=sys.stderr)
+
+
 def load(args: argparse.Namespace, model: Path):
+    clock = time.perf_counter()
+    import diffusers.models.unets  # noqa: F401  (the torch path's imports, timed apart from loading)
+
+    import conditioning  # noqa: F401
     from ldm.pipeline import Text2ImagePipeline
 
-    return Text2ImagePipeline.from_pretrained(model, device=args.device, backend=args.backend,
+    TIMINGS["imports"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    pipe = Text2ImagePipeline.from_pretrained(model, device=args.device, backend=args.backend,
                                               loras=getattr(args, "loras", None))
+    TIMINGS["loading"] = time.perf_counter() - clock
+    return pipe
+
+
+def recorded_guidance_method(args: argparse.Namespace) -> str:
+    """The record's canonical --guidance-method spec (``ldm.guidance``, which imports torch, for any but cfg)."""
+    method = getattr(args, "guidance_method", None)
+    if method in (None, "cfg"):
+        return "cfg"
+    from ldm.guidance import format_guidance_method, parse_guidance_method
+
+    return format_guidance_method(parse_guidance_method(method))
+
+
+def image_records(args: argparse.Namespace, images, prompts: list[str], seeds: list[int], source: Path,
+                  model_hash: str, backend: str, extra: Optional[dict] = None) -> list[dict]:
+    """The PNG records of images made for rows ``prompts``/``seeds``: the request's options, the model, and the
+    batch each image was made in (so ``--from-png`` can remake it exactly)."""
+    common = {
+        "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "sigmas": args.sigmas,
+        "eta": args.eta,
+        "guidance": args.guidance, "guidance_method": recorded_guidance_method(args),
+        "width": images[0].size[0], "height": images[0].size[1],
+        "model": str(source), "model_hash": model_hash, "device": args.device,
+        "backend": backend,
+        "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras), **(extra or {}),
+    }
+    records = []
+    for i, (p, s) in enumerate(zip(prompts, seeds)):
+        first = i - i % args.batch_size  # the batch this image was made in, so it can be remade exactly
+        batch = slice(first, first + args.batch_size)
+        records.append({**common, "prompt": p, "seed": s, "batch_prompts": prompts[batch],
+                        "batch_seeds": seeds[batch], "batch_index": i - first})
+    return records
+
+
+def fast_runner(args: argparse.Namespace, model_arg: Optional[Path]):
+    """(runner, bundle folder, bundle hash) of the torch-free runner (``ldm.runtime.runner``) for this request,
+    or None where it does not apply: --runtime torch, not the CPU, not ONNX, LoRAs, a guidance other than
+    CFG, a single file, or the model's graphs and settings not exported yet (a torch run exports them)."""
+    if (getattr(args, "runtime", "auto") != "auto" or args.device != "cpu" or args.backend not in ("auto", "onnx")
+            or args.loras or getattr(args, "guidance_method", None) not in (None, "cfg")
+            or (model_arg is not None and Path(model_arg).is_file())):
+        return None
+    from ldm.bundle import bundle_hash
+    from ldm.runtime.runner import Runner, Unsupported
+
+    try:
+        model = model_path(model_arg)
+        digest = bundle_hash(model)
+        return Runner(model, digest), model, digest
+    except (Unsupported, OSError):  # the torch path says what is wrong with the model
+        return None
+
+
+def run_fast(args: argparse.Namespace, found, prompts: list[str], seeds: list[int], progress=None):
+    """uint8 images from the torch-free runner ``found`` (``fast_runner``), or None where it cannot make them."""
+    from ldm.runtime.runner import TIMINGS as RUNNER_TIMINGS
+    from ldm.runtime.runner import Unsupported
+
+    runner = found[0]
+    try:
+        arrays = runner.generate(prompts, [args.negative] * len(prompts), seeds, steps=args.steps, method=args.method,
+                                 eta=args.eta, sigmas=args.sigmas, guidance=args.guidance, height=args.height,
+                                 width=args.width, batch_size=args.batch_size, progress=progress)
+    except Unsupported:
+        return None
+    TIMINGS.update(RUNNER_TIMINGS)
+    return arrays
+
+
+def generate_fast(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_images: int):
+    """``generate``'s (images, records) made without torch (``fast_runner``), or None: then ``generate`` runs."""
+    n = len(batch_prompts) * num_images
+    found = fast_runner(args, args.model) if n <= FAST_MAX_IMAGES else None
+    if found is None:
+        return None
+    from PIL import Image
+
+    prompts = [p for p in batch_prompts for _ in range(num_images)]
+    seeds = [seed + i for i in range(n)]
+    progress, close = progress_bar(args.quiet, "generate")
+    try:
+        arrays = run_fast(args, found, prompts, seeds, progress)
+    finally:
+        close()
+    if arrays is None:
+        return None
+    clock = time.perf_counter()
+    images = [Image.fromarray(a) for a in arrays]
+    source = Path(args.model).resolve() if args.model is not None and Path(args.model).is_file() else found[1]
+    records = image_records(args, images, prompts, seeds, source, found[2], "onnx", {"runner": FAST_RUNNER})
+    TIMINGS["png"] = time.perf_counter() - clock
+    return images, records
 
 
 def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_images: int, model: Optional[Path] = None):
     """Images and their metadata records for prompts x num_images, seeds from ``seed``."""
     from ldm.backends import resolve_backend
     from ldm.bundle import bundle_hash
-    from ldm.guidance import format_guidance_method, parse_guidance_method
+    from ldm.pipeline import to_pil
+    from ldm.runtime.runner import prepare
 
     given = model or args.model
     model = model_path(given)
@@ -451,36 +591,33 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
     progress, close = progress_bar(args.quiet, "generate")
     progress = with_estimate(progress, est, free)
     req = pipe.request(batch_prompts, args.negative, seed, num_images)
+    clock = time.perf_counter()
     try:
-        images = pipe(batch_prompts, args.negative, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
-                      guidance=args.guidance, seed=seed, num_images=num_images, height=args.height, width=args.width,
-                      batch_size=args.batch_size, progress=progress, guidance_method=args.guidance_method)
+        latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
+                                        guidance=args.guidance, height=args.height, width=args.width,
+                                        batch_size=args.batch_size, progress=progress,
+                                        guidance_method=args.guidance_method)
     finally:
         close()
-    common = {
-        "negative_prompt": args.negative, "steps": args.steps, "method": args.method, "sigmas": args.sigmas,
-        "eta": args.eta,
-        "guidance": args.guidance, "guidance_method": format_guidance_method(parse_guidance_method(args.guidance_method)),
-        "width": images[0].size[0], "height": images[0].size[1],
-        "model": str(source), "model_hash": bundle_hash(model), "device": args.device,
-        "backend": resolve_backend(args.backend, args.device),
-        "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras),
-    }
-    records = []
-    for i, (p, s) in enumerate(zip(req.prompts, req.seeds)):
-        first = i - i % args.batch_size  # the batch this image was made in, so it can be remade exactly
-        batch = slice(first, first + args.batch_size)
-        records.append({**common, "prompt": p, "seed": s, "batch_prompts": req.prompts[batch],
-                        "batch_seeds": req.seeds[batch], "batch_index": i - first})
-    return images, records
+    TIMINGS["sampling (with text encoding)"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    images = to_pil(pipe.decode(latents))
+    TIMINGS["decoding"] = time.perf_counter() - clock
+    if getattr(args, "runtime", "auto") == "auto" and getattr(args, "guidance_method", None) in (None, "cfg"):
+        # what the torch-free runner needs to make this kind of request next time (graphs, coefficients)
+        prepare(pipe, method=args.method, steps=args.steps, eta=args.eta, sigmas=args.sigmas)
+    return images, image_records(args, images, req.prompts, req.seeds, source, bundle_hash(model),
+                                 resolve_backend(args.backend, args.device))
 
 
 def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, float]]:
     """The LoRAs to merge for --from-png: the record's files and scales, or those of --lora when given
     (a moved file); a file whose hash differs from the record's is warned about, as the model is."""
+    recorded = rec["loras"]
+    if not recorded and not args.lora:
+        return []
     from ldm.lora import file_hash
 
-    recorded = rec["loras"]
     if args.lora:
         loras = args.loras
         if len(loras) != len(recorded):
@@ -502,10 +639,7 @@ def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, floa
 
 
 def regenerate(args: argparse.Namespace) -> int:
-    """Remake the image recorded in --from-png, in the same batch it was made in."""
-    import numpy as np
-    from PIL import Image
-
+    """Remake the image recorded in --from-png, in the same batch it was made in, by the runner that made it."""
     from ldm.bundle import bundle_hash
 
     rec = read_record(args.from_png)
@@ -520,9 +654,24 @@ def regenerate(args: argparse.Namespace) -> int:
     args.negative = rec["negative_prompt"]
     args.sigmas = rec.get("sigmas")
     args.guidance_method = rec["guidance_method"]
+    out = regenerate_path(args)
+    n = len(rec["batch_prompts"])
+    if rec.get("runner") == FAST_RUNNER:  # made without torch: remade the same way, where the runner can
+        found = fast_runner(args, args.model or Path(rec["model"]))
+        progress, close = progress_bar(args.quiet, "regenerate")
+        try:
+            arrays = run_fast(args, found, rec["batch_prompts"], rec["batch_seeds"], progress) if found else None
+        finally:
+            close()
+        if arrays is not None:
+            from PIL import Image
+
+            return compare_saved(args, Image.fromarray(arrays[rec["batch_index"]]), out, rec)
+        print(f"warning: {args.from_png} was made by the torch-free runner, which cannot remake it here; the torch "
+              f"pipeline's image may differ from it by a few levels in a few pixels (docs: ldm.runtime.noise)",
+              file=sys.stderr)
     from ldm.pipeline import GenerationRequest, to_pil
 
-    n = len(rec["batch_prompts"])
     est, free = check_request(args, model, n, grid=False, fewer="a PNG from a smaller batch",
                               origin=f"the record in {args.from_png}: ")
     pipe = load(args, model)
@@ -535,8 +684,15 @@ def regenerate(args: argparse.Namespace) -> int:
                                         height=args.height, width=args.width, batch_size=args.batch_size, progress=progress)
     finally:
         close()
-    image = to_pil(pipe.decode(latents))[rec["batch_index"]]
-    out = regenerate_path(args)
+    i = rec["batch_index"]
+    return compare_saved(args, to_pil(pipe.decode(latents[i : i + 1]))[0], out, rec)
+
+
+def compare_saved(args: argparse.Namespace, image, out: Path, rec: dict) -> int:
+    """Save the remade ``image`` with ``rec`` at ``out`` and say how it compares with --from-png."""
+    import numpy as np
+    from PIL import Image
+
     save_png(image, out, rec)
     with Image.open(args.from_png) as original:
         diff = np.abs(np.asarray(original.convert("RGB"), dtype=np.int16) - np.asarray(image, dtype=np.int16))

@@ -70,6 +70,8 @@ def a1111_parameters(record: dict) -> str:
 
 
 def _guidance_method_entries(spec: str) -> dict:
+    if spec == "cfg":  # plain CFG adds nothing (and ldm.guidance imports torch, which the torch-free runner avoids)
+        return {}
     from ldm.guidance import parse_guidance_method
 
     method = parse_guidance_method(spec)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ldm.runtime.graphs import cache_dir  # noqa: F401  (re-exported)
+from ldm.runtime.graphs import session as open_session
 from ldm_io import atomic_path, write_text
 
 OPSET = 17
@@ -126,16 +127,6 @@ def module_key(module: torch.nn.Module, args: tuple) -> str:
     return h.hexdigest()[:32]
 
 
-def cache_dir(bundle: Optional[str], key: str, variant: Optional[str] = None) -> Path:
-    """Where a bundle's graphs live: beside it if writable, else in the user's cache; those of a
-    ``variant`` of its modules (LoRAs merged in) in a subfolder, so the two never replace each other's."""
-    if bundle is not None and os.access(bundle, os.W_OK):
-        root = Path(bundle) / "onnx"
-    else:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ldm-toolkit" / "onnx" / key
-    return root / variant if variant else root
-
-
 def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str]) -> None:
     """Export ``module(*args)`` to ``path`` (atomically) with a dynamic batch axis on every input."""
     axes = {name: {0: "batch"} for name in input_names + ["out"]}
@@ -146,12 +137,8 @@ def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[s
 
 
 def session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime session with as many threads as torch uses (``ldm.runtime.graphs.session``)."""
+    return open_session(path, torch.get_num_threads())
 
 
 class OnnxGraphs:
@@ -171,9 +158,12 @@ class OnnxGraphs:
         stamp = self.dir / f"{name}.json"
         key = module_key(module, args)
         try:
-            fresh = path.is_file() and json.loads(stamp.read_text()).get("weights") == key
+            recorded = json.loads(stamp.read_text())
+            fresh = path.is_file() and recorded.get("weights") == key
         except (OSError, ValueError, AttributeError):  # no stamp, or not ours
-            fresh = False
+            recorded, fresh = {}, False
+        if fresh and recorded.get("bundle_hash") != self.key:  # same weights, bundle files changed: the
+            write_text(stamp, json.dumps({"weights": key, "bundle_hash": self.key}))  # runner reads this hash
         if not fresh:
             stamp.unlink(missing_ok=True)  # a process stopped between the two writes leaves no stale stamp
             with exporting():

@@ -4,8 +4,11 @@
     images = pipe("a koala", steps=50, method="ddim", guidance=7.5, seed=0, num_images=4)
 
 Image i of a call (counting prompts, then images per prompt) is made from seed + i alone: its
-starting noise and the noise of its stochastic sampler steps come from its own generator, so
-``pipe(p, seed=s + i, num_images=1)`` makes that image again, whatever the batch size.
+starting noise and the noise of its stochastic sampler steps come from its own generator, its prompts
+are encoded alone, the U-Net sees it alone (one call on its [uncond, cond] pair) and it is decoded
+alone, so ``pipe(p, seed=s + i, num_images=1)`` makes that image again, bit for bit, whatever the batch
+size: a batch's composition never changes how a row's numbers are blocked in a kernel. The sampler's
+arithmetic is ``ldm.runtime.steps.apply_step`` on every backend (and in the torch-free runner).
 
 The U-Net and the decoder run through the pipeline's backend (``ldm.backends``: torch, or ONNX
 Runtime), an object the pipeline is given when it is built.
@@ -32,7 +35,9 @@ from PIL import Image
 from ldm.backends import Backend, TorchBackend, make_backend
 from ldm.bundle import Geometry, load_parts
 from ldm.guidance import GuidanceMethod, make_guidance, parse_guidance_method
-from ldm.samplers import check_method, randn, sample
+from ldm.runtime.images import image_grid  # noqa: F401  (re-exported)
+from ldm.runtime.steps import apply_step
+from ldm.samplers import check_method, randn
 from ldm.schedule import NoiseSchedule, SamplingConfig, inference_timesteps
 
 Prompts = Union[str, Sequence[str]]
@@ -268,15 +273,20 @@ class Text2ImagePipeline:
         rows = [(p, n) for p, n in zip(prompts, negatives) for _ in range(num_images)]
         return GenerationRequest([p for p, _ in rows], [n for _, n in rows], [seed + i for i in range(len(rows))])
 
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        """Contexts (B, L, D), each distinct prompt encoded alone (its row is the same in any batch)."""
+        alone = {p: self.text_encoder([p])[0] for p in dict.fromkeys(prompts)}  # prompt -> (1, L, D)
+        return torch.cat([alone[p] for p in prompts])
+
     def _contexts(self, prompts: list[str], negatives: list[Optional[str]], guidance: float):
         """(cond, uncond) contexts (B, L, D); with guidance 1 the unconditional one is never used."""
-        cond = self.text_encoder(prompts)[0]  # (B, L, D)
-        if all(w == 1 for w in (guidance if isinstance(guidance, list) else [guidance])):
+        cond = self._encode(prompts)  # (B, L, D)
+        if guidance == 1:
             uncond = cond
         elif all(n is None for n in negatives):
             uncond = self.text_encoder.empty_context(len(prompts))  # the one empty prompt of conditioning
         else:
-            uncond = self.text_encoder([n if n is not None else "" for n in negatives])[0]
+            uncond = self._encode([n if n is not None else "" for n in negatives])
         return cond.to(self.device), uncond.to(self.device)
 
     @property
@@ -298,7 +308,7 @@ class Text2ImagePipeline:
         steps: int = 50,
         method: str = "ddim",
         eta: float = 0.0,
-        guidance: Union[float, Sequence[float]] = 7.5,
+        guidance: float = 7.5,
         height: Optional[int] = None,
         width: Optional[int] = None,
         batch_size: int = 8,
@@ -307,48 +317,52 @@ class Text2ImagePipeline:
         sigmas: Optional[str] = None,
         guidance_method: Union[str, GuidanceMethod, None] = "cfg",
     ) -> torch.Tensor:
-        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time. ``guidance``: one
-        weight, or one per row of ``req`` (a sweep batching cells of several weights; ``ldm.guidance``)."""
+        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
         guidance_method = parse_guidance_method(guidance_method)
-        per_row = not isinstance(guidance, (int, float))
-        weights = list(guidance) if per_row else [guidance]
-        if per_row and len(weights) != len(req.prompts):
-            raise ValueError(f"got {len(weights)} guidance weights for {len(req.prompts)} rows; give one or one per row")
-        for w in dict.fromkeys(weights):
-            check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=w,
-                           batch_size=batch_size, sigmas=sigmas)
+        check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=guidance,
+                       batch_size=batch_size, sigmas=sigmas)
+        rows = self.step_rows(method=method, steps=steps, eta=eta, variance=variance, sigmas=sigmas)
         shape = self.latent_shape(height, width)
         n = len(req.prompts)
         done, total = 0, steps * -(-n // batch_size)
         out = []
         for start in range(0, n, batch_size):
-            rows = slice(start, start + batch_size)
-            w = weights[rows] if per_row else guidance
-            cond, uncond = self._contexts(req.prompts[rows], req.negatives[rows], w)
-            generators = [torch.Generator().manual_seed(s) for s in req.seeds[rows]]
-            x_T = randn((len(generators), *shape), generators, torch.float32, self.device)  # (B, C, h, w)
-            denoise = make_guidance(guidance_method, self.model, cond, uncond, w, schedule=self.schedule,
-                                    prediction=self.sampling.prediction)  # one per batch: APG's momentum is per run
-
-            def step_done(i, t, x, x0, _base=done):
+            batch = slice(start, start + batch_size)
+            cond, uncond = self._contexts(req.prompts[batch], req.negatives[batch], guidance)
+            generators = [torch.Generator().manual_seed(s) for s in req.seeds[batch]]
+            x = randn((len(generators), *shape), generators, torch.float32, self.device)  # x_T (B, C, h, w)
+            # one guided U-Net call per image, on its [uncond, cond] pair; one guide per image and run (APG's
+            # momentum is per run)
+            guides = [make_guidance(guidance_method, self.model, cond[i : i + 1], uncond[i : i + 1], guidance,
+                                    schedule=self.schedule, prediction=self.sampling.prediction)
+                      for i in range(len(generators))]
+            x0_prev = None
+            for i, row in enumerate(rows):
+                t = torch.full((1,), row[0], dtype=torch.long if isinstance(row[0], int) else torch.float32,
+                               device=self.device)  # (1,)
+                output = torch.cat([guide(x[j : j + 1], t) for j, guide in enumerate(guides)])  # (B, C, h, w)
+                noise = randn(x.shape, generators, x.dtype, x.device) if row[1] else None
+                x, x0_prev = apply_step(row, x, output, noise, x0_prev, self.sampling.clip_x0, torch.clamp)
                 if progress is not None:
-                    progress(_base + i + 1, total)
-
-            out.append(
-                sample(
-                    denoise, x_T, self.schedule, method=method, steps=steps, eta=eta, sigmas=sigmas,
-                    prediction=self.sampling.prediction, timestep_spacing=self.sampling.timestep_spacing,
-                    steps_offset=self.sampling.steps_offset, clip_x0=self.sampling.clip_x0,
-                    variance=variance, generator=generators, callback=step_done,
-                )
-            )
+                    progress(done + i + 1, total)
+            out.append(x)
             done += steps
         return torch.cat(out)
 
+    def step_rows(self, *, method: str, steps: int, eta: float = 0.0, variance: str = "fixed_small",
+                  sigmas: Optional[str] = None) -> list[list]:
+        """The sampler's per-step coefficients for this model's schedule and conventions
+        (``ldm.web.coefficients.step_rows``), which ``ldm.runtime.steps.apply_step`` applies."""
+        from ldm.web.coefficients import step_rows
+
+        return step_rows(self.schedule, method=method, steps=steps, eta=eta, prediction=self.sampling.prediction,
+                         timestep_spacing=self.sampling.timestep_spacing, steps_offset=self.sampling.steps_offset,
+                         variance=variance, sigmas=sigmas)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32."""
-        return self.backend.decode(latents).float().clamp(-1, 1)
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32; each image decoded alone."""
+        return torch.cat([self.backend.decode(latents[i : i + 1]).float().clamp(-1, 1) for i in range(len(latents))])
 
     @torch.no_grad()
     def __call__(
@@ -383,16 +397,5 @@ class Text2ImagePipeline:
             req, steps=steps, method=method, eta=eta, guidance=guidance, height=height, width=width,
             batch_size=batch_size, variance=variance, progress=progress, sigmas=sigmas, guidance_method=guidance_method,
         )
-        images = torch.cat([self.decode(latents[i : i + batch_size]) for i in range(0, len(latents), batch_size)])
+        images = self.decode(latents)  # (B, 3, H, W)
         return to_pil(images) if output == "pil" else images
-
-
-def image_grid(images: Sequence[Image.Image], rows: int, cols: int) -> Image.Image:
-    """Tile equally sized images row-major into one image."""
-    if len(images) != rows * cols:
-        raise ValueError(f"{len(images)} images do not fill a {rows}x{cols} grid")
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ldm.runtime.steps import FIELDS
 from ldm.samplers import (
     SIGMA_METHODS,
     VARIANCES,
@@ -42,8 +43,7 @@ from ldm.schedule import (
     split_prediction_at,
 )
 
-# The order of the numbers in one step's row, as the page reads them.
-FIELDS = ("t", "noise", "px", "po", "ex", "eo", "qx", "q0", "ax", "a0", "ae", "az", "ap")
+# FIELDS: the order of the numbers in one step's row, as the page (and ldm.runtime.steps.apply_step) reads them.
 # The samplers the page offers beyond DDIM (one per eta) and DDPM: (method, sigmas, label).
 SIGMA_SAMPLERS = (("dpmpp-2m", None, "DPM++ 2M"), ("dpmpp-2m", "karras", "DPM++ 2M Karras"),
                   ("euler", None, "Euler"), ("euler-a", None, "Euler a"))
