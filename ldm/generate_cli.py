@@ -676,16 +676,19 @@ def regenerate(args: argparse.Namespace) -> int:
                               origin=f"the record in {args.from_png}: ")
     pipe = load(args, model)
     req = GenerationRequest(rec["batch_prompts"], [args.negative] * n, rec["batch_seeds"])
+    invariant = rec.get("batch_invariant", True) is not False  # ldm sweep's batched calls: remade batched
     progress, close = progress_bar(args.quiet, "regenerate")
     progress = with_estimate(progress, est, free)
     try:
         latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
                                         guidance=args.guidance, guidance_method=args.guidance_method,
-                                        height=args.height, width=args.width, batch_size=args.batch_size, progress=progress)
+                                        height=args.height, width=args.width, batch_size=args.batch_size, progress=progress,
+                                        batch_invariant=invariant)
     finally:
         close()
     i = rec["batch_index"]
-    return compare_saved(args, to_pil(pipe.decode(latents[i : i + 1]))[0], out, rec)
+    image = pipe.decode(latents[i : i + 1]) if invariant else pipe.decode(latents, batch_invariant=False)[i : i + 1]
+    return compare_saved(args, to_pil(image)[0], out, rec)
 
 
 def compare_saved(args: argparse.Namespace, image, out: Path, rec: dict) -> int:

@@ -220,8 +220,8 @@ def generate_batch(pipe: Text2ImagePipeline, spec: SweepSpec, batch: Batch, prog
     latents = pipe.generate_latents(req, steps=first.steps, method=first.method, eta=first.eta, sigmas=spec.sigmas,
                                     guidance=weights[0] if len(set(weights)) == 1 else weights,
                                     guidance_method=first.guidance_method, height=spec.height, width=spec.width,
-                                    batch_size=n, progress=progress)
-    return to_pil(pipe.decode(latents))
+                                    batch_size=n, progress=progress, batch_invariant=False)
+    return to_pil(pipe.decode(latents, batch_invariant=False))
 
 
 @dataclass
@@ -301,7 +301,8 @@ def generate(pipe: Text2ImagePipeline, spec: SweepSpec, batches: Sequence[Batch]
 
 def image_records(spec: SweepSpec, batch: Batch, common: dict) -> list[dict]:
     """Each image's PNG record, as ``ldm generate`` writes it (so ``ldm generate --from-png`` remakes it in the
-    batch it was made in) plus ``sweep``: its cell and place in the sweep. ``common``: the model, device,
+    batch it was made in, with one U-Net call per step on the batch: ``batch_invariant`` False) plus
+    ``sweep``: its cell and place in the sweep. ``common``: the model, device,
     backend, size, versions and LoRAs (``ldm.generate_cli.generate``'s record fields)."""
     prompts = [spec.prompts[p] for p in batch.prompts]
     seeds = [spec.seeds[s] for s in batch.seeds]
@@ -312,7 +313,7 @@ def image_records(spec: SweepSpec, batch: Batch, common: dict) -> list[dict]:
                         "steps": cell.steps, "method": cell.method, "eta": cell.eta, "sigmas": spec.sigmas,
                         "guidance": cell.guidance, "guidance_method": cell.guidance_method,
                         "batch_size": len(prompts), "batch_prompts": prompts, "batch_seeds": seeds, "batch_index": i,
-                        "batch_guidances": [spec.cells[x].guidance for x in batch.cells],
+                        "batch_guidances": [spec.cells[x].guidance for x in batch.cells], "batch_invariant": False,
                         "sweep": {"cell": cell.key, "prompt_index": p, "seed_index": s}})
     return records
 

@@ -202,11 +202,15 @@ def test_pipeline_takes_one_weight_per_row():
 
     pipe = make_pipe()
     req = GenerationRequest(["a koala", "a cat", "a koala", "a cat"], [None] * 4, [1, 2, 3, 4])
-    for method in ("cfg", "apg", "rescale:0.7"):
-        mixed = pipe.generate_latents(req, steps=3, guidance=[2.0, 5.0, 2.0, 5.0], guidance_method=method)
+    for method, invariant in product(("cfg", "apg", "rescale:0.7"), (True, False)):
+        pipe.unet.batches.clear()
+        mixed = pipe.generate_latents(req, steps=3, guidance=[2.0, 5.0, 2.0, 5.0], guidance_method=method,
+                                      batch_invariant=invariant)
+        # one U-Net call per image and step on its [uncond, cond] pair, or one per step on the whole batch
+        assert pipe.unet.batches == ([2] * 4 * 3 if invariant else [8] * 3)
         for w, rows in ((2.0, [0, 2]), (5.0, [1, 3])):
-            alone = pipe.generate_latents(req, steps=3, guidance=w, guidance_method=method)
-            assert torch.equal(mixed[rows], alone[rows]), (method, w)
+            alone = pipe.generate_latents(req, steps=3, guidance=w, guidance_method=method, batch_invariant=invariant)
+            assert torch.equal(mixed[rows], alone[rows]), (method, w, invariant)
     with pytest.raises(ValueError, match="got 3 guidance weights for 4 rows"):
         pipe.generate_latents(req, steps=2, guidance=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="guidance=-1.0 must be a finite number >= 0"):
