@@ -549,26 +549,3 @@ def start_output(out: Path, spec: SweepSpec, request: dict, *, overwrite: bool =
     write_marker(out, COMMAND, SWEEP_FILES)
     write_text(out / "sweep.json", json.dumps({"spec": spec.as_json(), "request": request}, indent=1))
     return spec
-
-
-def write_outputs(result: SweepResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
-    """An in-memory sweep's reading files (``ldm.sweep_report``: grids, metrics.csv/json/png, pareto.png,
-    suggestion.txt) in ``out``, which is claimed first (``claim_sweep_output``)."""
-    from ldm.sweep_report import write_report
-
-    from ldm_io.outputs import remove_output, write_marker
-
-    if claim_sweep_output(out, overwrite=overwrite):
-        remove_output(out)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_marker(out, COMMAND, SWEEP_FILES)
-    return write_report(result, Path(out))
-
-
-def __getattr__(name: str):
-    """The grid helpers live in ``ldm.sweep_report``; they are also reachable here, where they used to be."""
-    if name in ("labelled_grid", "wrap_label"):
-        from ldm import sweep_report
-
-        return getattr(sweep_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

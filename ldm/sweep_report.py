@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw
 
-from ldm.sweep import AXES, AXIS_NAMES, Cell, SweepResult
+from ldm.sweep import AXES, AXIS_NAMES, COMMAND, SWEEP_FILES, Cell, SweepResult, claim_sweep_output
 from ldm_io import atomic_path, save_image, write_text
 
 GRID_PROMPTS = (8, 4)  # prompts per grid: one axis, two axes
@@ -406,3 +406,15 @@ def write_report(result: SweepResult, out: Path) -> dict[str, Path]:
     for g in grids[1:]:
         paths[str(g.relative_to(out))] = g
     return paths
+
+
+def write_outputs(result: SweepResult, out: Path, *, overwrite: bool = False) -> dict[str, Path]:
+    """An in-memory sweep's reading files (``write_report``) in ``out``, which is claimed first
+    (``ldm.sweep.claim_sweep_output``; with ``overwrite`` an earlier sweep there is removed)."""
+    from ldm_io.outputs import remove_output, write_marker
+
+    if claim_sweep_output(out, overwrite=overwrite):
+        remove_output(out)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_marker(out, COMMAND, SWEEP_FILES)
+    return write_report(result, Path(out))

@@ -97,7 +97,8 @@ def heldout_rows(data: Path) -> list[tuple[str, str]]:
 def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     from conditioning.scorer import load_clip_scorer
     from ldm.pipeline import Text2ImagePipeline
-    from ldm.sweep import clip_metrics, run_sweep, write_outputs
+    from ldm.sweep import clip_metrics, run_sweep
+    from ldm.sweep_report import write_outputs
 
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     scorer = load_clip_scorer(bundle)
@@ -145,7 +146,8 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
 
 def shapes_section(bundle: Path, out: Path, report: dict) -> None:
     from ldm.pipeline import Text2ImagePipeline
-    from ldm.sweep import run_sweep, shapes_metrics, write_outputs
+    from ldm.sweep import run_sweep, shapes_metrics
+    from ldm.sweep_report import write_outputs
 
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     seeds = [0, 1, 2, 3]

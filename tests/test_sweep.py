@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.sweep import (Cell, SweepResult, SweepSpec, bootstrap_mean, clip_metrics, labelled_grid, make_cells,
-                       plan_batches, run_sweep, write_outputs)
-from ldm.sweep_report import grid_plan, pareto_front, suggest
+from ldm.sweep import Cell, SweepResult, SweepSpec, bootstrap_mean, clip_metrics, make_cells, plan_batches, run_sweep
+from ldm.sweep_report import grid_plan, labelled_grid, pareto_front, suggest, write_outputs
 from test_pipeline import make_pipe
 
 
