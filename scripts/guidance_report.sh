@@ -7,7 +7,7 @@
 #   EMOJI=/path/to/emoji RUNS=runs PYTHON=.venv/bin/python scripts/guidance_report.sh
 #
 # Each sweep resumes when stopped (rerun the script). Wall time on the project's 2-core CPU under the load of
-# other jobs: shapes ~6 min (512 images of 32 px), emoji ~30 min (768 images of 64 px); alone, about half.
+# seven other jobs (2026-11-27): shapes 11 min (512 images of 32 px), emoji 54 min (768 images of 64 px).
 # EMOJI_PROMPTS (default 24) and SEEDS size the emoji run: 16 cells x prompts x seeds images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
