@@ -138,7 +138,7 @@ def make_cells(weights: Sequence[float], guidance_methods: Sequence[str] = ("cfg
     none): a non-DDIM sampler gets one cell per weight with eta 0."""
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
-            raise ValueError(f"guidance weight {w!r} must be a finite number >= 0")
+            raise ValueError(f"guidance weight {w!r} must be >= 0 and finite (1 = no guidance)")
     cells = []
     for gm, n, method in itertools.product(guidance_methods, steps, methods):
         for eta in etas if method == "ddim" else [0.0]:
