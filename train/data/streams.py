@@ -184,10 +184,6 @@ class Stream:
         import datasets
 
         name = self.path[len(_HF):]
-        if not name:
-            raise ValueError("data.path='hf:' names no data set; give hf:NAME (a hub name or a local folder)")
-        if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
-            raise FileNotFoundError(f"data.path={self.path}: folder {name} does not exist")
         try:
             table = datasets.load_dataset(os.path.expanduser(name), split="train", streaming=True)
         except (FileNotFoundError, ValueError, ConnectionError) as exc:
@@ -221,4 +217,10 @@ def open_stream(path: Any, *, caption_column: str = "text", image_column: Option
     stream = Stream(str(path), fmt, caption_column, image_column, bool(allow_outside_paths))
     if fmt == "webdataset":
         shard_urls(stream.path)  # a missing local shard: the error now, not after an hour of encoding
+    else:
+        name = stream.path[len(_HF):]
+        if not name:
+            raise ValueError("data.path='hf:' names no data set; give hf:NAME (a hub name or a local folder)")
+        if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+            raise FileNotFoundError(f"data.path={stream.path}: folder {name} does not exist")
     return stream
