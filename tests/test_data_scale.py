@@ -219,3 +219,10 @@ def test_a_stream_trains(tmp_path):
                      "validation.every=0", "validation.at_start=false")
     result = train_from_config(config, autoencoder=TrainFakeAutoencoder(), text_encoder=tiny_text_encoder())
     assert result.step == 2 and result.bundle is not None
+
+
+def test_data_check_reads_a_stream(tmp_path, capsys):
+    shards = write_shards(tmp_path / "shards")
+    assert main(["data", "check", f"{shards}/{{00000..00001}}.tar"]) == 0
+    out = capsys.readouterr().out
+    assert "kept: 12 image-caption pairs" in out and "skipped: 6" in out and f"{NO_IMAGE}: 1" in out

@@ -224,3 +224,28 @@ def open_stream(path: Any, *, caption_column: str = "text", image_column: Option
         if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
             raise FileNotFoundError(f"data.path={stream.path}: folder {name} does not exist")
     return stream
+
+
+def check_stream(path: Any, *, caption_column: str = "text", image_column: Optional[str] = None, min_size: int = 32,
+                 allow_outside_paths: bool = False, progress: bool = True):
+    """Read every row of the stream at ``path`` as the cache would, keeping nothing: its ``DataSummary``
+    (what ``ldm data check`` prints for a stream)."""
+    from tqdm import tqdm
+
+    from train.data.captioned import MAX_TOKENS, DataSummary, check_row, clip_token_count
+
+    stream = open_stream(path, caption_column=caption_column, image_column=image_column,
+                         allow_outside_paths=allow_outside_paths)
+    skipped: collections.Counter = collections.Counter()
+    kept = n_captions = n_long = longest = 0
+    for _, ref, cell, reason in tqdm(stream.rows(), desc=f"checking {path}", unit="img", disable=not progress):
+        checked = reason or check_row(ref, cell, stream.inside, min_size)
+        if isinstance(checked, str):
+            skipped[checked] += 1
+            continue
+        kept += 1
+        for caption in checked[1]:
+            tokens = clip_token_count(caption)
+            n_captions, n_long, longest = n_captions + 1, n_long + (tokens > MAX_TOKENS), max(longest, tokens)
+    skipped.update(stream.skipped)
+    return DataSummary(str(path), stream.format, None, kept, dict(skipped), n_captions, n_long, longest)
