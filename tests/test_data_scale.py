@@ -226,3 +226,23 @@ def test_data_check_reads_a_stream(tmp_path, capsys):
     assert main(["data", "check", f"{shards}/{{00000..00001}}.tar"]) == 0
     out = capsys.readouterr().out
     assert "kept: 12 image-caption pairs" in out and "skipped: 6" in out and f"{NO_IMAGE}: 1" in out
+
+
+def test_shards_stream_from_a_url_and_a_missing_url_is_an_error(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    shards = write_shards(tmp_path / "shards")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        local = [(k, image, cell, reason) for k, image, cell, reason in open_stream(f"{shards}/{{00000..00001}}.tar").rows()]
+        assert list(open_stream(f"{url}/{{00000..00001}}.tar").rows()) == local
+        with pytest.raises(OSError, match="00002.tar"):
+            list(open_stream(f"{url}/{{00000..00002}}.tar").rows())
+    finally:
+        server.shutdown()

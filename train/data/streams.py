@@ -54,7 +54,7 @@ def stream_format(path: Any) -> Optional[str]:
     text = str(path)
     if text.startswith(_HF):
         return "hf"
-    if "://" in text or any(p.endswith(".tar") for p in text.split("::")):
+    if "://" in text or text.startswith("pipe:") or any(p.endswith(".tar") for p in text.split("::")):
         return "webdataset"
     if os.path.isdir(text) and not any(True for _ in _non_tar_entries(Path(text))) and any(Path(text).glob("*.tar")):
         return "webdataset"
@@ -78,13 +78,18 @@ def shard_urls(path: str) -> list[str]:
             else:
                 urls.append(url)
     for url in urls:
-        local = url[len("file://"):] if url.startswith("file://") else (None if "://" in url else url)
+        local = url[len("file://"):] if url.startswith("file://") else (None if _remote(url) else url)
         if local is not None and not os.path.isfile(local):
             raise FileNotFoundError(f"data.path: webdataset shard {url} does not exist "
                                     f"({len(urls)} shard{'s' * (len(urls) > 1)} named by {path})")
     if not urls:
         raise ValueError(f"data.path={path!r} names no tar shard")
     return urls
+
+
+def _remote(url: str) -> bool:
+    """Whether a shard is read through webdataset's gopen (a URL, or ``pipe:COMMAND``) rather than opened here."""
+    return ("://" in url and not url.startswith("file://")) or url.startswith("pipe:")
 
 
 @dataclass
@@ -119,8 +124,8 @@ class Stream:
             return [str(f), st.st_size, st.st_mtime_ns]
 
         if self.format == "webdataset":
-            return [entry(Path(u[len("file://"):] if u.startswith("file://") else u)) if "://" not in u or u.startswith("file://")
-                    else [u] for u in shard_urls(self.path)]
+            return [[u] if _remote(u) else entry(Path(u[len("file://"):] if u.startswith("file://") else u))
+                    for u in shard_urls(self.path)]
         folder = self._local_folder()
         if folder is None:
             return [self.path]
@@ -156,7 +161,7 @@ class Stream:
                         n += 1
                         yield (f"{name}/{sample['__key__']}", *self._tar_sample(sample))
             except Exception as exc:
-                if n == 0 and "://" in url and not url.startswith("file://"):
+                if n == 0 and _remote(url):
                     raise OSError(f"data.path: webdataset shard {url} gave no sample ({exc})") from None
                 self.skipped[BROKEN_SHARD] += 1
                 warnings.warn(f"data: {url}: {exc}; its samples after the {n}th are skipped")
