@@ -119,7 +119,8 @@ class Stream:
 
         def entry(f: Path) -> list:
             if content:
-                return [str(f), hashlib.file_digest(open(f, "rb"), "sha256").hexdigest()]
+                with open(f, "rb") as fh:
+                    return [str(f), hashlib.file_digest(fh, "sha256").hexdigest()]
             st = f.stat()
             return [str(f), st.st_size, st.st_mtime_ns]
 
