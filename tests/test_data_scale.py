@@ -246,3 +246,29 @@ def test_shards_stream_from_a_url_and_a_missing_url_is_an_error(tmp_path):
             list(open_stream(f"{url}/{{00000..00002}}.tar").rows())
     finally:
         server.shutdown()
+
+
+def test_a_stopped_stream_build_resumes_to_identical_shards(tmp_path):
+    shards = write_shards(tmp_path / "shards")
+    config = _config(tmp_path, f"{shards}/{{00000..00001}}.tar", "cache.shard_size=5")
+
+    class DiesAtSecondShard(TrainFakeAutoencoder):
+        def encode(self, images):
+            if self.encode_calls == 1:  # shard 0 (5 samples) was one batch
+                raise KeyboardInterrupt
+            return super().encode(images)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config.cache, config.data, DiesAtSecondShard(), tiny_text_encoder(), progress=False)
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("ldm-")]
+    assert LatentCache(folder, partial=True).num_shards == 1
+    ae = TrainFakeAutoencoder()
+    assert build_cache(config.cache, config.data, ae, tiny_text_encoder(), progress=False) == (folder, True)
+    # shards 1 and 2 (the first 5 samples passed over undecoded); shard 3 covers 3 bad samples: nothing to encode
+    assert ae.encode_calls == 2 and LatentCache(folder).num_shards == 4
+    clean = build_cache(replace(config.cache, dir=str(tmp_path / "clean")), config.data, TrainFakeAutoencoder(),
+                        tiny_text_encoder(), progress=False)[0]
+    files = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+    for f in files:
+        assert (folder / f).read_bytes() == (clean / f).read_bytes(), f
