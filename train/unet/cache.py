@@ -132,19 +132,24 @@ def manifest_hash(folder: Path, allow_outside: bool = False) -> str:
     files excluded, no file opened; a symlink out of the folder counts by its target's name (unless
     ``allow_outside``)."""
     h = hashlib.sha256()
-    folder = Path(folder)
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            f = Path(root, name)
-            h.update(str(f.relative_to(folder)).encode(errors="surrogateescape") + b"\0")
-            if not allow_outside and f.is_symlink() and not is_inside(f, folder):
-                h.update(b"link\0" + os.readlink(f).encode(errors="surrogateescape"))
-                continue
-            st = f.stat()
-            h.update(f"{st.st_size}|{st.st_mtime_ns}\0".encode())
+    root = os.path.abspath(folder)
+
+    def walk(directory: str, rel: str) -> None:
+        with os.scandir(directory) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        for e in entries:  # files (a symlink by its target; a dangling one left out) before folders, as os.walk
+            if e.is_file():
+                h.update(f"{rel}{e.name}".encode(errors="surrogateescape") + b"\0")
+                if not allow_outside and e.is_symlink() and not is_inside(e.path, root):
+                    h.update(b"link\0" + os.readlink(e.path).encode(errors="surrogateescape"))
+                    continue
+                st = e.stat()
+                h.update(f"{st.st_size}|{st.st_mtime_ns}\0".encode())
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                walk(e.path, f"{rel}{e.name}/")
+
+    walk(root, "")
     return h.hexdigest()
 
 
