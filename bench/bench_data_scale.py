@@ -195,6 +195,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (old, new) training measurements per set")
     parser.add_argument("--old-on-large", action="store_true", help="build and read the old cache of --large too "
                         "(the default compares the caches on --small only: on shared cores each 100k build takes long)")
+    parser.add_argument("--reuse", action="store_true", help="keep the caches already in --work (their build is "
+                        "then not timed again): to measure the reads again")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -202,7 +204,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     ae, te = encoders()
-    shutil.rmtree(args.work, ignore_errors=True)
+    if not args.reuse:
+        shutil.rmtree(args.work, ignore_errors=True)
     results = {}
     print(f"bench_data_scale: old cache = train/unet/cache.py at {args.old_rev}; torch threads 1; shared machine load "
           f"{os.getloadavg()[0]:.1f} at start", flush=True)
@@ -217,12 +220,13 @@ def main() -> None:
             t0 = time.perf_counter()
             again, built_again = module.build_cache(cache_cfg, data_cfg, ae, te, progress=False)
             start = time.perf_counter() - t0
-            assert built and not built_again and again == folder
+            assert (built or args.reuse) and not built_again and again == folder
             n = len(module.LatentCache(folder))
             results[name, kind] = {"folder": folder, "n": n, "build_img_s": n / build, "build_s": build,
                                    "bytes_per_image": folder_bytes(folder, kind) / n, "start_s": start, "reads": []}
             r = results[name, kind]
-            print(f"{name} {kind}: {n} images cached in {build:.0f} s ({r['build_img_s']:.0f} img/s), "
+            print(f"{name} {kind}: {n} images {'cached' if built else 'found (not timed: --reuse)'} in {build:.0f} s "
+                  f"({r['build_img_s']:.0f} img/s), "
                   f"{r['bytes_per_image']:.0f} bytes/image, found again in {start:.2f} s", flush=True)
         for round_ in range(args.rounds):
             for kind in (kinds if round_ % 2 == 0 else kinds[::-1]):

@@ -273,13 +273,13 @@ class LatentCache:
         for s in range(n_shards):
             sf = self.folder / _shard_name(s)
             info = json.loads((sf / "shard.json").read_text())
-            latents = {k: np.load(sf / f"latents-{k}.npy", mmap_mode="r")
-                       for k in range(n_buckets) if info["bucket_counts"][k]}
+            def mapped(name: str) -> np.ndarray:  # a plain ndarray over the memory map (np.memmap's indexing is slower)
+                return np.asarray(np.load(sf / name, mmap_mode="r"))
+
+            latents = {k: mapped(f"latents-{k}.npy") for k in range(n_buckets) if info["bucket_counts"][k]}
             contexts = _memmap(self.folder.parent / "contexts" / info["contexts"])["context"] if info["contexts"] else None
-            self._shards.append(_Shard(sf, latents, np.cumsum([0] + info["bucket_counts"]),
-                                       np.load(sf / "caption_offsets.npy", mmap_mode="r"),
-                                       np.load(sf / "caption_rows.npy", mmap_mode="r"),
-                                       np.load(sf / "key_hash.npy", mmap_mode="r"), contexts))
+            self._shards.append(_Shard(sf, latents, np.cumsum([0] + info["bucket_counts"]), mapped("caption_offsets.npy"),
+                                       mapped("caption_rows.npy"), mapped("key_hash.npy"), contexts))
             heldout.append(np.load(sf / "heldout.npy"))
             counts += info["bucket_counts"]
         self.shard_starts = np.cumsum([0] + [len(h) for h in heldout]).astype(np.int64)  # (S + 1,)
@@ -354,8 +354,10 @@ class LatentCache:
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"rows {indices.tolist()} of a cache of {len(self)} rows")
         of = np.searchsorted(self.shard_starts, indices, side="right") - 1  # (B,)
-        for s in np.unique(of):
-            where = np.flatnonzero(of == s)
+        order = np.argsort(of, kind="stable")  # positions grouped by shard
+        cuts = np.flatnonzero(np.diff(of[order])) + 1
+        for where in np.split(order, cuts) if len(order) else []:
+            s = int(of[where[0]])
             yield self._shards[s], where, indices[where] - self.shard_starts[s]
 
     def latents(self, indices: Sequence[int]) -> torch.Tensor:
@@ -374,16 +376,15 @@ class LatentCache:
         """(B, L, D) float32 contexts of images ``indices``; an image with several captions gets the one
         ``train.data.split.caption_index`` draws for (seed, epoch, its key), as every trainer does."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = [None] * len(indices)
+        out = torch.empty((len(indices), *self.empty.shape[1:]), dtype=torch.float32)  # (B, L, D)
         for shard, where, local in self._by_shard(indices):
             starts, counts = shard.offsets[local], shard.offsets[local + 1] - shard.offsets[local]  # (b,), (b,)
-            pick = [caption_index_of_hash(int(n), seed, epoch, int(h)) for n, h in zip(counts, shard.key_hash[local])]
-            rows = shard.options[starts + np.array(pick, dtype=np.int64)]  # (b,)
-            for j, ctx in zip(where, shard.contexts[torch.from_numpy(np.asarray(rows, dtype=np.int64))]):
-                out[j] = ctx
-        if not out:
-            return self.empty[:0].float()
-        return torch.stack(out).float()  # (B, L, D)
+            pick = np.zeros(len(local), dtype=np.int64)  # one caption: option 0; several: the draw
+            for j in np.flatnonzero(counts > 1):
+                pick[j] = caption_index_of_hash(int(counts[j]), seed, epoch, int(shard.key_hash[local[j]]))
+            rows = np.asarray(shard.options[starts + pick], dtype=np.int64)  # (b,)
+            out[torch.from_numpy(where)] = shard.contexts[torch.from_numpy(rows)].float()
+        return out
 
 
 def cache_folder(cache: CacheConfig, key: dict) -> Path:
