@@ -1,7 +1,7 @@
 """The sharded latent cache at scale, against the cache it replaced, side by side in one run (issue 20, point 3).
 
     nice python bench/bench_data_scale.py --small /work/scale/shapes-10k --large /work/scale/shapes-100k \\
-        --work /work/scale/bench [--steps 60] [--read-batches 400] [--old-rev 1193c82]
+        --work /work/scale/bench [--steps 8] [--rounds 3] [--read-batches 400] [--old-rev 1193c82] [--reuse]
 
 Data: two sets made by ``ldm data shapes --size 64`` (10,000 and 100,000 images). For each set and each
 cache, the sharded one (train/unet/cache.py) and the one it replaced (train/unet/cache.py at
@@ -191,8 +191,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/work/scale/bench"), help="where the caches go (removed first)")
     parser.add_argument("--old-rev", default="1193c82", help="the git revision whose train/unet/cache.py is the old cache")
     parser.add_argument("--read-batches", type=int, default=400, help="random batches of 64 read per measurement")
-    parser.add_argument("--steps", type=int, default=60, help="training steps per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of (old, new) training measurements per set")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of (old, new) training measurements per set")
     parser.add_argument("--old-on-large", action="store_true", help="build and read the old cache of --large too "
                         "(the default compares the caches on --small only: on shared cores each 100k build takes long)")
     parser.add_argument("--reuse", action="store_true", help="keep the caches already in --work (their build is "
