@@ -59,7 +59,7 @@ def test_cached_contexts_are_the_pipelines_bit_for_bit(bundles, data, tmp_path):
     _, packed = bundles
     cache = finetune_cache(packed, data, tmp_path)
     pipe = Text2ImagePipeline.from_pretrained(packed)
-    distinct = cache.meta["distinct_captions"]  # sorted; the cache encoded them in one batch (cache.batch_size 64)
+    distinct = cache.shard_info(0)["distinct_captions"]  # one shard; sorted, encoded in one batch (cache.batch_size 64)
     cond, uncond = pipe._contexts(distinct, [None] * len(distinct), guidance=4.0)  # what sampling feeds the U-Net
     for i in range(len(cache)):
         (caption,) = cache.captions[i]

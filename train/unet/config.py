@@ -55,7 +55,9 @@ class BucketConfig:
 class DataConfig:
     """The captioned image data set."""
 
-    path: str = ""  # imagefolder with metadata.jsonl (file_name, text[, split])
+    # a folder or file of train.data.sources.FORMATS (imagefolder with metadata.jsonl, ...), or a stream
+    # (train.data.streams): webdataset .tar shards (paths, {00000..00099}.tar patterns, URLs) or hf:NAME
+    path: str = ""
     # images are resized (shorter side) and centre-cropped to this size, then encoded (with buckets: to a bucket
     # of about this size squared in pixels); 0 in fine-tuning = the model's own size (U-Net sample_size x the autoencoder's factor)
     resolution: int = 64
@@ -79,7 +81,14 @@ class CacheConfig:
 
     dir: str = "runs/cache"  # shared by runs; each (encoders, data, resolution) gets its own sub-folder
     batch_size: int = 64  # images per autoencoder call while building the cache
-    context_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage type of the contexts
+    context_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # storage type of the contexts
+    shard_size: int = 10000  # data rows per cache shard: the unit a stopped build resumes from
+    # what keys the cache to the data: each file's name, size and modification time (manifest), or every byte (content)
+    verify: Literal["manifest", "content"] = "manifest"
+
+    def __post_init__(self):
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError(f"cache.shard_size={self.shard_size} and cache.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass
@@ -282,10 +291,19 @@ class FinetuneCheckpointConfig(CheckpointConfig):
 
 
 @dataclass
+class FinetuneCacheConfig(CacheConfig):
+    """CacheConfig at fine-tuning's scale: a few hundred captions, so the contexts are kept in float32 (the half
+    size saves little there) and equal the pipeline's bit for bit."""
+
+    context_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
 
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    cache: FinetuneCacheConfig = field(default_factory=FinetuneCacheConfig)
     checkpoint: FinetuneCheckpointConfig = field(default_factory=FinetuneCheckpointConfig)
     objective: FinetuneObjectiveConfig = field(default_factory=FinetuneObjectiveConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
