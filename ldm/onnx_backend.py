@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -112,6 +113,8 @@ def module_key(module: torch.nn.Module, args: tuple) -> str:
         for k, v in sorted(vars(sub).items()):
             if (k.startswith("_") and k != "_internal_dict") or k == "training":  # _internal_dict: diffusers' config
                 continue
+            if k == "_internal_dict":  # diffusers' _use_default_values lists a set: its order changes per process
+                v = {name: value for name, value in v.items() if name != "_use_default_values"}
             try:
                 settings[k] = json.loads(json.dumps(v))  # only plain values: numbers, strings, lists, dicts
             except (TypeError, ValueError):
@@ -136,22 +139,114 @@ def cache_dir(bundle: Optional[str], key: str, variant: Optional[str] = None) ->
     return root / variant if variant else root
 
 
+# graphs whose weights pass this are stored with them in one ``<name>.onnx.data`` beside the graph:
+# a protobuf file cannot exceed 2 GiB (the full-size U-Net's float32 weights are 3.2 GiB)
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
 def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str]) -> None:
-    """Export ``module(*args)`` to ``path`` (atomically) with a dynamic batch axis on every input."""
+    """Export ``module(*args)`` to ``path`` (atomically) with a dynamic batch axis on every input; a module
+    of more than ``EXTERNAL_DATA_BYTES`` of weights gets its tensors in ``<path>.data`` beside the graph."""
     axes = {name: {0: "batch"} for name in input_names + ["out"]}
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    kwargs = dict(input_names=input_names, output_names=["out"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names, output_names=["out"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        if weights <= EXTERNAL_DATA_BYTES:
+            with atomic_path(path) as tmp:
+                torch.onnx.export(module.eval(), args, str(tmp), **kwargs)
+            return
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as tmp:
+            raw = Path(tmp) / "raw" / "graph.onnx"  # the exporter writes one file per tensor beside it
+            raw.parent.mkdir()
+            torch.onnx.export(module.eval(), args, str(raw), **kwargs)
+            _gather_external_data(raw, Path(tmp) / path.name)
+            # the data first, then the graph that names it: a graph never points at missing data
+            os.replace(Path(tmp) / f"{path.name}.data", path.with_name(f"{path.name}.data"))
+            os.replace(Path(tmp) / path.name, path)
 
 
-def session(path: Path):
+def _gather_external_data(raw: Path, out: Path, chunk: int = 1 << 26, min_bytes: int = 1024) -> None:
+    """Rewrite the graph ``raw`` as ``out`` with every tensor of ``min_bytes`` or more in one ``<out>.data``
+    (the layout ``onnx.save(save_as_external_data=True)`` writes): those the exporter wrote to files of their
+    own beside ``raw`` are streamed from there, so that no second copy of the weights is held in memory."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(raw), load_external_data=False)
+    offset = 0
+    with open(out.with_name(f"{out.name}.data"), "wb") as data:
+        for tensor in [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(tensor)
+                length = 0
+                with open(raw.parent / info.location, "rb") as src:
+                    src.seek(info.offset or 0)
+                    left = info.length or None
+                    while left is None or left > 0:
+                        block = src.read(chunk if left is None else min(chunk, left))
+                        if not block:
+                            break
+                        data.write(block)
+                        length += len(block)
+                        left = None if left is None else left - len(block)
+            elif len(tensor.raw_data) >= min_bytes:
+                length = data.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            for key, value in (("location", f"{out.name}.data"), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += length
+    onnx.save(model, str(out))
+
+
+# ONNX Runtime's graph optimisation level for our sessions; bench/bench_pipeline.py measured each
+# (README, "Speed"): "extended" (fusions, no NCHWc layout change) is the fastest on the default model
+ORT_LEVEL = "extended"
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session(path: Path, *, level: str = ORT_LEVEL, threads: Optional[int] = None, save_optimized: bool = True):
+    """An ONNX Runtime CPU session over the graph ``path`` at optimisation ``level`` on ``threads``
+    threads (default torch's). With ``save_optimized`` the optimised graph is kept beside it
+    (``ort-<version>-<level>/<name>.onnx``, made once, atomically) and later sessions load that one with
+    optimisation off, so they start without optimising again (``level`` "all" is not saved: its NCHWc
+    layout is tied to this CPU's instructions)."""
     import onnxruntime as ort
 
+    if level not in ORT_LEVELS:
+        raise ValueError(f"level={level!r}; allowed: {', '.join(ORT_LEVELS)}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    providers = ["CPUExecutionProvider"]
+    if not save_optimized or level in ("disable", "all"):
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    saved = optimized_path(path, level)
+    if saved.is_file() and saved.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(saved), opts, providers=providers)
+    if path.with_name(f"{path.name}.data").is_file():  # a graph with external data keeps its weights apart
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{saved.name}.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    with atomic_path(saved) as tmp:
+        opts.optimized_model_filepath = str(tmp)
+        return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def optimized_path(path: Path, level: str) -> Path:
+    """Where ``session`` keeps the graph ``path`` optimised at ``level`` by this ONNX Runtime version: in a
+    subfolder, so that the exported graphs stay the only ``*.onnx`` beside the stamps."""
+    import onnxruntime as ort
+
+    return path.parent / f"ort-{ort.__version__}-{level}" / path.name
 
 
 class OnnxGraphs:
@@ -233,9 +328,13 @@ class OnnxBackend:
         key = bundle_hash(bundle) if bundle else "unsaved"
         return cls(OnnxGraphs(unet, autoencoder, tuple(context.shape[1:]), bundle, key, variant))
 
+    def open_session(self, path: Path):
+        """A runner of the graph ``path`` with ONNX Runtime's ``run(None, feeds) -> [outputs]``."""
+        return session(path)
+
     def _session(self, graph, latent_shape: tuple[int, int, int]):
         if (graph.__name__, latent_shape) not in self.sessions:
-            self.sessions[graph.__name__, latent_shape] = session(graph(latent_shape))
+            self.sessions[graph.__name__, latent_shape] = self.open_session(graph(latent_shape))
         return self.sessions[graph.__name__, latent_shape]
 
     def unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
