@@ -156,6 +156,7 @@ def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[s
             with atomic_path(path) as tmp:
                 torch.onnx.export(module.eval(), args, str(tmp), **kwargs)
             return
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as tmp:
             raw = Path(tmp) / "raw" / "graph.onnx"  # the exporter writes one file per tensor beside it
             raw.parent.mkdir()
@@ -212,8 +213,9 @@ ORT_LEVELS = ("disable", "basic", "extended", "all")
 
 def session(path: Path, *, level: str = ORT_LEVEL, threads: Optional[int] = None, save_optimized: bool = True):
     """An ONNX Runtime CPU session over the graph ``path`` at optimisation ``level`` on ``threads``
-    threads (default torch's). With ``save_optimized`` the optimised graph is kept beside it
-    (``ort-<version>-<level>/<name>.onnx``, made once, atomically) and later sessions load that one with
+    threads (default ONNX Runtime's: one per physical core); imports no torch. With ``save_optimized``
+    the optimised graph is kept beside it (``ort-<version>-<level>/<name>.onnx``, made once,
+    atomically) and later sessions load that one with
     optimisation off, so they start without optimising again (``level`` "all" is not saved: its NCHWc
     layout is tied to this CPU's instructions)."""
     import onnxruntime as ort
@@ -221,7 +223,8 @@ def session(path: Path, *, level: str = ORT_LEVEL, threads: Optional[int] = None
     if level not in ORT_LEVELS:
         raise ValueError(f"level={level!r}; allowed: {', '.join(ORT_LEVELS)}")
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    if threads:
+        opts.intra_op_num_threads = threads
     opts.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -329,8 +332,8 @@ class OnnxBackend:
         return cls(OnnxGraphs(unet, autoencoder, tuple(context.shape[1:]), bundle, key, variant))
 
     def open_session(self, path: Path):
-        """A runner of the graph ``path`` with ONNX Runtime's ``run(None, feeds) -> [outputs]``."""
-        return session(path)
+        """A runner of the graph ``path`` with ONNX Runtime's ``run(None, feeds) -> [outputs]``, on torch's threads."""
+        return session(path, threads=torch.get_num_threads())
 
     def _session(self, graph, latent_shape: tuple[int, int, int]):
         if (graph.__name__, latent_shape) not in self.sessions:
