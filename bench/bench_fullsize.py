@@ -10,8 +10,10 @@ its own process (so that its peak resident set, VmHWM, is its own), with the sam
     onnx        ours, backend="onnx" (ONNX Runtime; the graph, 3.4 GB, has its weights in external data)
     openvino    ours, backend="openvino" (f32), when the openvino package is installed
 
-Each case runs a warm-up step, then ``--steps`` steps; a step's time is the time between two of the
-sampler's step callbacks (one batched U-Net call on [uncond, cond] + CFG + the DDIM update). The matmul
+Each case runs ``--steps`` steps (the ONNX Runtime / OpenVINO session is made before them, timed apart); a
+step's time is the time from the previous step's callback (the first: from the call, so it includes the
+prompt's encoding, well under 1% of a step here) to its own: one batched U-Net call on [uncond, cond] +
+CFG + the DDIM update. ``--threads`` sets torch's, ONNX Runtime's and OpenVINO's threads alike. The matmul
 rate (a 2048^3 fp32 matmul, best of 5) is measured in the same process just before and after, and a step's
 share of it is (U-Net FLOPs / step time) / rate: on a machine shared with other jobs that share moves
 less than the seconds do. The ONNX graphs are exported (and ONNX Runtime's optimised graph saved) in a
@@ -141,18 +143,18 @@ def run_case(case: str, folder: Path, steps: int, out: Path) -> dict:
             record["peak_rss"] = proc_status("VmHWM")
             return record
         req = pipe.request(PROMPT, None, 0, 1)
+        if case in ("onnx", "openvino"):  # the session (graph loading, optimisation or compilation) before the steps
+            t1 = time.perf_counter()
+            pipe.backend._session(pipe.backend.graphs.unet_graph, (4, SIZE // 8, SIZE // 8))
+            record["session_s"] = time.perf_counter() - t1
 
         def run(n, stamps):
             return pipe.generate_latents(req, steps=n, guidance=GUIDANCE, height=SIZE, width=SIZE, batch_size=1,
                                          progress=lambda i, total: stamps.append(time.perf_counter()))
     record["load_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run(1, [])  # the first U-Net call: ONNX Runtime / OpenVINO sessions are made here
-    record["warmup_s"] = time.perf_counter() - t0
     stamps = [time.perf_counter()]
     latents = run(steps, stamps)
-    record["step_s"] = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # from the second step on: no text encoding
-    record["first_step_s"] = stamps[1] - stamps[0]
+    record["step_s"] = [b - a for a, b in zip(stamps, stamps[1:])]
     rates.append(matmul_rate(torch.float32))
     record["matmul_gflops"] = rates
     record["peak_rss"] = proc_status("VmHWM")
@@ -183,7 +185,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=ROOT / "runs" / "bench-fullsize" / "sd15-random",
                         help="the SD 1.5-size folder; built there when missing (4.3 GB, plus 3.4 GB of ONNX graph)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per case, after one warm-up step (default 2)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per case (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="threads of every case (default: torch's)")
     parser.add_argument("--max-rss-gib", type=float, default=14.0, help="a case passing this resident set is stopped")
     parser.add_argument("--need-gib", type=float, default=14.0, help="wait for this much available memory before each case")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-fullsize.json")
@@ -192,6 +195,8 @@ def main() -> None:
     parser.add_argument("--child", choices=("export", *CASES), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
 
@@ -234,7 +239,8 @@ def main() -> None:
         print(f"{case} ...", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", case, "--result", str(result), "--folder",
-                               str(args.folder), "--steps", str(args.steps), "--max-rss-gib", str(args.max_rss_gib)],
+                               str(args.folder), "--steps", str(args.steps), "--max-rss-gib", str(args.max_rss_gib),
+                               "--threads", str(torch.get_num_threads())],
                               capture_output=True, text=True)
         record = json.loads(result.read_text()) if result.is_file() else {"case": case, "error": proc.stderr[-2000:]}
         record["wall_s"] = time.perf_counter() - t0
@@ -246,7 +252,7 @@ def main() -> None:
     ref = records.get("diffusers", {})
     ref_latents = np.load(work / "diffusers.npy") if "step_s" in ref else None
     print(f"\n{'case':<10} {'s/step':>8} {'x diffusers':>12} {'% of matmul':>12} {'peak RSS GiB':>13} "
-          f"{'max|diff| vs diffusers':>23} {'load s':>7} {'1st call s':>11}")
+          f"{'max|diff| vs diffusers':>23} {'load s':>7} {'session s':>10}")
     for case in cases:
         r = records[case]
         if "step_s" not in r:
@@ -261,7 +267,7 @@ def main() -> None:
             r["speedup_vs_diffusers"] = min(ref["step_s"]) / s
         print(f"{case:<10} {s:>8.2f} {r.get('speedup_vs_diffusers', float('nan')):>11.2f}x "
               f"{100 * r['share_of_matmul']:>11.0f}% {r['peak_rss'] / GIB:>13.2f} "
-              f"{r.get('max_abs_diff_vs_diffusers', float('nan')):>23.2e} {r['load_s']:>7.1f} {r['warmup_s']:>11.1f}")
+              f"{r.get('max_abs_diff_vs_diffusers', float('nan')):>23.2e} {r['load_s']:>7.1f} {r.get('session_s', 0):>10.1f}")
     if "export" in records and "export_s" in records["export"]:
         e = records["export"]
         print(f"ONNX export of the U-Net {e['export_s']:.0f} s, ONNX Runtime's optimisation (saved) {e['optimise_s']:.0f} s, "

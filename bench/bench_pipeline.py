@@ -156,12 +156,12 @@ def share_of_matmul(args) -> None:
         copy.deepcopy(autoencoder).to(memory_format=torch.channels_last), channels_last=True), threads)
     for level in ("disable", "basic", "extended", "all"):
         name = f"ORT {level}" + (" (previous default, NCHWc layout)" if level == "all" else "")
-        fns, starts[name] = _graph_variant(lambda p, lv=level: session(p, level=lv, save_optimized=False), unet_path, decoder_path)
+        fns, starts[name] = _graph_variant(lambda p, lv=level: session(p, level=lv, threads=threads, save_optimized=False), unet_path, decoder_path)
         variants[name] = (*fns, threads)
     # the saved optimised graph: the first session writes it, later ones load it with optimisation off
-    _graph_variant(lambda p: session(p, level="extended"), unet_path, decoder_path)
+    _graph_variant(lambda p: session(p, level="extended", threads=threads), unet_path, decoder_path)
     fns, starts["ORT extended, from the saved optimised graph (the default now)"] = _graph_variant(
-        lambda p: session(p, level="extended"), unet_path, decoder_path)
+        lambda p: session(p, level="extended", threads=threads), unet_path, decoder_path)
     assert optimized_path(unet_path, "extended").is_file()
     variants["ORT extended, from the saved optimised graph (the default now)"] = (*fns, threads)
     if threads > 1:
@@ -171,7 +171,7 @@ def share_of_matmul(args) -> None:
     try:
         fused = fused_attention_graph(unet, (torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(context)), work)
         (fused_unet, _), starts["ORT extended + fused MultiHeadAttention"] = _graph_variant(
-            lambda p: session(p, level="extended", save_optimized=False), fused, decoder_path)
+            lambda p: session(p, level="extended", threads=threads, save_optimized=False), fused, decoder_path)
         variants["ORT extended + fused MultiHeadAttention"] = (fused_unet, variants["ORT extended"][1], threads)
         notes["ORT extended + fused MultiHeadAttention"] = "decoder: ORT extended's"
     except Exception as e:  # recorded, not fatal: the fusion scripts follow diffusers' graphs loosely
@@ -276,7 +276,7 @@ class PreviousOnnxBackend:
             name = "onnx, previous"
 
             def open_session(self, path):
-                return session(path, level="all", save_optimized=False)
+                return session(path, level="all", threads=torch.get_num_threads(), save_optimized=False)
 
         return Previous(backend.graphs)
 
