@@ -206,46 +206,53 @@ def _gather_external_data(raw: Path, out: Path, chunk: int = 1 << 26, min_bytes:
 
 
 # ONNX Runtime's graph optimisation level for our sessions. bench/bench_pipeline.py measured each (README,
-# "Speed on a CPU"): on the default model all four run within the noise of a shared machine of each other;
-# "extended" (fusions, no NCHWc layout change) is kept because its optimised graph does not depend on the
-# CPU's instructions, so it is saved and reused (session start 2.6 s -> 0.7 s there)
-ORT_LEVEL = "extended"
+# "Speed on a CPU"): "all" (fusions, then the NCHWc layout for this CPU's vector width) is the fastest, most
+# clearly at batch 8. Its graph is tied to this CPU's instructions, so what is saved is the "extended" one
+# (the fusions, which cost most of a start) and "all" adds only the layout at each start.
+ORT_LEVEL = "all"
 ORT_LEVELS = ("disable", "basic", "extended", "all")
+SAVED_LEVEL = "extended"
 
 
 def session(path: Path, *, level: str = ORT_LEVEL, threads: Optional[int] = None, save_optimized: bool = True):
     """An ONNX Runtime CPU session over the graph ``path`` at optimisation ``level`` on ``threads``
     threads (default ONNX Runtime's: one per physical core); imports no torch. With ``save_optimized``
-    the optimised graph is kept beside it (``ort-<version>-<level>/<name>.onnx``, made once,
-    atomically) and later sessions load that one with optimisation off, so they start without
-    optimising again ("all" is never saved: its NCHWc layout is tied to this CPU's instructions)."""
+    (levels "extended" and "all") the graph optimised at "extended" is kept beside it
+    (``ort-<version>-extended/<name>.onnx``, made once, atomically) and later sessions start from that
+    one: "extended" with optimisation off, "all" with only its CPU-specific layout step left to run."""
     import onnxruntime as ort
 
     if level not in ORT_LEVELS:
         raise ValueError(f"level={level!r}; allowed: {', '.join(ORT_LEVELS)}")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+    def options(at: str):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = levels[at]
+        return opts
+
     providers = ["CPUExecutionProvider"]
-    if not save_optimized or level in ("disable", "all"):
-        return ort.InferenceSession(str(path), opts, providers=providers)
-    saved = optimized_path(path, level)
-    if saved.is_file() and saved.stat().st_mtime_ns >= path.stat().st_mtime_ns:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        return ort.InferenceSession(str(saved), opts, providers=providers)
-    if path.with_name(f"{path.name}.data").is_file():  # a graph with external data keeps its weights apart
-        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{saved.name}.data")
-        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    with atomic_path(saved) as tmp:
-        opts.optimized_model_filepath = str(tmp)
-        return ort.InferenceSession(str(path), opts, providers=providers)
+    if not save_optimized or level in ("disable", "basic"):
+        return ort.InferenceSession(str(path), options(level), providers=providers)
+    saved = optimized_path(path, SAVED_LEVEL)
+    if not (saved.is_file() and saved.stat().st_mtime_ns >= path.stat().st_mtime_ns):
+        opts = options(SAVED_LEVEL)
+        if path.with_name(f"{path.name}.data").is_file():  # a graph with external data keeps its weights apart
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{saved.name}.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        with atomic_path(saved) as tmp:
+            opts.optimized_model_filepath = str(tmp)
+            made = ort.InferenceSession(str(path), opts, providers=providers)
+        if level == SAVED_LEVEL:
+            return made
+        del made
+    return ort.InferenceSession(str(saved), options("disable" if level == SAVED_LEVEL else level), providers=providers)
 
 
-def optimized_path(path: Path, level: str) -> Path:
+def optimized_path(path: Path, level: str = SAVED_LEVEL) -> Path:
     """Where ``session`` keeps the graph ``path`` optimised at ``level`` by this ONNX Runtime version: in a
     subfolder, so that the exported graphs stay the only ``*.onnx`` beside the stamps."""
     import onnxruntime as ort
