@@ -15,7 +15,7 @@ step's time is the time from the previous step's callback (the first: from the c
 prompt's encoding, well under 1% of a step here) to its own: one batched U-Net call on [uncond, cond] +
 CFG + the DDIM update. ``--threads`` sets torch's, ONNX Runtime's and OpenVINO's threads alike. The matmul
 rate (a 2048^3 fp32 matmul, best of 5) is measured in the same process just before and after, and a step's
-share of it is (U-Net FLOPs / step time) / rate: on a machine shared with other jobs that share moves
+share of it is (U-Net FLOPs / step time) / (the mean of the two rates): on a machine shared with other jobs that share moves
 less than the seconds do. The ONNX graphs are exported (and ONNX Runtime's optimised graph saved) in a
 process of their own first ("export"), timed apart. Every case's final latents are compared with
 diffusers'. Prints a table and writes runs/bench-fullsize.json.
@@ -259,7 +259,7 @@ def main() -> None:
             print(f"{case:<10} failed: {r.get('error', '')[-300:]}")
             continue
         s = min(r["step_s"])
-        r["share_of_matmul"] = flops / s / (max(r["matmul_gflops"]) * 1e9)
+        r["share_of_matmul"] = flops / s / (sum(r["matmul_gflops"]) / len(r["matmul_gflops"]) * 1e9)  # the mean of before and after
         if ref_latents is not None:
             lat = np.load(work / f"{case}.npy")
             r["max_abs_diff_vs_diffusers"] = float(np.abs(lat - ref_latents).max())
