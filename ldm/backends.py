@@ -7,7 +7,8 @@ A backend is an object with two calls, given to ``Text2ImagePipeline`` when it i
     backend.decode(z) -> images                # scaled latents (B, C, h, w) -> (B, 3, H, W), about [-1, 1]
 
 ``TorchBackend`` calls the torch modules; ``ldm.onnx_backend.OnnxBackend`` runs the same modules
-exported to ONNX Runtime (fp32, CPU). ``make_backend`` builds one by name for ``from_pretrained``.
+exported to ONNX Runtime (fp32, CPU) and ``ldm.openvino_backend.OpenVinoBackend`` those graphs in
+OpenVINO (f32, CPU; an optional package). ``make_backend`` builds one by name for ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional, Protocol
 
 import torch
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "openvino")
 
 
 class Backend(Protocol):
@@ -56,14 +57,22 @@ def resolve_backend(backend: str, device=None, dtype=None) -> str:
 
 def make_backend(backend: str, unet, autoencoder, text_encoder, *, bundle: Optional[str] = None,
                  device=None, dtype=None, variant: Optional[str] = None) -> Backend:
-    """The backend named ``backend`` (torch, onnx or auto) over these modules, for a pipeline that
+    """The backend named ``backend`` (torch, onnx, openvino or auto) over these modules, for a pipeline that
     runs on ``device`` in ``dtype``; ``bundle`` is the folder they were loaded from (the ONNX graph cache),
     ``variant`` names modules that differ from the bundle's (LoRAs merged in): their graphs go apart."""
     name = resolve_backend(backend, device, dtype)
     if name == "torch":
         return TorchBackend(unet, autoencoder)
     if torch.device(device or "cpu").type != "cpu" or (dtype or torch.float32) != torch.float32:
-        raise ValueError("backend='onnx' runs fp32 on the CPU; use backend='torch' for other devices and dtypes")
-    from ldm.onnx_backend import OnnxBackend
+        raise ValueError(f"backend={name!r} runs fp32 on the CPU; use backend='torch' for other devices and dtypes")
+    if name == "openvino":
+        import importlib.util
 
-    return OnnxBackend.for_modules(unet, autoencoder, text_encoder, bundle, variant=variant)
+        if importlib.util.find_spec("openvino") is None:
+            raise ValueError("backend='openvino' needs the openvino package: pip install 'ldm-toolkit[openvino]' "
+                             "(or use backend='onnx')")
+        from ldm.openvino_backend import OpenVinoBackend as runner
+    else:
+        from ldm.onnx_backend import OnnxBackend as runner
+
+    return runner.for_modules(unet, autoencoder, text_encoder, bundle, variant=variant)

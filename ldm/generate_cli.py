@@ -58,7 +58,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the autoencoder's factor")
     p.add_argument("--batch-size", type=int, default=8, help="images per batched U-Net call (default 8)")
     p.add_argument("--backend", default="auto",
-                   help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model) "
+                   help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model), "
+                        "openvino (OpenVINO f32 over the same graphs; pip install 'ldm-toolkit[openvino]') "
                         "or auto: onnx on the CPU, torch elsewhere (default auto)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
