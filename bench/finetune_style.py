@@ -43,7 +43,13 @@ Two cheaper modes (no images drawn):
   noise at t = 400 and 100: |eps(a) - eps(b)| / |eps(a)| averaged over the pairs and both t, for
   "X, openmoji style" and "X, twemoji style". The base model gives about 0.075 for both; a fine-tune
   that collapses the new style onto one picture drives the first down (0.040 after 100 steps at
-  text.lr 1e-3). MODEL is a bundle or a fine-tune's checkpoint folder (its EMA weights, on --base).
+  text.lr 1e-3). The same for the text contexts alone (``openmoji_context``, ``twemoji_context``):
+  what of the content the text encoder still passes on (its learnt rows can erase it: every position
+  after the new word attends to it in the causal CLIP text tower). MODEL is a bundle or a fine-tune's
+  checkpoint folder (its EMA weights, on --base). And ``twemoji_drift``, ``noto_drift``: how far the
+  predictions for every tenth "other" emoji in the base styles moved from the base model's
+  (|eps - eps_base| / |eps_base|, same noise): the forgetting that base_clip_score shows, without
+  drawing an image.
 * ``--write-prior DIR``: the prior-preservation set of ``ldm finetune prior.data=DIR``: the Twemoji
   and Noto twins (emoji set, train split) of the train-split emoji of --data, captioned as the emoji
   set captions them ("koala, twemoji style").
@@ -201,6 +207,15 @@ def load_model(path: Path, base: Path):
 
 
 @torch.no_grad()
+def context_spread(pipe, names: list[str], style: str) -> float:
+    """Mean |c(a) - c(b)| / |c(a)| of the text contexts (B, L, D) of consecutive pairs of ``names`` in ``style``."""
+    pairs = [(names[i], names[i + 1]) for i in range(0, len(names) - 1, 2)]
+    a = pipe.text_encoder([f"{x}, {style} style" for x, _ in pairs])[0]  # (P, L, D)
+    b = pipe.text_encoder([f"{y}, {style} style" for _, y in pairs])[0]
+    return float(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).mean())
+
+
+@torch.no_grad()
 def content_spread(pipe, names: list[str], style: str, timesteps=(400, 100), seed: int = 0) -> float:
     """Mean |eps(a) - eps(b)| / |eps(a)| over consecutive pairs of ``names`` ("<name>, <style> style"), one noise."""
     pairs = [(names[i], names[i + 1]) for i in range(0, len(names) - 1, 2)]
@@ -214,6 +229,23 @@ def content_spread(pipe, names: list[str], style: str, timesteps=(400, 100), see
         tt = torch.full((len(pairs),), t)
         pa, pb = pipe.model(x, tt, a), pipe.model(x, tt, b)
         values.append(((pa - pb).flatten(1).norm(dim=1) / pa.flatten(1).norm(dim=1)).mean())
+    return float(torch.stack(values).mean())
+
+
+@torch.no_grad()
+def drift(pipe, base, names: list[str], style: str, timesteps=(400, 100), seed: int = 0) -> float:
+    """Mean |eps(p) - eps_base(p)| / |eps_base(p)| over the prompts "<name>, <style> style", one noise: how far the
+    fine-tune moved the predictions of prompts it was not trained on (the base style's: forgetting)."""
+    prompts = [f"{n}, {style} style" for n in names]
+    c, c0 = pipe.text_encoder(prompts)[0], base.text_encoder(prompts)[0]  # (N, L, D)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(names), pipe.unet.config.in_channels, pipe.sample_size, pipe.sample_size)
+    values = []
+    for t in timesteps:
+        x = torch.randn(shape, generator=generator)
+        tt = torch.full((len(names),), t)
+        p, p0 = pipe.model(x, tt, c), base.model(x, tt, c0)
+        values.append(((p - p0).flatten(1).norm(dim=1) / p0.flatten(1).norm(dim=1)).mean())
     return float(torch.stack(values).mean())
 
 
@@ -274,10 +306,13 @@ def main(argv=None) -> int:
         return 0
     if args.content_check:
         names = sorted(r["name"] for r in read_rows(args.data) if r["split"] == "test")
-        checks = {}
+        other = sorted(r["name"] for r in read_rows(args.other) if r["split"] == "train")[:: 10]
+        base_pipe, checks = Text2ImagePipeline.from_pretrained(base), {}
         for model in args.content_check:
             pipe = load_model(model, base)
-            checks[str(model)] = {s: round(content_spread(pipe, names, s), 4) for s in ("openmoji", "twemoji")}
+            checks[str(model)] = {**{s: round(content_spread(pipe, names, s), 4) for s in ("openmoji", "twemoji")},
+                                  **{f"{s}_context": round(context_spread(pipe, names, s), 3) for s in ("openmoji", "twemoji")},
+                                  **{f"{s}_drift": round(drift(pipe, base_pipe, other, s), 4) for s in KNOWN_STYLES}}
             print(f"{model}: {json.dumps(checks[str(model)])}", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
         write_text(args.out / "content-check.json", json.dumps(checks, indent=2) + "\n")
