@@ -49,7 +49,7 @@ Two cheaper modes (no images drawn):
   checkpoint folder (its EMA weights, on --base). And ``twemoji_drift``, ``noto_drift``: how far the
   predictions for every tenth "other" emoji in the base styles moved from the base model's
   (|eps - eps_base| / |eps_base|, same noise): the forgetting that base_clip_score shows, without
-  drawing an image.
+  drawing an image; ``openmoji_drift`` the same for the new style's prompts: how far the style moved them.
 * ``--write-prior DIR``: the prior-preservation set of ``ldm finetune prior.data=DIR``: the Twemoji
   and Noto twins (emoji set, train split) of the train-split emoji of --data, captioned as the emoji
   set captions them ("koala, twemoji style").
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
             pipe = load_model(model, base)
             checks[str(model)] = {**{s: round(content_spread(pipe, names, s), 4) for s in ("openmoji", "twemoji")},
                                   **{f"{s}_context": round(context_spread(pipe, names, s), 3) for s in ("openmoji", "twemoji")},
-                                  **{f"{s}_drift": round(drift(pipe, base_pipe, other, s), 4) for s in KNOWN_STYLES}}
+                                  **{f"{s}_drift": round(drift(pipe, base_pipe, other, s), 4) for s in STYLES}}
             print(f"{model}: {json.dumps(checks[str(model)])}", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
         write_text(args.out / "content-check.json", json.dumps(checks, indent=2) + "\n")
