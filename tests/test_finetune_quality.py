@@ -304,3 +304,30 @@ def test_prior_rows_resume_where_they_stopped(bundles, data, prior, tmp_path, mo
 def test_prior_settings_out_of_range_are_one_line_errors(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(FinetuneConfig, None, ["data.path=x", "prior.data=y", override])
+
+
+def test_learnt_rows_change_only_the_contexts_after_the_new_word(bundles, data, tmp_path):
+    """Where the new style's content goes (docs/finetune-openmoji.md): the CLIP text tower is causal, so a learnt row
+    for a new word leaves every context position before it as it was and changes every position after it (the
+    rest of the caption, the end token and the padding the U-Net also attends to)."""
+    from train.unet.finetune import finetune
+
+    _, packed = bundles
+    config = load_config(FinetuneConfig, None, [
+        f"data.path={data}", f"train.output_dir={tmp_path / 'ft'}", f"cache.dir={tmp_path / 'cache'}", "train.max_steps=3",
+        "train.batch_size=4", "optim.warmup_steps=0", "text.train=new_words", "text.lr=1e-1",
+        "validation.prompts=[]", "validation.base_prompts=[]", "validation.at_start=false", "ema.enabled=false"])
+    result = finetune(packed, config)
+    before, after = conditioning.load_text_encoder(packed), conditioning.load_text_encoder(result.bundle)
+    prompt = "a red circle, purple sketch"
+    ids = before.tokenize([prompt])[0].tolist()
+    from train.unet.finetune import shared_token_ids
+
+    unknown = shared_token_ids(before)  # the packed table lacks ",", "purple" and "sketch"
+    first_new = next(i for i, t in enumerate(ids) if t in unknown)  # the comma, after "a red circle"
+    assert first_new == 4
+    c0, c1 = before([prompt])[0][0], after([prompt])[0][0]  # (L, D)
+    assert torch.equal(c0[:first_new], c1[:first_new])  # the same weights and inputs before it: bit for bit
+    assert ((c0[first_new:] - c1[first_new:]).abs().amax(-1) > 0).all()  # every later position moved
+    # a caption without a new word keeps its whole context
+    assert torch.equal(before(["a red circle"])[0], after(["a red circle"])[0])
