@@ -283,6 +283,23 @@ class TextTrainingConfig:
 
 
 @dataclass
+class PriorConfig:
+    """Prior preservation (DreamBooth's class images, sd-scripts' reg_data_dir): a share of every batch comes from a
+    second captioned data set in what the base model already draws (its own training images, or its own samples),
+    and its loss is added with a weight, so the fine-tune keeps what those captions drew while it learns the new data."""
+
+    data: str = ""  # imagefolder with metadata.jsonl, as data.path (its "test" rows are left out); "" = off
+    share: float = 0.25  # of train.batch_size's rows, drawn from the prior set (at least 1); the rest from data.path
+    weight: float = 1.0  # loss = mean loss of the data rows + weight x mean loss of the prior rows (diffusers' prior_loss_weight)
+
+    def __post_init__(self):
+        if not 0 < self.share < 1:
+            raise ValueError(f"prior.share={self.share} must be in (0, 1): the share of each batch drawn from prior.data")
+        if not self.weight >= 0:
+            raise ValueError(f"prior.weight={self.weight} must be >= 0")
+
+
+@dataclass
 class FinetuneCheckpointConfig(CheckpointConfig):
     """CheckpointConfig at fine-tuning's scale: with 500 steps in all, one every 100 (as the validations), so a
     stopped fine-tune resumes from at most 100 steps back rather than from the start."""
@@ -311,3 +328,4 @@ class FinetuneConfig(TrainingSections):
     validation: FinetuneValidationConfig = field(default_factory=FinetuneValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     text: TextTrainingConfig = field(default_factory=TextTrainingConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
