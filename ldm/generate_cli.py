@@ -52,6 +52,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model) "
                         "or auto: onnx on the CPU, torch elsewhere (default auto)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the U-Net through torch.compile (torch backend; --backend auto becomes torch): the first "
+                        "batch waits for the compile (tens of seconds), later steps run faster on a GPU; images equal "
+                        "eager ones to float tolerance, not bitwise")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -142,6 +146,21 @@ def check_device(device: str, backend: str = "torch") -> None:
         raise UsageError(f"--backend onnx runs on the CPU only; use --backend torch (or auto) with --device {device}")
 
 
+def check_compile_option(args: argparse.Namespace) -> None:
+    """Raise UsageError when --compile cannot apply: the onnx backend, or a Python where torch.compile does not run."""
+    from ldm.backends import check_compile
+
+    if not getattr(args, "compile", False):
+        return
+    if args.backend == "onnx":
+        raise UsageError("--compile applies to the torch backend (torch.compile of the U-Net); --backend onnx runs "
+                         "ONNX Runtime's own graph: use --backend torch (or auto) with --compile, or drop --compile")
+    try:
+        check_compile(True)
+    except ValueError as exc:
+        raise UsageError(f"--compile: {exc}") from None
+
+
 def available_memory(device: str) -> tuple[int, str]:
     """(bytes free for a run, where): the GPU's free memory for a CUDA device, else the host's available RAM."""
     import torch
@@ -185,6 +204,7 @@ def check_request(args: argparse.Namespace, model: Path, num_images: int, *, gri
     from ldm.pipeline import check_sampling, image_size, memory_estimate
 
     check_device(args.device, args.backend)
+    check_compile_option(args)
     geometry = read_geometry(model)
     _, sampling = load_schedule(model)
     try:
@@ -404,7 +424,7 @@ def load(args: argparse.Namespace, model: Path):
     from ldm.pipeline import Text2ImagePipeline
 
     return Text2ImagePipeline.from_pretrained(model, device=args.device, backend=args.backend,
-                                              loras=getattr(args, "loras", None))
+                                              loras=getattr(args, "loras", None), compile=getattr(args, "compile", False))
 
 
 def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_images: int, model: Optional[Path] = None):
@@ -433,7 +453,7 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
         "eta": args.eta,
         "guidance": args.guidance, "width": images[0].size[0], "height": images[0].size[1],
         "model": str(source), "model_hash": bundle_hash(model), "device": args.device,
-        "backend": resolve_backend(args.backend, args.device),
+        "backend": resolve_backend(args.backend, args.device, compile=args.compile), "compile": args.compile,
         "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras),
     }
     records = []
@@ -489,6 +509,7 @@ def regenerate(args: argparse.Namespace) -> int:
         rec = {**rec, "loras": lora_records(args.loras)}  # the remade image records the files it was made with
     args.negative = rec["negative_prompt"]
     args.sigmas = rec.get("sigmas")
+    args.compile = bool(rec.get("compile", False))  # optional: records made before --compile lack it
     from ldm.pipeline import GenerationRequest, to_pil
 
     n = len(rec["batch_prompts"])
