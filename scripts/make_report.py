@@ -94,6 +94,32 @@ def heldout_rows(data: Path) -> list[tuple[str, str]]:
     return [(r["file_name"], r["text"] if isinstance(r["text"], str) else r["text"][0]) for r in rows if r.get("split") == "test"]
 
 
+def emoji_scores(bundle: Path, data: Path, out: Path | None = None) -> tuple[dict, list[str]]:
+    """The held-out CLIP score of a bundle: 8 held-out captions (drawn with seed 0) and the 4 training prompts x
+    seeds 0-3, DDIM 50 steps, guidance 4, scored by the bundle's own CLIP; with ``out``, heldout-emoji.png too.
+    Returns (the report's emoji_prompts entry, with each prompt's mean score, the held-out captions)."""
+    from conditioning.scorer import load_clip_scorer
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.sweep import run_sweep
+
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
+    scorer = load_clip_scorer(bundle)
+    seeds = [0, 1, 2, 3]
+    heldout = random.Random(0).sample(sorted({caption for _, caption in heldout_rows(data)}), 8)
+    t0 = time.perf_counter()
+    res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
+    images = res.images[4.0]
+    k = len(seeds)
+    if out is not None:
+        row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
+    scores = scorer.score(images, [p for p in res.prompts for _ in seeds])  # (N,)
+    n_held = len(heldout) * k
+    return {"heldout": heldout, "train": EMOJI_TRAIN_PROMPTS, "guidance": 4.0, "steps": 50,
+            "clip_score_heldout": float(scores[:n_held].mean()), "clip_score_train": float(scores[n_held:].mean()),
+            "per_prompt": {p: float(scores[i * k:(i + 1) * k].mean()) for i, p in enumerate(res.prompts)},
+            "seconds": time.perf_counter() - t0}, heldout
+
+
 def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     from conditioning.scorer import load_clip_scorer
     from ldm.pipeline import Text2ImagePipeline
@@ -102,21 +128,8 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     scorer = load_clip_scorer(bundle)
     seeds = [0, 1, 2, 3]
-
     test_rows = heldout_rows(data)
-    heldout = random.Random(0).sample(sorted({caption for _, caption in test_rows}), 8)
-    t0 = time.perf_counter()
-    res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
-    clip_metrics(res, scorer)
-    images = res.images[4.0]
-    k = len(seeds)
-    row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
-    scores = scorer.score(images, [p for p in res.prompts for _ in seeds])  # (N,)
-    n_held = len(heldout) * k
-    report["emoji_prompts"] = {"heldout": heldout, "train": EMOJI_TRAIN_PROMPTS, "guidance": 4.0, "steps": 50,
-                               "clip_score_heldout": float(scores[:n_held].mean()),
-                               "clip_score_train": float(scores[n_held:].mean()),
-                               "seconds": time.perf_counter() - t0}
+    report["emoji_prompts"], heldout = emoji_scores(bundle, data, out)
     # references: the same CLIP on real held-out images with their captions, and on mismatched pairs
     real_images = [Image.open(data / name).convert("RGB") for name, _ in test_rows[:128]]
     real_caps = [caption for _, caption in test_rows[:128]]
@@ -174,7 +187,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="data sets of scripts/train_default_model.sh")
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     parser.add_argument("--only", choices=["curves", "emoji", "shapes"], action="append", default=None)
+    parser.add_argument("--score", type=Path, action="append", default=None, metavar="BUNDLE",
+                        help="only print the held-out and training CLIP scores of these emoji bundles (as the report "
+                             "computes them; e.g. a run's bundle before it replaces ldm/default_model); writes nothing")
     args = parser.parse_args()
+    if args.score:
+        for bundle in args.score:
+            print(json.dumps({"bundle": str(bundle), **emoji_scores(bundle, args.data / "emoji")[0]}, indent=2))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["curves", "emoji", "shapes"])
     report_path = args.out / "report.json"
