@@ -42,16 +42,17 @@ if [ -z "$TINY" ]; then
     fi
     PY=$VENV/bin/python
     "$PY" -m pip install -q --no-index --no-deps --no-compile bench/gpu/wheels/*.whl || exit 1
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ; then
-        echo "(this project not installed: using PYTHONPATH)"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$PARTS/pip-e.log" 2>&1; then
+        echo "(this project not installed, $(grep -m1 -o 'error: .*' "$PARTS/pip-e.log"): using PYTHONPATH)"
     fi
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     "$PY" -c "import torch, diffusers, open_clip, datasets, ldm; print('torch', torch.__version__, 'CUDA', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
 
     echo "== pytest -m gpu ($(left) s left)"
     export CUBLAS_WORKSPACE_CONFIG=:4096:8
+    # up to 240 s, leaving about 250 s for the measurements (each of which stops at what is left)
     LOG=${OUT:-$PARTS}/pytest-gpu.log
-    timeout -k 10 $(( $(left) - 330 > 240 ? 240 : $(left) - 330 )) "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
+    timeout -k 10 $(( $(left) - 250 > 240 ? 240 : $(left) - 250 )) "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
         -p no:cacheprovider --durations=8 2>&1 | tee "$LOG"
     summary=$(grep -E '(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
     note "pytest -m gpu" "${summary:-timed out or did not finish (see pytest-gpu.log)}" "zz-pytest"
