@@ -21,9 +21,16 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ldm_io import write_text
+
 STEPS = (10, 25, 50, 100, 1000)
 EMOJI_TRAIN_PROMPTS = ["koala, twemoji style", "red apple, noto style", "grinning face, twemoji style",
                        "fire, noto style"]
+# training captions README's examples are chosen from (make_report.py --candidates: each one's CLIP score, 4 seeds)
+README_CANDIDATES = [f"{name}, {style} style" for name in (
+    "koala", "red apple", "grinning face", "fire", "cat face", "dog face", "rocket", "snowman", "banana", "watermelon",
+    "four leaf clover", "christmas tree", "smiling face with sunglasses", "crown", "rainbow", "ghost",
+    "face with tears of joy", "hamburger", "strawberry") for style in ("twemoji", "noto")]
 SHAPES_PROMPTS = ["a large red circle in the centre", "a small blue square at the top left",
                   "a large green triangle at the bottom right", "a small yellow circle at the left",
                   "a large purple square at the top", "a small cyan triangle at the bottom",
@@ -120,6 +127,21 @@ def emoji_scores(bundle: Path, data: Path, out: Path | None = None) -> tuple[dic
             "seconds": time.perf_counter() - t0}, heldout
 
 
+def candidate_scores(bundle: Path) -> dict[str, float]:
+    """README_CANDIDATES' mean CLIP scores (seeds 0-3, DDIM 50 steps, guidance 4, the bundle's CLIP), best first."""
+    from conditioning.scorer import load_clip_scorer
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.sweep import run_sweep
+
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
+    seeds = [0, 1, 2, 3]
+    res = run_sweep(pipe, README_CANDIDATES, [4.0], seeds, steps=50)
+    scores = load_clip_scorer(bundle).score(res.images[4.0], [p for p in res.prompts for _ in seeds])  # (N,)
+    k = len(seeds)
+    means = {p: round(float(scores[i * k:(i + 1) * k].mean()), 2) for i, p in enumerate(res.prompts)}
+    return dict(sorted(means.items(), key=lambda kv: -kv[1]))
+
+
 def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     from conditioning.scorer import load_clip_scorer
     from ldm.pipeline import Text2ImagePipeline
@@ -190,7 +212,18 @@ def main() -> None:
     parser.add_argument("--score", type=Path, action="append", default=None, metavar="BUNDLE",
                         help="only print the held-out and training CLIP scores of these emoji bundles (as the report "
                              "computes them; e.g. a run's bundle before it replaces ldm/default_model); writes nothing")
+    parser.add_argument("--candidates", type=Path, default=None, metavar="BUNDLE",
+                        help="only score each of README_CANDIDATES (training captions; seeds 0-3, DDIM 50 steps, "
+                             "guidance 4) with this bundle, best first: printed, and kept in --out/report.json "
+                             "(readme_candidates)")
     args = parser.parse_args()
+    if args.candidates:
+        scores = candidate_scores(args.candidates)
+        print(json.dumps(scores, indent=2))
+        path = args.out / "report.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        write_text(path, json.dumps({**report, "readme_candidates": scores}, indent=2))
+        return
     if args.score:
         for bundle in args.score:
             print(json.dumps({"bundle": str(bundle), **emoji_scores(bundle, args.data / "emoji")[0]}, indent=2))
