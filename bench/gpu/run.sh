@@ -35,18 +35,24 @@ note() { printf '%s\n' "{\"stage\": \"$1\", \"status\": \"$2\"}" > "$PARTS/$3.js
 if [ -z "$TINY" ]; then
     echo "== install ($(left) s left)"
     VENV=${VENV:-/tmp/ldm-gpu-venv}
-    "$PY" -m venv --system-site-packages "$VENV" || exit 1
-    if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then  # $PY is itself a venv: see its packages too
-        "$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
-            "$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/machine-site.pth"
-    fi
-    PY=$VENV/bin/python
-    "$PY" -m pip install -q --no-index --no-deps --no-compile bench/gpu/wheels/*.whl || exit 1
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$PARTS/pip-e.log" 2>&1; then
-        echo "(this project not installed, $(grep -m1 -o 'error: .*' "$PARTS/pip-e.log"): using PYTHONPATH)"
+    if "$PY" -m venv --system-site-packages "$VENV" > "$PARTS/venv.log" 2>&1 && "$VENV/bin/python" -m pip --version > /dev/null 2>&1; then
+        if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then  # $PY is itself a venv: see its packages too
+            "$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+                "$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/machine-site.pth"
+        fi
+        PY=$VENV/bin/python
+        "$PY" -m pip install -q --no-index --no-deps --no-compile bench/gpu/wheels/*.whl || exit 1
+        if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$PARTS/pip-e.log" 2>&1; then
+            echo "(this project not installed, $(grep -m1 -o 'error: .*' "$PARTS/pip-e.log"): using PYTHONPATH)"
+        fi
+    else  # no venv module here: the wheels into a folder on PYTHONPATH, ahead of the machine's packages
+        echo "(no venv here: $(tail -1 "$PARTS/venv.log"); wheels go to $VENV-site)"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$VENV-site" bench/gpu/wheels/*.whl || exit 1
+        export PYTHONPATH=$VENV-site
     fi
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-    "$PY" -c "import torch, diffusers, open_clip, datasets, ldm; print('torch', torch.__version__, 'CUDA', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
+    "$PY" -c "import torch, diffusers, open_clip, ldm; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'CUDA', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
+    "$PY" -c "import datasets" 2>/dev/null || echo "(datasets does not import here: only the data-set readers need it)"
 
     echo "== pytest -m gpu ($(left) s left)"
     export CUBLAS_WORKSPACE_CONFIG=:4096:8
