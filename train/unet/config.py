@@ -132,6 +132,9 @@ class UNetRunConfig(RunConfig):
     fp32_attention: Optional[bool] = None
     # non-finite losses in a row after which training stops (each such step is skipped and counted)
     max_consecutive_nonfinite: int = 10
+    # run the U-Net's forward and backward through torch.compile (inductor): the first steps wait for the compile,
+    # later ones run faster on a GPU (bench/gpu/run.sh measures it); checkpoints and the bundle are stored as eager's
+    compile: bool = False
 
     def __post_init__(self):
         super().__post_init__()
