@@ -36,6 +36,24 @@ exactly that style and content score.
     PYTHONPATH=. python bench/finetune_style.py --tuned runs/openmoji/bundle --data data/openmoji \
         --other data/openmoji-other --emoji data/emoji --out docs/figures/openmoji [--seeds 0,1]
 
+Two cheaper modes (no images drawn):
+
+* ``--content-check MODEL ...``: how much the U-Net's prediction differs between two prompts that
+  differ only in the emoji (consecutive held-out names: "broccoli" / "cockroach", ...), from one
+  noise at t = 400 and 100: |eps(a) - eps(b)| / |eps(a)| averaged over the pairs and both t, for
+  "X, openmoji style" and "X, twemoji style". The base model gives about 0.075 for both; a fine-tune
+  that collapses the new style onto one picture drives the first down (0.040 after 100 steps at
+  text.lr 1e-3). The same for the text contexts alone (``openmoji_context``, ``twemoji_context``):
+  what of the content the text encoder still passes on (its learnt rows can erase it: every position
+  after the new word attends to it in the causal CLIP text tower). MODEL is a bundle or a fine-tune's
+  checkpoint folder (its EMA weights, on --base). And ``twemoji_drift``, ``noto_drift``: how far the
+  predictions for every tenth "other" emoji in the base styles moved from the base model's
+  (|eps - eps_base| / |eps_base|, same noise): the forgetting that base_clip_score shows, without
+  drawing an image; ``openmoji_drift`` the same for the new style's prompts: how far the style moved them.
+* ``--write-prior DIR``: the prior-preservation set of ``ldm finetune prior.data=DIR``: the Twemoji
+  and Noto twins (emoji set, train split) of the train-split emoji of --data, captioned as the emoji
+  set captions them ("koala, twemoji style").
+
 Writes ``metrics.json`` and ``grid.png`` (rows: prompts of both sets; columns: the real OpenMoji
 and Twemoji images, then the base and the fine-tuned model at each grid seed) into ``--out``. An
 image (prompt, seed) is the one ``ldm generate "<prompt>" --seed S --steps 25 --guidance 4`` draws.
@@ -141,6 +159,96 @@ class Judge:
         return {s: self.measure(ps.real[s], ps, [0], s, ps.prompts(s)) for s in STYLES}
 
 
+def write_prior(openmoji_dir: Path, emoji_dir: Path, out: Path) -> int:
+    """The Twemoji and Noto twins of ``openmoji_dir``'s train emoji as an imagefolder at ``out``; returns its size."""
+    import shutil
+
+    from ldm_io import atomic_path, write_text
+
+    rows = twins(read_rows(openmoji_dir), read_rows(emoji_dir), "train")
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for style in KNOWN_STYLES:
+        for r in rows[style]:
+            name = f"images/{style}-{Path(r['file_name']).name}"
+            with atomic_path(out / name) as tmp:
+                shutil.copyfile(emoji_dir / r["file_name"], tmp)
+            lines.append(json.dumps({"file_name": name, "text": r["text"], "split": "train"}))
+    write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def load_model(path: Path, base: Path):
+    """A pipeline from a bundle, or from a fine-tune checkpoint folder: ``base`` with the checkpoint's EMA weights
+    (LoRA as the run's config.yaml set it, and learnt token rows), as the run's bundle would hold them."""
+    from ldm.pipeline import Text2ImagePipeline
+
+    path = Path(path)
+    if not (path / "ema.safetensors").is_file():
+        return Text2ImagePipeline.from_pretrained(path)
+    import yaml
+    from safetensors.torch import load_file
+
+    from train.unet.config import LoRAConfig
+    from train.unet.finetune import add_lora
+
+    pipe = Text2ImagePipeline.from_pretrained(base)
+    lora = yaml.safe_load((path.parent.parent / "config.yaml").read_text(encoding="utf-8"))["lora"]
+    add_lora(pipe.unet, LoRAConfig(**lora))
+    unet, text = dict(pipe.unet.named_parameters()), dict(pipe.text_encoder.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(path / "ema.safetensors").items():
+            if name.startswith("text_encoder."):
+                text[name[len("text_encoder."):]].copy_(value)
+            else:
+                unet[name].copy_(value)
+    pipe.text_encoder.clear_cache()
+    return pipe
+
+
+@torch.no_grad()
+def context_spread(pipe, names: list[str], style: str) -> float:
+    """Mean |c(a) - c(b)| / |c(a)| of the text contexts (B, L, D) of consecutive pairs of ``names`` in ``style``."""
+    pairs = [(names[i], names[i + 1]) for i in range(0, len(names) - 1, 2)]
+    a = pipe.text_encoder([f"{x}, {style} style" for x, _ in pairs])[0]  # (P, L, D)
+    b = pipe.text_encoder([f"{y}, {style} style" for _, y in pairs])[0]
+    return float(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).mean())
+
+
+@torch.no_grad()
+def content_spread(pipe, names: list[str], style: str, timesteps=(400, 100), seed: int = 0) -> float:
+    """Mean |eps(a) - eps(b)| / |eps(a)| over consecutive pairs of ``names`` ("<name>, <style> style"), one noise."""
+    pairs = [(names[i], names[i + 1]) for i in range(0, len(names) - 1, 2)]
+    a = pipe.text_encoder([f"{x}, {style} style" for x, _ in pairs])[0]  # (P, L, D)
+    b = pipe.text_encoder([f"{y}, {style} style" for _, y in pairs])[0]
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(pairs), pipe.unet.config.in_channels, pipe.sample_size, pipe.sample_size)
+    values = []
+    for t in timesteps:
+        x = torch.randn(shape, generator=generator)  # (P, C, h, w)
+        tt = torch.full((len(pairs),), t)
+        pa, pb = pipe.model(x, tt, a), pipe.model(x, tt, b)
+        values.append(((pa - pb).flatten(1).norm(dim=1) / pa.flatten(1).norm(dim=1)).mean())
+    return float(torch.stack(values).mean())
+
+
+@torch.no_grad()
+def drift(pipe, base, names: list[str], style: str, timesteps=(400, 100), seed: int = 0) -> float:
+    """Mean |eps(p) - eps_base(p)| / |eps_base(p)| over the prompts "<name>, <style> style", one noise: how far the
+    fine-tune moved the predictions of prompts it was not trained on (the base style's: forgetting)."""
+    prompts = [f"{n}, {style} style" for n in names]
+    c, c0 = pipe.text_encoder(prompts)[0], base.text_encoder(prompts)[0]  # (N, L, D)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(names), pipe.unet.config.in_channels, pipe.sample_size, pipe.sample_size)
+    values = []
+    for t in timesteps:
+        x = torch.randn(shape, generator=generator)
+        tt = torch.full((len(names),), t)
+        p, p0 = pipe.model(x, tt, c), base.model(x, tt, c0)
+        values.append(((p - p0).flatten(1).norm(dim=1) / p0.flatten(1).norm(dim=1)).mean())
+    return float(torch.stack(values).mean())
+
+
 def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float) -> tuple[list, float]:
     from ldm.sweep import run_sweep
 
@@ -180,6 +288,10 @@ def main(argv=None) -> int:
     parser.add_argument("--grid-rows", default="4,4", help="prompts of heldout,other shown in the grid (default 4,4)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance weight (default 4)")
+    parser.add_argument("--content-check", nargs="+", type=Path, default=None, metavar="MODEL",
+                        help="only the U-Net content check of these bundles or checkpoint folders (see above)")
+    parser.add_argument("--write-prior", type=Path, default=None, metavar="DIR",
+                        help="only write the prior-preservation set (Twemoji and Noto twins of --data's train emoji)")
     args = parser.parse_args(argv)
 
     from conditioning.scorer import load_clip_scorer
@@ -189,6 +301,22 @@ def main(argv=None) -> int:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     base = model_path(Path(args.base))
+    if args.write_prior is not None:
+        print(f"{write_prior(args.data, args.emoji, args.write_prior)} images in {args.write_prior}", file=sys.stderr)
+        return 0
+    if args.content_check:
+        names = sorted(r["name"] for r in read_rows(args.data) if r["split"] == "test")
+        other = sorted(r["name"] for r in read_rows(args.other) if r["split"] == "train")[:: 10]
+        base_pipe, checks = Text2ImagePipeline.from_pretrained(base), {}
+        for model in args.content_check:
+            pipe = load_model(model, base)
+            checks[str(model)] = {**{s: round(content_spread(pipe, names, s), 4) for s in ("openmoji", "twemoji")},
+                                  **{f"{s}_context": round(context_spread(pipe, names, s), 3) for s in ("openmoji", "twemoji")},
+                                  **{f"{s}_drift": round(drift(pipe, base_pipe, other, s), 4) for s in STYLES}}
+            print(f"{model}: {json.dumps(checks[str(model)])}", file=sys.stderr)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text(args.out / "content-check.json", json.dumps(checks, indent=2) + "\n")
+        return 0
     wanted = [m.strip() for m in args.models.split(",")]
     if not wanted or not set(wanted) <= {"base", "tuned"} or ("tuned" in wanted and not args.tuned):
         raise ValueError(f"--models {args.models}: give base, tuned or base,tuned (tuned needs --tuned)")

@@ -63,9 +63,14 @@ def add_model_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> N
                    help="images per batched U-Net call (default: " + ("as large as memory allows, up to 64 on a CPU and "
                                                                       "256 on a GPU)" if sweep else "8)"))
     p.add_argument("--backend", default="auto",
-                   help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model) "
+                   help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model), "
+                        "openvino (OpenVINO f32 over the same graphs; pip install 'ldm-toolkit[openvino]') "
                         "or auto: onnx on the CPU, torch elsewhere (default auto)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the U-Net through torch.compile (torch backend; --backend auto becomes torch): the first "
+                        "batch waits for the compile (tens of seconds), later steps run faster on a GPU; images equal "
+                        "eager ones to float tolerance, not bitwise")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -173,6 +178,21 @@ def check_device(device: str, backend: str = "torch") -> None:
         raise UsageError(f"--backend onnx runs on the CPU only; use --backend torch (or auto) with --device {device}")
 
 
+def check_compile_option(args: argparse.Namespace) -> None:
+    """Raise UsageError when --compile cannot apply: the onnx backend, or a Python where torch.compile does not run."""
+    from ldm.backends import check_compile
+
+    if not getattr(args, "compile", False):
+        return
+    if args.backend == "onnx":
+        raise UsageError("--compile applies to the torch backend (torch.compile of the U-Net); --backend onnx runs "
+                         "ONNX Runtime's own graph: use --backend torch (or auto) with --compile, or drop --compile")
+    try:
+        check_compile(True)
+    except ValueError as exc:
+        raise UsageError(f"--compile: {exc}") from None
+
+
 def available_memory(device: str) -> tuple[int, str]:
     """(bytes free for a run, where): the GPU's free memory for a CUDA device, else the host's available RAM."""
     import torch
@@ -222,6 +242,7 @@ def check_request(args: argparse.Namespace, model: Path, num_images: int, *, gri
             parse_guidance_method(args.guidance_method)
         except ValueError as exc:
             raise UsageError(f"{origin}--guidance-method: {exc}") from None
+    check_compile_option(args)
     geometry = read_geometry(model)
     _, sampling = load_schedule(model)
     try:
@@ -477,7 +498,7 @@ def load(args: argparse.Namespace, model: Path):
     TIMINGS["imports"] = time.perf_counter() - clock
     clock = time.perf_counter()
     pipe = Text2ImagePipeline.from_pretrained(model, device=args.device, backend=args.backend,
-                                              loras=getattr(args, "loras", None))
+                                              loras=getattr(args, "loras", None), compile=getattr(args, "compile", False))
     TIMINGS["loading"] = time.perf_counter() - clock
     return pipe
 
@@ -502,7 +523,7 @@ def image_records(args: argparse.Namespace, images, prompts: list[str], seeds: l
         "guidance": args.guidance, "guidance_method": recorded_guidance_method(args),
         "width": images[0].size[0], "height": images[0].size[1],
         "model": str(source), "model_hash": model_hash, "device": args.device,
-        "backend": backend,
+        "backend": backend, "compile": getattr(args, "compile", False),
         "batch_size": args.batch_size, "versions": versions(), "loras": lora_records(args.loras), **(extra or {}),
     }
     records = []
@@ -519,7 +540,7 @@ def fast_runner(args: argparse.Namespace, model_arg: Optional[Path]):
     or None where it does not apply: --runtime torch, not the CPU, not ONNX, LoRAs, a guidance other than
     CFG, a single file, or the model's graphs and settings not exported yet (a torch run exports them)."""
     if (getattr(args, "runtime", "auto") != "auto" or args.device != "cpu" or args.backend not in ("auto", "onnx")
-            or args.loras or getattr(args, "guidance_method", None) not in (None, "cfg")
+            or getattr(args, "compile", False) or args.loras or getattr(args, "guidance_method", None) not in (None, "cfg")
             or (model_arg is not None and Path(model_arg).is_file())):
         return None
     from ldm.bundle import bundle_hash
@@ -607,7 +628,7 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
         # what the torch-free runner needs to make this kind of request next time (graphs, coefficients)
         prepare(pipe, method=args.method, steps=args.steps, eta=args.eta, sigmas=args.sigmas)
     return images, image_records(args, images, req.prompts, req.seeds, source, bundle_hash(model),
-                                 resolve_backend(args.backend, args.device))
+                                 resolve_backend(args.backend, args.device, compile=getattr(args, "compile", False)))
 
 
 def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, float]]:
@@ -653,6 +674,7 @@ def regenerate(args: argparse.Namespace) -> int:
         rec = {**rec, "loras": lora_records(args.loras)}  # the remade image records the files it was made with
     args.negative = rec["negative_prompt"]
     args.sigmas = rec.get("sigmas")
+    args.compile = bool(rec.get("compile", False))  # optional: records made before --compile lack it
     args.guidance_method = rec["guidance_method"]
     out = regenerate_path(args)
     n = len(rec["batch_prompts"])

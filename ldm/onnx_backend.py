@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -29,8 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ldm.runtime.graphs import cache_dir  # noqa: F401  (re-exported)
-from ldm.runtime.graphs import session as open_session
+from ldm.runtime.graphs import ORT_LEVEL, ORT_LEVELS, SAVED_LEVEL, cache_dir, optimized_path, session  # noqa: F401  (re-exported)
 from ldm_io import atomic_path, write_text
 
 OPSET = 17
@@ -113,6 +114,8 @@ def module_key(module: torch.nn.Module, args: tuple) -> str:
         for k, v in sorted(vars(sub).items()):
             if (k.startswith("_") and k != "_internal_dict") or k == "training":  # _internal_dict: diffusers' config
                 continue
+            if k == "_internal_dict":  # diffusers' _use_default_values lists a set: its order changes per process
+                v = {name: value for name, value in v.items() if name != "_use_default_values"}
             try:
                 settings[k] = json.loads(json.dumps(v))  # only plain values: numbers, strings, lists, dicts
             except (TypeError, ValueError):
@@ -127,18 +130,70 @@ def module_key(module: torch.nn.Module, args: tuple) -> str:
     return h.hexdigest()[:32]
 
 
+# graphs whose weights pass this are stored with them in one ``<name>.onnx.data`` beside the graph:
+# a protobuf file cannot exceed 2 GiB (the full-size U-Net's float32 weights are 3.2 GiB)
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
 def export(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str]) -> None:
-    """Export ``module(*args)`` to ``path`` (atomically) with a dynamic batch axis on every input."""
+    """Export ``module(*args)`` to ``path`` (atomically) with a dynamic batch axis on every input; a module
+    of more than ``EXTERNAL_DATA_BYTES`` of weights gets its tensors in ``<path>.data`` beside the graph."""
     axes = {name: {0: "batch"} for name in input_names + ["out"]}
-    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
+    weights = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    kwargs = dict(input_names=input_names, output_names=["out"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(tmp), input_names=input_names, output_names=["out"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        if weights <= EXTERNAL_DATA_BYTES:
+            with atomic_path(path) as tmp:
+                torch.onnx.export(module.eval(), args, str(tmp), **kwargs)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as tmp:
+            raw = Path(tmp) / "raw" / "graph.onnx"  # the exporter writes one file per tensor beside it
+            raw.parent.mkdir()
+            torch.onnx.export(module.eval(), args, str(raw), **kwargs)
+            _gather_external_data(raw, Path(tmp) / path.name)
+            # the data first, then the graph that names it: a graph never points at missing data
+            os.replace(Path(tmp) / f"{path.name}.data", path.with_name(f"{path.name}.data"))
+            os.replace(Path(tmp) / path.name, path)
 
 
-def session(path: Path):
-    """An ONNX Runtime session with as many threads as torch uses (``ldm.runtime.graphs.session``)."""
-    return open_session(path, torch.get_num_threads())
+def _gather_external_data(raw: Path, out: Path, chunk: int = 1 << 26, min_bytes: int = 1024) -> None:
+    """Rewrite the graph ``raw`` as ``out`` with every tensor of ``min_bytes`` or more in one ``<out>.data``
+    (the layout ``onnx.save(save_as_external_data=True)`` writes): those the exporter wrote to files of their
+    own beside ``raw`` are streamed from there, so that no second copy of the weights is held in memory."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(raw), load_external_data=False)
+    offset = 0
+    with open(out.with_name(f"{out.name}.data"), "wb") as data:
+        for tensor in [*model.graph.initializer, *(a.t for n in model.graph.node for a in n.attribute if a.HasField("t"))]:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(tensor)
+                length = 0
+                with open(raw.parent / info.location, "rb") as src:
+                    src.seek(info.offset or 0)
+                    left = info.length or None
+                    while left is None or left > 0:
+                        block = src.read(chunk if left is None else min(chunk, left))
+                        if not block:
+                            break
+                        data.write(block)
+                        length += len(block)
+                        left = None if left is None else left - len(block)
+            elif len(tensor.raw_data) >= min_bytes:
+                length = data.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            else:
+                continue
+            del tensor.external_data[:]
+            for key, value in (("location", f"{out.name}.data"), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += length
+    onnx.save(model, str(out))
 
 
 class OnnxGraphs:
@@ -223,9 +278,13 @@ class OnnxBackend:
         key = bundle_hash(bundle) if bundle else "unsaved"
         return cls(OnnxGraphs(unet, autoencoder, tuple(context.shape[1:]), bundle, key, variant))
 
+    def open_session(self, path: Path):
+        """A runner of the graph ``path`` with ONNX Runtime's ``run(None, feeds) -> [outputs]``, on torch's threads."""
+        return session(path, threads=torch.get_num_threads())
+
     def _session(self, graph, latent_shape: tuple[int, int, int]):
         if (graph.__name__, latent_shape) not in self.sessions:
-            self.sessions[graph.__name__, latent_shape] = session(graph(latent_shape))
+            self.sessions[graph.__name__, latent_shape] = self.open_session(graph(latent_shape))
         return self.sessions[graph.__name__, latent_shape]
 
     def unet(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -183,12 +183,13 @@ class Text2ImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, backend: str = "torch",
-                        loras: Optional[Iterable] = None) -> "Text2ImagePipeline":
+                        loras: Optional[Iterable] = None, compile: bool = False) -> "Text2ImagePipeline":
         """Load our bundle or a Stable Diffusion 1.x/2.x folder in diffusers layout (see ``ldm.bundle``).
         A Stable Diffusion 1.x/2.x single .safetensors file loads through the bundle it is converted into, once
         (``ldm.single_file``). ``backend``: torch, onnx (fp32, CPU) or auto (onnx where it applies); see ``ldm.backends``.
         ``loras``: ``[(file, scale) or file, ...]``, LoRA files (ours or kohya's, ``ldm.lora``) merged into the
-        U-Net in that order; the files are read and checked before the model loads."""
+        U-Net in that order; the files are read and checked before the model loads. ``compile``: the torch
+        backend calls the U-Net through ``torch.compile`` (``ldm.backends.TorchBackend``)."""
         from ldm.lora import merge_loras, read_loras
 
         read = read_loras(loras)
@@ -199,7 +200,7 @@ class Text2ImagePipeline:
         parts = load_parts(path)
         merge_loras(parts.unet, read)
         runner = make_backend(backend, parts.unet, parts.autoencoder, parts.text_encoder, bundle=str(parts.root),
-                              device=device, dtype=dtype, variant="lora" if read else None)
+                              device=device, dtype=dtype, variant="lora" if read else None, compile=compile)
         pipe = cls(parts.unet, parts.autoencoder, parts.text_encoder, parts.schedule, parts.sampling,
                    sample_size=parts.sample_size, backend=runner, name_or_path=str(parts.root),
                    loras=[(lora.path, scale) for lora, scale in read])
@@ -222,7 +223,7 @@ class Text2ImagePipeline:
         read = read_loras(loras)
         unet = merge_loras(copy.deepcopy(self.unet), read)
         if self.backend.name == "torch":
-            runner = TorchBackend(unet, self.autoencoder)
+            runner = TorchBackend(unet, self.autoencoder, compile=getattr(self.backend, "compiled", None) is not None)
         else:
             runner = make_backend(self.backend.name, unet, self.autoencoder, self.text_encoder, bundle=self.name_or_path,
                                   device=self.device, dtype=self.dtype, variant="lora")

@@ -21,9 +21,16 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ldm_io import write_text
+
 STEPS = (10, 25, 50, 100, 1000)
 EMOJI_TRAIN_PROMPTS = ["koala, twemoji style", "red apple, noto style", "grinning face, twemoji style",
                        "fire, noto style"]
+# training captions README's examples are chosen from (make_report.py --candidates: each one's CLIP score, 4 seeds)
+README_CANDIDATES = [f"{name}, {style} style" for name in (
+    "koala", "red apple", "grinning face", "fire", "cat face", "dog face", "rocket", "snowman", "banana", "watermelon",
+    "four leaf clover", "christmas tree", "smiling face with sunglasses", "crown", "rainbow", "ghost",
+    "face with tears of joy", "hamburger", "strawberry") for style in ("twemoji", "noto")]
 SHAPES_PROMPTS = ["a large red circle in the centre", "a small blue square at the top left",
                   "a large green triangle at the bottom right", "a small yellow circle at the left",
                   "a large purple square at the top", "a small cyan triangle at the bottom",
@@ -94,6 +101,47 @@ def heldout_rows(data: Path) -> list[tuple[str, str]]:
     return [(r["file_name"], r["text"] if isinstance(r["text"], str) else r["text"][0]) for r in rows if r.get("split") == "test"]
 
 
+def emoji_scores(bundle: Path, data: Path, out: Path | None = None) -> tuple[dict, list[str]]:
+    """The held-out CLIP score of a bundle: 8 held-out captions (drawn with seed 0) and the 4 training prompts x
+    seeds 0-3, DDIM 50 steps, guidance 4, scored by the bundle's own CLIP; with ``out``, heldout-emoji.png too.
+    Returns (the report's emoji_prompts entry, with each prompt's mean score, the held-out captions)."""
+    from conditioning.scorer import load_clip_scorer
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.sweep import run_sweep
+
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
+    scorer = load_clip_scorer(bundle)
+    seeds = [0, 1, 2, 3]
+    heldout = random.Random(0).sample(sorted({caption for _, caption in heldout_rows(data)}), 8)
+    t0 = time.perf_counter()
+    res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
+    images = res.images[res.cells[0]]
+    k = len(seeds)
+    if out is not None:
+        row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
+    scores = scorer.score(images, [p for p in res.prompts for _ in seeds])  # (N,)
+    n_held = len(heldout) * k
+    return {"heldout": heldout, "train": EMOJI_TRAIN_PROMPTS, "guidance": 4.0, "steps": 50,
+            "clip_score_heldout": float(scores[:n_held].mean()), "clip_score_train": float(scores[n_held:].mean()),
+            "per_prompt": {p: float(scores[i * k:(i + 1) * k].mean()) for i, p in enumerate(res.prompts)},
+            "seconds": time.perf_counter() - t0}, heldout
+
+
+def candidate_scores(bundle: Path) -> dict[str, float]:
+    """README_CANDIDATES' mean CLIP scores (seeds 0-3, DDIM 50 steps, guidance 4, the bundle's CLIP), best first."""
+    from conditioning.scorer import load_clip_scorer
+    from ldm.pipeline import Text2ImagePipeline
+    from ldm.sweep import run_sweep
+
+    pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
+    seeds = [0, 1, 2, 3]
+    res = run_sweep(pipe, README_CANDIDATES, [4.0], seeds, steps=50)
+    scores = load_clip_scorer(bundle).score(res.images[res.cells[0]], [p for p in res.prompts for _ in seeds])  # (N,)
+    k = len(seeds)
+    means = {p: round(float(scores[i * k:(i + 1) * k].mean()), 2) for i, p in enumerate(res.prompts)}
+    return dict(sorted(means.items(), key=lambda kv: -kv[1]))
+
+
 def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     from conditioning.scorer import load_clip_scorer
     from ldm.pipeline import Text2ImagePipeline
@@ -103,21 +151,8 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     scorer = load_clip_scorer(bundle)
     seeds = [0, 1, 2, 3]
-
     test_rows = heldout_rows(data)
-    heldout = random.Random(0).sample(sorted({caption for _, caption in test_rows}), 8)
-    t0 = time.perf_counter()
-    res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
-    clip_metrics(res, scorer)
-    images = res.images[res.cells[0]]
-    k = len(seeds)
-    row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
-    scores = scorer.score(images, [p for p in res.prompts for _ in seeds])  # (N,)
-    n_held = len(heldout) * k
-    report["emoji_prompts"] = {"heldout": heldout, "train": EMOJI_TRAIN_PROMPTS, "guidance": 4.0, "steps": 50,
-                               "clip_score_heldout": float(scores[:n_held].mean()),
-                               "clip_score_train": float(scores[n_held:].mean()),
-                               "seconds": time.perf_counter() - t0}
+    report["emoji_prompts"], heldout = emoji_scores(bundle, data, out)
     # references: the same CLIP on real held-out images with their captions, and on mismatched pairs
     real_images = [Image.open(data / name).convert("RGB") for name, _ in test_rows[:128]]
     real_caps = [caption for _, caption in test_rows[:128]]
@@ -176,7 +211,25 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("data"), help="data sets of scripts/train_default_model.sh")
     parser.add_argument("--out", type=Path, default=Path("docs/figures"))
     parser.add_argument("--only", choices=["curves", "emoji", "shapes"], action="append", default=None)
+    parser.add_argument("--score", type=Path, action="append", default=None, metavar="BUNDLE",
+                        help="only print the held-out and training CLIP scores of these emoji bundles (as the report "
+                             "computes them; e.g. a run's bundle before it replaces ldm/default_model); writes nothing")
+    parser.add_argument("--candidates", type=Path, default=None, metavar="BUNDLE",
+                        help="only score each of README_CANDIDATES (training captions; seeds 0-3, DDIM 50 steps, "
+                             "guidance 4) with this bundle, best first: printed, and kept in --out/report.json "
+                             "(readme_candidates)")
     args = parser.parse_args()
+    if args.candidates:
+        scores = candidate_scores(args.candidates)
+        print(json.dumps(scores, indent=2))
+        path = args.out / "report.json"
+        report = json.loads(path.read_text()) if path.is_file() else {}
+        write_text(path, json.dumps({**report, "readme_candidates": scores}, indent=2))
+        return
+    if args.score:
+        for bundle in args.score:
+            print(json.dumps({"bundle": str(bundle), **emoji_scores(bundle, args.data / "emoji")[0]}, indent=2))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["curves", "emoji", "shapes"])
     report_path = args.out / "report.json"

@@ -2,7 +2,7 @@
 # Train the shipped models from scratch with the project's own commands and committed configs:
 # the emoji model (ldm/default_model) and the shapes model (ldm/shapes_model).
 #
-#   scripts/train_default_model.sh [emoji|shapes|all]      (default: all)
+#   scripts/train_default_model.sh [emoji|shapes|all|emoji-continue]      (default: all)
 #   nohup scripts/train_default_model.sh > runs/train_default_model.log 2>&1 &
 #
 # Every stage is skipped when its output exists and resumed from its newest checkpoint when it
@@ -40,6 +40,15 @@ emoji() {
     ldm pack "$RUNS/ldm-emoji/bundle" --out ldm/default_model --vocab-from "$DATA/emoji" --overwrite
 }
 
+emoji_continue() {  # a further leg of the shipped emoji U-Net: all its weights from ldm/default_model, a fresh schedule
+    stage "emoji U-Net, further leg" "$RUNS/ldm-emoji-continue/bundle" ldm finetune --model default --data "$DATA/emoji" \
+        --config configs/ldm/emoji-64-continue.yaml train.output_dir="$RUNS/ldm-emoji-continue" cache.dir="$RUNS/cache" \
+        $(resume_flag "$RUNS/ldm-emoji-continue")
+    python scripts/make_report.py --score ldm/default_model --score "$RUNS/ldm-emoji-continue/bundle" --data "$DATA"
+    echo "replace the shipped model only if the leg's clip_score_heldout is clearly higher:"
+    echo "  ldm pack $RUNS/ldm-emoji-continue/bundle --out ldm/default_model --vocab-from $DATA/emoji --overwrite"
+}
+
 shapes() {
     stage "shapes data" "$DATA/shapes32/metadata.jsonl" ldm data shapes --size 32 --out "$DATA/shapes32"
     stage "shapes CLIP" "$RUNS/clip-shapes/text_encoder" ldm train-clip configs/clip/shapes.yaml \
@@ -56,5 +65,6 @@ case "$which" in
     emoji) emoji ;;
     shapes) shapes ;;
     all) emoji; shapes ;;
-    *) echo "usage: $0 [emoji|shapes|all]" >&2; exit 2 ;;
+    emoji-continue) emoji_continue ;;
+    *) echo "usage: $0 [emoji|shapes|all|emoji-continue]" >&2; exit 2 ;;
 esac

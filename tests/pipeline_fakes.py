@@ -48,3 +48,24 @@ class FakeAutoencoder(torch.nn.Module):
 
     def decode(self, z):  # (B, 4, h, w) -> (B, 3, 4h, 4w)
         return torch.tanh(torch.nn.functional.interpolate(self.proj(z), scale_factor=self.downsample_factor))
+
+
+# -- guidance: a conditional model that records its calls ------------------------------------------------
+
+
+class CountingModel:
+    """A conditional 'model' whose output depends non-linearly on x, t and the context; records every call."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, x, t, context):  # x (B, C, H, W), t (B,), context (B, L, D)
+        assert x.shape[0] == t.shape[0] == context.shape[0]
+        self.batches.append(x.shape[0])
+        c = context.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return torch.sin(x + 3 * c) * (1 + t.view(-1, 1, 1, 1).float() / 1000) + c
+
+
+def contexts(batch=2):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(batch, 7, 16, generator=g), torch.randn(batch, 7, 16, generator=g)  # cond, uncond

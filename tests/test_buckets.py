@@ -97,7 +97,7 @@ def test_the_cache_holds_one_latent_tensor_per_bucket_and_reports_the_crop(tmp_p
     # 48x32 (3:2) -> 40x24 (5:3, the nearest ratio in log scale), 32x48 -> 24x40, 32x32 -> 32x32; (height, width)
     assert cache.buckets == [(40, 24), (32, 32), (24, 40)]
     assert [cache.bucket_shape(k) for k in range(3)] == [(4, 10, 6), (4, 8, 8), (4, 6, 10)]
-    assert sorted((tmp_path / "cache").glob("ldm-*/latents-*.npy")) == [folder / f"latents-{k}.npy" for k in range(3)]
+    assert sorted((tmp_path / "cache").glob("ldm-*/shard-*/latents-*.npy")) == [folder / "shard-00000" / f"latents-{k}.npy" for k in range(3)]
     for i in range(len(cache)):
         w, h = MIXED[int(cache.keys[i][:4]) % 3]  # image n is "{n:04d}.png", of size MIXED[n % 3]
         k = int(cache.bucket_of([i])[0])

@@ -59,7 +59,7 @@ def test_cached_contexts_are_the_pipelines_bit_for_bit(bundles, data, tmp_path):
     _, packed = bundles
     cache = finetune_cache(packed, data, tmp_path)
     pipe = Text2ImagePipeline.from_pretrained(packed)
-    distinct = cache.meta["distinct_captions"]  # sorted; the cache encoded them in one batch (cache.batch_size 64)
+    distinct = cache.shard_info(0)["distinct_captions"]  # one shard; sorted, encoded in one batch (cache.batch_size 64)
     cond, uncond = pipe._contexts(distinct, [None] * len(distinct), guidance=4.0)  # what sampling feeds the U-Net
     for i in range(len(cache)):
         (caption,) = cache.captions[i]
@@ -227,3 +227,108 @@ def test_validation_images_are_the_bundles(bundles, data, tmp_path):
     base = sample_grid(Text2ImagePipeline.from_pretrained(packed), saved, v.seeds, steps=v.steps, guidance=v.guidance,
                        batch_size=v.batch_size)
     assert np.abs(grid - np.asarray(base, dtype=np.int16)).max() > 8  # and the training changed them
+
+
+def prior_run(bundle, data, prior, tmp_path, name, *overrides):
+    """A 6-step fine-tune with prior preservation (batches of 4: 3 rows of ``data``, 1 of ``prior``)."""
+    return load_config(FinetuneConfig, None, [
+        f"data.path={data}", f"prior.data={prior}", "prior.share=0.25", f"train.output_dir={tmp_path / name}",
+        f"cache.dir={tmp_path / 'cache'}", "train.max_steps=6", "train.batch_size=4", "optim.warmup_steps=0",
+        "optim.lr=1e-2", "text.lr=1e-1", "validation.prompts=[]", "validation.base_prompts=[]",
+        "validation.at_start=false", "validation.every=0", "checkpoint.every=3", *overrides])
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory):
+    """The base style's images (no "purple sketch"): 8 shapes, rows 0 and 4 held out."""
+    return make_imagefolder(tmp_path_factory.mktemp("prior") / "shapes", n=8, heldout_every=4)
+
+
+def test_prior_rows_take_their_share_of_every_batch(bundles, data, prior, tmp_path, monkeypatch):
+    from train.unet.finetune import FinetuneTrainer, finetune
+
+    _, packed = bundles
+    seen, caches = [], []
+    original = FinetuneTrainer._loss
+
+    def spy(self, rows, epoch):
+        caches[:] = [self.prior_cache]
+        ctx = self._contexts_of(self.prior_cache, self.prior_rows, epoch)
+        seen.append((list(rows), list(self.prior_rows), [self.prior_cache.captions[int(i)][0] for i in self.prior_rows], ctx))
+        return original(self, rows, epoch)
+
+    monkeypatch.setattr(FinetuneTrainer, "_loss", spy)
+    finetune(packed, prior_run(packed, data, prior, tmp_path, "ft"))
+    (cache,) = caches
+    assert len(cache) == 8 and len(seen) == 6 and all(len(r) == 3 and len(p) == 1 for r, p, _, _ in seen)
+    picked = [p[0] for _, p, _, _ in seen]
+    # the prior set's 6 train rows, each once in its first epoch (6 batches of 1), never a held-out row
+    assert sorted(picked) == sorted(cache.train_indices.tolist())
+    # the prior rows' own captions and contexts, not the data's: the encoder (its new rows training) gives what the
+    # prior cache holds, to float32 rounding of a batch of 1 against the cache's batched call (as above: < 1e-5)
+    for _, p, captions, ctx in seen:
+        assert captions == [cache.captions[p[0]][0]] and "purple" not in captions[0]
+        torch.testing.assert_close(ctx, cache.contexts(p), rtol=1e-5, atol=1e-5)
+
+
+def test_prior_rows_resume_where_they_stopped(bundles, data, prior, tmp_path, monkeypatch):
+    """Stopped after step 3 and resumed, a fine-tune with a prior set reads the same data and prior rows as an
+    uninterrupted run (the prior set's position follows from the data's, so the checkpoint needs nothing more)."""
+    from safetensors.torch import load_file
+
+    from train.unet.finetune import FinetuneTrainer, finetune
+
+    _, packed = bundles
+    seen = []
+    original = FinetuneTrainer._loss
+
+    def spy(self, rows, epoch):
+        seen.append((rows.tolist(), self.prior_rows.tolist()))
+        return original(self, rows, epoch)
+
+    monkeypatch.setattr(FinetuneTrainer, "_loss", spy)
+    straight = finetune(packed, prior_run(packed, data, prior, tmp_path, "a", "train.max_steps=9"))
+    expected = list(seen)
+    seen.clear()
+    finetune(packed, prior_run(packed, data, prior, tmp_path, "b", "train.max_steps=9"), stop_at_step=4)  # mid-epoch
+    finetune(packed, prior_run(packed, data, prior, tmp_path, "b", "train.max_steps=9"), resume="latest")
+    assert len(expected) == 9 and seen == expected[:4] + expected[3:]  # checkpoint at 3: step 4 is read again
+    # the prior changed the result: the same run without it ends with other weights
+    config = prior_run(packed, data, prior, tmp_path, "c", "train.max_steps=9")
+    config.prior.data = ""
+    a = load_file(straight.bundle / "pytorch_lora_weights.safetensors")
+    c = load_file(finetune(packed, config).bundle / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("override, message", [("prior.share=1", "prior.share=1"), ("prior.weight=-1", "prior.weight=-1")])
+def test_prior_settings_out_of_range_are_one_line_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(FinetuneConfig, None, ["data.path=x", "prior.data=y", override])
+
+
+def test_learnt_rows_change_only_the_contexts_after_the_new_word(bundles, data, tmp_path):
+    """Where the new style's content goes (docs/finetune-openmoji.md): the CLIP text tower is causal, so a learnt row
+    for a new word leaves every context position before it as it was and changes every position after it (the
+    rest of the caption, the end token and the padding the U-Net also attends to)."""
+    from train.unet.finetune import finetune
+
+    _, packed = bundles
+    config = load_config(FinetuneConfig, None, [
+        f"data.path={data}", f"train.output_dir={tmp_path / 'ft'}", f"cache.dir={tmp_path / 'cache'}", "train.max_steps=3",
+        "train.batch_size=4", "optim.warmup_steps=0", "text.train=new_words", "text.lr=1e-1",
+        "validation.prompts=[]", "validation.base_prompts=[]", "validation.at_start=false", "ema.enabled=false"])
+    result = finetune(packed, config)
+    before, after = conditioning.load_text_encoder(packed), conditioning.load_text_encoder(result.bundle)
+    prompt = "a red circle, purple sketch"
+    ids = before.tokenize([prompt])[0].tolist()
+    from train.unet.finetune import shared_token_ids
+
+    unknown = shared_token_ids(before)  # the packed table lacks ",", "purple" and "sketch"
+    first_new = next(i for i, t in enumerate(ids) if t in unknown)  # the comma, after "a red circle"
+    assert first_new == 4
+    c0, c1 = before([prompt])[0][0], after([prompt])[0][0]  # (L, D)
+    assert torch.equal(c0[:first_new], c1[:first_new])  # the same weights and inputs before it: bit for bit
+    assert ((c0[first_new:] - c1[first_new:]).abs().amax(-1) > 0).all()  # every later position moved
+    # a caption without a new word keeps its whole context
+    assert torch.equal(before(["a red circle"])[0], after(["a red circle"])[0])

@@ -6,24 +6,7 @@ import torch
 from ldm.guidance import ClassifierFreeGuidance
 from ldm.samplers import sample
 from ldm.schedule import NoiseSchedule
-
-
-class CountingModel:
-    """A conditional 'model' whose output depends on x, t and the context; records every call."""
-
-    def __init__(self):
-        self.batches = []
-
-    def __call__(self, x, t, context):  # x (B, C, H, W), t (B,), context (B, L, D)
-        assert x.shape[0] == t.shape[0] == context.shape[0]
-        self.batches.append(x.shape[0])
-        shift = context.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return torch.sin(x) * (1 + t.view(-1, 1, 1, 1) / 1000) + shift
-
-
-def contexts(batch=2):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 7, 16, generator=g), torch.randn(batch, 7, 16, generator=g)  # cond, uncond
+from pipeline_fakes import CountingModel, contexts
 
 
 def test_guided_output_is_cfg_formula_from_one_batched_call():

@@ -23,26 +23,9 @@ from ldm.pipeline import Text2ImagePipeline
 from ldm.samplers import sample
 from ldm.schedule import NoiseSchedule, sigma_grid, split_prediction_at
 from ldm.testing import build_bundle
+from pipeline_fakes import CountingModel, contexts
 
 SCHEDULE = NoiseSchedule("scaled_linear", 1000, 0.00085, 0.012)  # the shipped models' schedule
-
-
-class CountingModel:
-    """A conditional 'model' whose output depends non-linearly on x, t and the context; records every call."""
-
-    def __init__(self):
-        self.batches = []
-
-    def __call__(self, x, t, context):  # x (B, C, H, W), t (B,), context (B, L, D)
-        assert x.shape[0] == t.shape[0] == context.shape[0]
-        self.batches.append(x.shape[0])
-        c = context.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return torch.sin(x + 3 * c) * (1 + t.view(-1, 1, 1, 1).float() / 1000) + c
-
-
-def contexts(batch=2):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(batch, 7, 16, generator=g), torch.randn(batch, 7, 16, generator=g)  # cond, uncond
 
 
 def run(spec, w=5.0, method="ddim", steps=12, sigmas=None, prediction="eps", model=None):

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ldm_io import atomic_path
+
 
 def cache_dir(bundle: Optional[str], key: str, variant: Optional[str] = None) -> Path:
     """Where a bundle's graphs live: beside it if writable, else in the user's cache; those of a
@@ -23,15 +25,59 @@ def cache_dir(bundle: Optional[str], key: str, variant: Optional[str] = None) ->
     return root / variant if variant else root
 
 
-def session(path: Path, threads: int = 0):
-    """An ONNX Runtime CPU session for the graph at ``path``; ``threads``: intra-op threads (0: ORT's default,
-    one per physical core)."""
+# ONNX Runtime's graph optimisation level for every session (the pipeline's and the runner's). bench/bench_pipeline.py measured each (README,
+# "Speed on a CPU"): "all" (fusions, then the NCHWc layout for this CPU's vector width) is the fastest, most
+# clearly at batch 8. Its graph is tied to this CPU's instructions, so what is saved is the "extended" one
+# (the fusions, which cost most of a start) and "all" adds only the layout at each start.
+ORT_LEVEL = "all"
+ORT_LEVELS = ("disable", "basic", "extended", "all")
+SAVED_LEVEL = "extended"
+
+
+def session(path: Path, threads: int = 0, *, level: str = ORT_LEVEL, save_optimized: bool = True):
+    """An ONNX Runtime CPU session over the graph ``path`` at optimisation ``level`` on ``threads``
+    intra-op threads (0: ONNX Runtime's default, one per physical core); imports no torch. With ``save_optimized``
+    (levels "extended" and "all") the graph optimised at "extended" is kept beside it
+    (``ort-<version>-extended/<name>.onnx``, made once, atomically) and later sessions start from that
+    one: "extended" with optimisation off, "all" with only its CPU-specific layout step left to run."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    if level not in ORT_LEVELS:
+        raise ValueError(f"level={level!r}; allowed: {', '.join(ORT_LEVELS)}")
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+    def options(at: str):
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = levels[at]
+        return opts
+
+    providers = ["CPUExecutionProvider"]
+    if not save_optimized or level in ("disable", "basic"):
+        return ort.InferenceSession(str(path), options(level), providers=providers)
+    saved = optimized_path(path, SAVED_LEVEL)
+    if not (saved.is_file() and saved.stat().st_mtime_ns >= path.stat().st_mtime_ns):
+        opts = options(SAVED_LEVEL)
+        if path.with_name(f"{path.name}.data").is_file():  # a graph with external data keeps its weights apart
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{saved.name}.data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        with atomic_path(saved) as tmp:
+            opts.optimized_model_filepath = str(tmp)
+            made = ort.InferenceSession(str(path), opts, providers=providers)
+        if level == SAVED_LEVEL:
+            return made
+        del made
+    return ort.InferenceSession(str(saved), options("disable" if level == SAVED_LEVEL else level), providers=providers)
+
+
+def optimized_path(path: Path, level: str = SAVED_LEVEL) -> Path:
+    """Where ``session`` keeps the graph ``path`` optimised at ``level`` by this ONNX Runtime version: in a
+    subfolder, so that the exported graphs stay the only ``*.onnx`` beside the stamps."""
+    import onnxruntime as ort
+
+    return path.parent / f"ort-{ort.__version__}-{level}" / path.name
 
 
 def stamped(folder: Path, name: str, bundle_hash: str) -> Optional[Path]:

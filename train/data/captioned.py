@@ -197,6 +197,28 @@ class CaptionedImages:
         return self._summary
 
 
+def check_row(ref: Any, cell: Any, inside: Callable[[Any], bool], min_size: int
+              ) -> Union[str, tuple[Image.Image, list[str]]]:
+    """One row checked as every reader checks it: (its RGB image, its non-empty captions), or the reason
+    it is skipped (no caption, empty caption, outside the data folder, an ``ImageError`` reason, too small).
+    ``inside(ref)`` says whether a path may be opened (``Source.inside``)."""
+    options = caption_list(cell)
+    if options is None:
+        return MISSING_CAPTION
+    options = [c for c in options if c]
+    if not options:
+        return EMPTY_CAPTION
+    if not inside(ref):  # checked before anything under the path is opened
+        return OUTSIDE
+    try:
+        image = decode_image(ref)
+    except ImageError as exc:
+        return exc.reason
+    if min(image.size) < min_size:
+        return TOO_SMALL
+    return image, options
+
+
 def load_captions(path: Union[str, Path], *, caption_column: str = "text", format: Optional[str] = None,
                   split: Optional[str] = None, allow_outside_paths: bool = False) -> list[str]:
     """Every non-empty caption of a data set, read without opening its images: the captions of
@@ -254,25 +276,11 @@ def load_captioned_images(
     n_captions = n_long = longest = 0
     for row, (ref, cell) in enumerate(tqdm(source.rows(), total=len(source.table), desc=f"checking {Path(path).name}",
                                           unit="img", disable=not progress)):
-        options = caption_list(cell)
-        if options is None:
-            skipped[MISSING_CAPTION] += 1
+        checked = check_row(ref, cell, source.inside, min_size)
+        if isinstance(checked, str):
+            skipped[checked] += 1
             continue
-        options = [c for c in options if c]
-        if not options:
-            skipped[EMPTY_CAPTION] += 1
-            continue
-        if not source.inside(ref):  # checked before anything under the path is opened
-            skipped[OUTSIDE] += 1
-            continue
-        try:
-            image = decode_image(ref)
-        except ImageError as exc:
-            skipped[exc.reason] += 1
-            continue
-        if min(image.size) < min_size:
-            skipped[TOO_SMALL] += 1
-            continue
+        image, options = checked
         refs.append(ref if isinstance(ref, Path) else None)
         captions.append(options)
         rows.append(row)

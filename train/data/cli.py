@@ -15,7 +15,9 @@
 
 Formats `check` (and training) read: a folder with metadata.jsonl or metadata.csv (imagefolder),
 a folder of images with .txt/.caption sidecars, a .csv/.jsonl file of (path, caption), a
-save_to_disk folder, parquet files.
+save_to_disk folder, parquet files; and streams (train.data.streams): webdataset .tar shards (a path,
+a brace pattern such as "shards/{00000..00099}.tar", a URL, a folder of .tar files) and hf:NAME (a
+Hugging Face data set, hub name or local folder, read with streaming=True).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier data set (and nothing else)")
 
     check = sub.add_parser("check", help="print the data summary of a data set")
-    check.add_argument("path", help="data folder or file")
+    check.add_argument("path", help="data folder or file, webdataset shards (path, {00000..00099}.tar pattern, URL) or hf:NAME")
     check.add_argument("--caption-column", default="text", help="column holding the captions (default text)")
     check.add_argument("--image-column", default=None, help="column holding images or paths (default: detected)")
     check.add_argument("--format", default=None, help="force a format: imagefolder, sidecar, csv, jsonl, disk, parquet")
@@ -136,7 +138,15 @@ def _shapes(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from train.data import load_captioned_images
+    from train.data.streams import check_stream, stream_format
 
+    if stream_format(args.path) is not None:
+        summary = check_stream(args.path, caption_column=args.caption_column, image_column=args.image_column,
+                               min_size=args.min_size, allow_outside_paths=args.allow_outside)
+        print(summary)
+        if summary.kept == 0:
+            raise ValueError(f"{args.path} has no usable image-caption pair (see the reasons above)")
+        return 0
     data = load_captioned_images(args.path, caption_column=args.caption_column, image_column=args.image_column,
                                  format=args.format, split=args.split, min_size=args.min_size,
                                  allow_outside_paths=args.allow_outside)

@@ -42,6 +42,11 @@ def heldout_flags(keys: Sequence[str], fraction: float) -> list[bool]:
 
 def caption_index(n: int, seed: int, epoch: int, key: str) -> int:
     """Which of a row's ``n`` captions epoch ``epoch`` trains on."""
+    return caption_index_of_hash(n, seed, epoch, key_hash(key) if n > 1 else 0)
+
+
+def caption_index_of_hash(n: int, seed: int, epoch: int, hashed: int) -> int:
+    """``caption_index`` for a row whose ``key_hash`` is ``hashed`` (what the sharded cache stores)."""
     if n == 1:
         return 0
-    return int(np.random.default_rng((seed, epoch, key_hash(key))).integers(n))
+    return int(np.random.default_rng((seed, epoch, int(hashed))).integers(n))

@@ -55,7 +55,9 @@ class BucketConfig:
 class DataConfig:
     """The captioned image data set."""
 
-    path: str = ""  # imagefolder with metadata.jsonl (file_name, text[, split])
+    # a folder or file of train.data.sources.FORMATS (imagefolder with metadata.jsonl, ...), or a stream
+    # (train.data.streams): webdataset .tar shards (paths, {00000..00099}.tar patterns, URLs) or hf:NAME
+    path: str = ""
     # images are resized (shorter side) and centre-cropped to this size, then encoded (with buckets: to a bucket
     # of about this size squared in pixels); 0 in fine-tuning = the model's own size (U-Net sample_size x the autoencoder's factor)
     resolution: int = 64
@@ -79,7 +81,14 @@ class CacheConfig:
 
     dir: str = "runs/cache"  # shared by runs; each (encoders, data, resolution) gets its own sub-folder
     batch_size: int = 64  # images per autoencoder call while building the cache
-    context_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # storage type of the contexts
+    context_dtype: Literal["float32", "float16", "bfloat16"] = "float16"  # storage type of the contexts
+    shard_size: int = 10000  # data rows per cache shard: the unit a stopped build resumes from
+    # what keys the cache to the data: each file's name, size and modification time (manifest), or every byte (content)
+    verify: Literal["manifest", "content"] = "manifest"
+
+    def __post_init__(self):
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError(f"cache.shard_size={self.shard_size} and cache.batch_size={self.batch_size} must be >= 1")
 
 
 @dataclass
@@ -123,6 +132,9 @@ class UNetRunConfig(RunConfig):
     fp32_attention: Optional[bool] = None
     # non-finite losses in a row after which training stops (each such step is skipped and counted)
     max_consecutive_nonfinite: int = 10
+    # run the U-Net's forward and backward through torch.compile (inductor): the first steps wait for the compile,
+    # later ones run faster on a GPU (bench/gpu/run.sh measures it); checkpoints and the bundle are stored as eager's
+    compile: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -274,6 +286,23 @@ class TextTrainingConfig:
 
 
 @dataclass
+class PriorConfig:
+    """Prior preservation (DreamBooth's class images, sd-scripts' reg_data_dir): a share of every batch comes from a
+    second captioned data set in what the base model already draws (its own training images, or its own samples),
+    and its loss is added with a weight, so the fine-tune keeps what those captions drew while it learns the new data."""
+
+    data: str = ""  # imagefolder with metadata.jsonl, as data.path (its "test" rows are left out); "" = off
+    share: float = 0.25  # of train.batch_size's rows, drawn from the prior set (at least 1); the rest from data.path
+    weight: float = 1.0  # loss = mean loss of the data rows + weight x mean loss of the prior rows (diffusers' prior_loss_weight)
+
+    def __post_init__(self):
+        if not 0 < self.share < 1:
+            raise ValueError(f"prior.share={self.share} must be in (0, 1): the share of each batch drawn from prior.data")
+        if not self.weight >= 0:
+            raise ValueError(f"prior.weight={self.weight} must be >= 0")
+
+
+@dataclass
 class FinetuneCheckpointConfig(CheckpointConfig):
     """CheckpointConfig at fine-tuning's scale: with 500 steps in all, one every 100 (as the validations), so a
     stopped fine-tune resumes from at most 100 steps back rather than from the start."""
@@ -282,10 +311,19 @@ class FinetuneCheckpointConfig(CheckpointConfig):
 
 
 @dataclass
+class FinetuneCacheConfig(CacheConfig):
+    """CacheConfig at fine-tuning's scale: a few hundred captions, so the contexts are kept in float32 (the half
+    size saves little there) and equal the pipeline's bit for bit."""
+
+    context_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass
 class FinetuneConfig(TrainingSections):
     """``ldm finetune``: a bundle's U-Net (its encoders and schedule come from the bundle)."""
 
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    cache: FinetuneCacheConfig = field(default_factory=FinetuneCacheConfig)
     checkpoint: FinetuneCheckpointConfig = field(default_factory=FinetuneCheckpointConfig)
     objective: FinetuneObjectiveConfig = field(default_factory=FinetuneObjectiveConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
@@ -293,3 +331,4 @@ class FinetuneConfig(TrainingSections):
     validation: FinetuneValidationConfig = field(default_factory=FinetuneValidationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     text: TextTrainingConfig = field(default_factory=TextTrainingConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)

@@ -13,6 +13,10 @@ Two methods (``lora.method``):
 
 The autoencoder, the text encoder and the noise schedule are the bundle's, frozen and unchanged.
 
+Prior preservation (``prior.data``, DreamBooth's ``with_prior_preservation``, sd-scripts' ``reg_data_dir``):
+round(prior.share x batch_size) rows of every batch come from a second imagefolder (cached as the data is),
+the rest from the data; loss = mean of the data rows + prior.weight x mean of the prior rows, in one U-Net call.
+
 Validation (``FinetuneValidationConfig``) starts at step 0, draws its prompts from the user's held-out
 captions plus two of the base model's own prompts, and scores the base model's prompts with the
 bundle's CLIP (``base_clip_score`` in logs/val.csv and the log): its fall from step 0 is what the
@@ -29,11 +33,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 import conditioning
+from ldm.pipeline import Text2ImagePipeline
 from train.data.split import caption_index
+from train.run.order import DataOrder
+from train.unet.cache import LatentCache, build_cache
 from train.unet.config import FinetuneConfig
+from train.unet.objective import noised_batch
 from train.unet.trainer import LDMTrainer, TrainResult
 from train.unet.validation import draw_prompts
 
@@ -97,15 +106,77 @@ class FinetuneTrainer(LDMTrainer):
     def __init__(self, config: FinetuneConfig, *, base_prompts: list[str], **kwargs):
         super().__init__(config, **kwargs)
         self.base_prompts = base_prompts
+        self.prior_cache: Optional[LatentCache] = None
+        self.prior_order: Optional[DataOrder] = None
+        self.prior_rows = np.zeros(0, dtype=np.int64)  # the prior set's rows of the micro-batch _next_rows gave last
 
     def _setup(self):
         super()._setup()
+        self._setup_prior()
         v, cache = self.config.validation, self.cache
         if v.base_prompts is None:
             v.base_prompts = list(self.base_prompts)
         if v.prompts is None:
             rows = cache.heldout_indices if len(cache.heldout_indices) else cache.train_indices
             v.prompts = draw_prompts([cache.captions[int(i)][0] for i in rows], v.base_prompts)
+
+    def _setup_prior(self) -> None:
+        """``prior.data``: its cache (latents and contexts, as data.path's), and every batch's rows split between the two
+        sets: batch_size - k from data.path, k = round(prior.share x batch_size) from the prior set's train rows."""
+        cfg, acc = self.config, self.accelerator
+        if not cfg.prior.data:
+            return
+        data = copy.deepcopy(cfg.data)
+        data.path = cfg.prior.data
+        granularity = Text2ImagePipeline(self.unet, self.autoencoder, self.text_encoder, self.schedule, self.sampling).granularity
+        with acc.main_process_first():
+            folder, _ = build_cache(cfg.cache, data, self.autoencoder, self.text_encoder, self.device,
+                                    progress=acc.is_main_process, granularity=granularity)
+        self.prior_cache = LatentCache(folder)
+        if self.cache.buckets is not None or self.prior_cache.buckets is not None:
+            raise ValueError("prior.data needs images of one size in both sets (aspect-ratio buckets are not supported "
+                             "with a prior set); set data.buckets.enabled=false or give square images")
+        if self.prior_cache.latent_shape != self.cache.latent_shape:
+            raise ValueError(f"prior.data {cfg.prior.data} gives latents of shape {self.prior_cache.latent_shape}, "
+                             f"data.path {self.cache.latent_shape}; both sets must encode to one size")
+        batch = cfg.train.batch_size
+        k = max(1, round(cfg.prior.share * batch))
+        if k >= batch:
+            raise ValueError(f"prior.share={cfg.prior.share} of train.batch_size={batch} leaves no row for data.path; "
+                             "lower prior.share or raise train.batch_size")
+        self.order = DataOrder(self.cache.train_indices, batch - k, acc.num_processes, acc.process_index, cfg.train.seed)
+        self.prior_order = DataOrder(self.prior_cache.train_indices, k, acc.num_processes, acc.process_index,
+                                     cfg.train.seed + 1)
+        self.notes.append(f"prior.data: {len(self.prior_cache.train_indices)} images from {cfg.prior.data}; each batch "
+                          f"takes {batch - k} rows of data.path and {k} of the prior set (its loss weighted {cfg.prior.weight})")
+
+    def _next_rows(self, pos: dict) -> np.ndarray:
+        rows = super()._next_rows(pos)
+        if self.prior_order is not None:  # the prior set's position follows from the data's: nothing more to checkpoint
+            n = pos["epoch"] * self.order.batches_per_epoch + pos["batch_in_epoch"] - 1
+            per_epoch = self.prior_order.batches_per_epoch
+            self.prior_rows = self.prior_order.batch(n // per_epoch, n % per_epoch)
+        return rows
+
+    def _loss(self, rows: np.ndarray, epoch: int) -> torch.Tensor:
+        """Without a prior set, ``LDMTrainer._loss``. With one: one U-Net call on the data rows and the prior rows
+        together; the mean loss of each part, the prior's weighted by prior.weight, summed."""
+        if self.prior_cache is None:
+            return super()._loss(rows, epoch)
+        cfg, acc = self.config, self.accelerator
+        prior = self.prior_rows
+        z0 = torch.cat([self.cache.latents(rows), self.prior_cache.latents(prior)]).to(self.device)  # (B, C, h, w)
+        ctx = torch.cat([self._contexts(rows, epoch), self._contexts_of(self.prior_cache, prior, epoch)])  # (B, L, D)
+        if cfg.train.channels_last:
+            z0 = z0.contiguous(memory_format=torch.channels_last)
+        ctx = conditioning.apply_caption_dropout(ctx, self._empty_context(), cfg.objective.p_uncond, self.generator)
+        batch = noised_batch(z0, self.schedule, prediction=self.sampling.prediction,
+                             min_snr_gamma=cfg.objective.min_snr_gamma, noise_offset=cfg.objective.noise_offset,
+                             generator=self.generator)
+        with acc.autocast():
+            pred = self.model(batch.z_t, batch.t, encoder_hidden_states=ctx).sample  # (B, C, h, w)
+        per_sample = batch.weight * (pred.float() - batch.target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        return per_sample[: len(rows)].mean() + cfg.prior.weight * per_sample[len(rows):].mean()
 
     def _extra_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The text encoder's weights that ``text.train`` trains, by checkpoint name; also notes the unknown words."""
@@ -149,9 +220,13 @@ class FinetuneTrainer(LDMTrainer):
         return [{"params": list(self.extra.values()), "lr": self.config.text.lr, "weight_decay": 0.0}]
 
     def _contexts(self, rows, epoch: int) -> torch.Tensor:
+        return self._contexts_of(self.cache, rows, epoch)
+
+    def _contexts_of(self, cache: LatentCache, rows, epoch: int) -> torch.Tensor:
+        """(B, L, D) contexts of ``cache``'s rows: the cached ones, or from the text encoder when it trains."""
+        seed = self.config.train.seed
         if not self.extra:
-            return super()._contexts(rows, epoch)
-        seed, cache = self.config.train.seed, self.cache
+            return cache.contexts(rows, epoch, seed).to(self.device)
         captions = [cache.captions[int(i)][caption_index(len(cache.captions[int(i)]), seed, epoch, cache.keys[int(i)])]
                     for i in rows]  # the caption LatentCache.contexts would pick
         return self.text_encoder(captions)[0].float()  # (B, L, D), with gradients into the trained rows

@@ -19,6 +19,10 @@ granularity, about data.resolution^2 pixels; each batch from one bucket; the dat
 what is cropped); data.buckets.enabled=false turns that off (every image centre-cropped square),
 data.buckets.sizes=[512x768,768x512,512x512] gives the buckets (WIDTHxHEIGHT) yourself.
 
+Prior preservation (DreamBooth's class images, sd-scripts' regularisation images): prior.data=DIR, an
+imagefolder of what the base model should keep drawing (its own training images, or its samples) with
+their captions; prior.share of every batch (default 0.25) comes from it, its loss weighted by prior.weight.
+
 examples:
   ldm finetune --model default --data my_images
   ldm finetune --model default --data my_images train.output_dir=runs/ft-mine train.max_steps=600

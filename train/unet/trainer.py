@@ -135,6 +135,11 @@ class LDMTrainer:
             fp32_attention = acc.precision == "bf16" and self.device.type == "cpu"
         if fp32_attention:
             unet.set_attn_processor(FP32AttentionProcessor())
+        if cfg.train.compile:  # in place: the module keeps its parameter names (checkpoints, EMA, the bundle)
+            from ldm.backends import check_compile
+
+            check_compile(True)
+            unet.compile()
         unet.train()
         self.extra = self._extra_parameters()  # name -> parameter trained beside the U-Net (none here)
         self.param_names = [n for n, p in unet.named_parameters() if p.requires_grad] + list(self.extra)
@@ -195,6 +200,8 @@ class LDMTrainer:
             extra = {}
             if self.ema is not None:
                 extra["ema"], state["ema"] = ema_state(self.ema, self.param_names)
+            if acc.scaler is not None:  # fp16: the loss scale and its growth count, so a resumed run scales as this one
+                state["grad_scaler"] = acc.scaler.state_dict()
             path = ckpt.save_checkpoint(self.checkpoint_root, pos["step"], {n: named[n] for n in self.param_names},
                                         self.optimizer, state, self.config.checkpoint.keep_last, extra=extra,
                                         log=self.log)  # None (with a warning) for weights not worth keeping
@@ -230,6 +237,8 @@ class LDMTrainer:
             if not (path / "ema.safetensors").is_file():
                 raise ValueError(f"checkpoint {path} has no EMA weights (ema.safetensors) but ema.enabled is true")
             load_ema_state(self.ema, self.param_names, ckpt.load_tensors(path / "ema.safetensors"), state["ema"])
+        if acc.scaler is not None and "grad_scaler" in state:
+            acc.scaler.load_state_dict(state["grad_scaler"])
         rng = ckpt.rng_warning(path, ckpt.set_rng_state(state["rng"][acc.process_index], {"step": self.generator}))
         self.resume_notes += [rng] if rng else []
         return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "skipped_steps", "nonfinite_streak")}
