@@ -254,7 +254,7 @@ def draw(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: fl
 
     start = time.perf_counter()
     result = run_sweep(pipe, prompts, [guidance], seeds, steps=steps, method="ddim", batch_size=32)
-    return result.images[guidance], time.perf_counter() - start
+    return result.images[result.cells[0]], time.perf_counter() - start
 
 
 def grid(rows: list[str], columns: list[tuple[str, list[Image.Image]]], *, cell: int = 96) -> Image.Image:

@@ -43,20 +43,25 @@ FAST_RUNNER = "numpy+onnxruntime"  # the record's "runner" for images the torch-
 FAST_MAX_IMAGES = 16  # larger requests take the torch path, which checks their memory first
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by generate and sweep: the model and how to run it."""
+def add_model_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """Options shared by generate and sweep: the model and how to run it. ``sweep``: leave out --steps, --method
+    and --eta (a sweep's are lists) and --batch-size's default (a sweep's is as large as memory allows)."""
     p.add_argument("--model", type=Path, default=None, help="model bundle folder, a Stable Diffusion 1.x/2.x single .safetensors file (converted once, then cached), or the name of a model shipped in the package: default (emoji, 64 px) or shapes (32 px); default: default")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--method", default="ddim",
-                   help="sampler: ddim, ddpm, dpmpp-2m (DPM-Solver++ 2M), euler or euler-a (Euler ancestral) (default ddim)")
+    if not sweep:
+        p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+        p.add_argument("--method", default="ddim",
+                       help="sampler: ddim, ddpm, dpmpp-2m (DPM-Solver++ 2M), euler or euler-a (Euler ancestral) (default ddim)")
     p.add_argument("--sigmas", default=None,
                    help="noise levels for dpmpp-2m, euler and euler-a: karras (Karras et al. 2022, rho 7; A1111's "
                         "\"Karras\" schedule type); default: the model's timestep grid, as ddim and ddpm use")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like; ddim only (default 0)")
+    if not sweep:
+        p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like; ddim only (default 0)")
     p.add_argument("--negative", default=None, help="negative prompt (default: the empty prompt)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of the autoencoder's factor")
     p.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of the autoencoder's factor")
-    p.add_argument("--batch-size", type=int, default=8, help="images per batched U-Net call (default 8)")
+    p.add_argument("--batch-size", type=int, default=None if sweep else 8,
+                   help="images per batched U-Net call (default: " + ("as large as memory allows, up to 64 on a CPU and "
+                                                                      "256 on a GPU)" if sweep else "8)"))
     p.add_argument("--backend", default="auto",
                    help="torch, onnx (ONNX Runtime, fp32 CPU; graphs exported once, cached beside the model), "
                         "openvino (OpenVINO f32 over the same graphs; pip install 'ldm-toolkit[openvino]') "
@@ -693,16 +698,19 @@ def regenerate(args: argparse.Namespace) -> int:
                               origin=f"the record in {args.from_png}: ")
     pipe = load(args, model)
     req = GenerationRequest(rec["batch_prompts"], [args.negative] * n, rec["batch_seeds"])
+    invariant = rec.get("batch_invariant", True) is not False  # ldm sweep's batched calls: remade batched
     progress, close = progress_bar(args.quiet, "regenerate")
     progress = with_estimate(progress, est, free)
     try:
         latents = pipe.generate_latents(req, steps=args.steps, method=args.method, eta=args.eta, sigmas=args.sigmas,
                                         guidance=args.guidance, guidance_method=args.guidance_method,
-                                        height=args.height, width=args.width, batch_size=args.batch_size, progress=progress)
+                                        height=args.height, width=args.width, batch_size=args.batch_size, progress=progress,
+                                        batch_invariant=invariant)
     finally:
         close()
     i = rec["batch_index"]
-    return compare_saved(args, to_pil(pipe.decode(latents[i : i + 1]))[0], out, rec)
+    image = pipe.decode(latents[i : i + 1]) if invariant else pipe.decode(latents, batch_invariant=False)[i : i + 1]
+    return compare_saved(args, to_pil(image)[0], out, rec)
 
 
 def compare_saved(args: argparse.Namespace, image, out: Path, rec: dict) -> int:

@@ -282,7 +282,7 @@ class Text2ImagePipeline:
     def _contexts(self, prompts: list[str], negatives: list[Optional[str]], guidance: float):
         """(cond, uncond) contexts (B, L, D); with guidance 1 the unconditional one is never used."""
         cond = self._encode(prompts)  # (B, L, D)
-        if guidance == 1:
+        if all(w == 1 for w in (guidance if isinstance(guidance, list) else [guidance])):
             uncond = cond
         elif all(n is None for n in negatives):
             uncond = self.text_encoder.empty_context(len(prompts))  # the one empty prompt of conditioning
@@ -309,7 +309,7 @@ class Text2ImagePipeline:
         steps: int = 50,
         method: str = "ddim",
         eta: float = 0.0,
-        guidance: float = 7.5,
+        guidance: Union[float, Sequence[float]] = 7.5,
         height: Optional[int] = None,
         width: Optional[int] = None,
         batch_size: int = 8,
@@ -317,11 +317,21 @@ class Text2ImagePipeline:
         progress: Optional[Progress] = None,
         sigmas: Optional[str] = None,
         guidance_method: Union[str, GuidanceMethod, None] = "cfg",
+        batch_invariant: bool = True,
     ) -> torch.Tensor:
-        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time."""
+        """Latents z0 (N, C, h, w) for every row of ``req``, sampled ``batch_size`` rows at a time. ``guidance``: one
+        weight, or one per row of ``req`` (a sweep batching cells of several weights). ``batch_invariant=False``
+        makes one U-Net call per step on the whole batch ([uncond x B, cond x B]) instead of one per image:
+        faster (1.3x to 2.6x on a CPU), but a row's rounding then depends on the batch's size (``ldm sweep``,
+        whose batches are fixed by its request, uses it)."""
         guidance_method = parse_guidance_method(guidance_method)
-        check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=guidance,
-                       batch_size=batch_size, sigmas=sigmas)
+        per_row = not isinstance(guidance, (int, float))
+        weights = list(guidance) if per_row else [guidance] * len(req.prompts)
+        if len(weights) != len(req.prompts):
+            raise ValueError(f"got {len(weights)} guidance weights for {len(req.prompts)} rows; give one or one per row")
+        for w in dict.fromkeys(weights):
+            check_sampling(self.schedule.T, self.sampling, steps=steps, method=method, eta=eta, guidance=w,
+                           batch_size=batch_size, sigmas=sigmas)
         rows = self.step_rows(method=method, steps=steps, eta=eta, variance=variance, sigmas=sigmas)
         shape = self.latent_shape(height, width)
         n = len(req.prompts)
@@ -329,19 +339,27 @@ class Text2ImagePipeline:
         out = []
         for start in range(0, n, batch_size):
             batch = slice(start, start + batch_size)
-            cond, uncond = self._contexts(req.prompts[batch], req.negatives[batch], guidance)
+            w = weights[batch] if per_row else guidance
+            cond, uncond = self._contexts(req.prompts[batch], req.negatives[batch], w)
             generators = [torch.Generator().manual_seed(s) for s in req.seeds[batch]]
             x = randn((len(generators), *shape), generators, torch.float32, self.device)  # x_T (B, C, h, w)
             # one guided U-Net call per image, on its [uncond, cond] pair; one guide per image and run (APG's
             # momentum is per run)
-            guides = [make_guidance(guidance_method, self.model, cond[i : i + 1], uncond[i : i + 1], guidance,
-                                    schedule=self.schedule, prediction=self.sampling.prediction)
-                      for i in range(len(generators))]
+            if batch_invariant:
+                guides = [make_guidance(guidance_method, self.model, cond[i : i + 1], uncond[i : i + 1],
+                                        weights[start + i], schedule=self.schedule, prediction=self.sampling.prediction)
+                          for i in range(len(generators))]
+            else:  # one guide over the batch, each row with its own w
+                guides = [make_guidance(guidance_method, self.model, cond, uncond, w, schedule=self.schedule,
+                                        prediction=self.sampling.prediction)]
             x0_prev = None
             for i, row in enumerate(rows):
-                t = torch.full((1,), row[0], dtype=torch.long if isinstance(row[0], int) else torch.float32,
-                               device=self.device)  # (1,)
-                output = torch.cat([guide(x[j : j + 1], t) for j, guide in enumerate(guides)])  # (B, C, h, w)
+                t = torch.full((1 if batch_invariant else len(generators),), row[0], device=self.device,
+                               dtype=torch.long if isinstance(row[0], int) else torch.float32)  # (1,) or (B,)
+                if batch_invariant:
+                    output = torch.cat([guide(x[j : j + 1], t) for j, guide in enumerate(guides)])  # (B, C, h, w)
+                else:
+                    output = guides[0](x, t)  # (B, C, h, w)
                 noise = randn(x.shape, generators, x.dtype, x.device) if row[1] else None
                 x, x0_prev = apply_step(row, x, output, noise, x0_prev, self.sampling.clip_x0, torch.clamp)
                 if progress is not None:
@@ -361,8 +379,11 @@ class Text2ImagePipeline:
                          variance=variance, sigmas=sigmas)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32; each image decoded alone."""
+    def decode(self, latents: torch.Tensor, *, batch_invariant: bool = True) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32; each image decoded alone, or with
+        ``batch_invariant=False`` all in one call."""
+        if not batch_invariant:
+            return self.backend.decode(latents).float().clamp(-1, 1)
         return torch.cat([self.backend.decode(latents[i : i + 1]).float().clamp(-1, 1) for i in range(len(latents))])
 
     @torch.no_grad()

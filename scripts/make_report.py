@@ -115,7 +115,7 @@ def emoji_scores(bundle: Path, data: Path, out: Path | None = None) -> tuple[dic
     heldout = random.Random(0).sample(sorted({caption for _, caption in heldout_rows(data)}), 8)
     t0 = time.perf_counter()
     res = run_sweep(pipe, heldout + EMOJI_TRAIN_PROMPTS, [4.0], seeds, steps=50)
-    images = res.images[4.0]
+    images = res.images[res.cells[0]]
     k = len(seeds)
     if out is not None:
         row_grid([(p, images[i * k:(i + 1) * k]) for i, p in enumerate(res.prompts)]).save(out / "heldout-emoji.png")
@@ -136,7 +136,7 @@ def candidate_scores(bundle: Path) -> dict[str, float]:
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     seeds = [0, 1, 2, 3]
     res = run_sweep(pipe, README_CANDIDATES, [4.0], seeds, steps=50)
-    scores = load_clip_scorer(bundle).score(res.images[4.0], [p for p in res.prompts for _ in seeds])  # (N,)
+    scores = load_clip_scorer(bundle).score(res.images[res.cells[0]], [p for p in res.prompts for _ in seeds])  # (N,)
     k = len(seeds)
     means = {p: round(float(scores[i * k:(i + 1) * k].mean()), 2) for i, p in enumerate(res.prompts)}
     return dict(sorted(means.items(), key=lambda kv: -kv[1]))
@@ -145,7 +145,8 @@ def candidate_scores(bundle: Path) -> dict[str, float]:
 def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     from conditioning.scorer import load_clip_scorer
     from ldm.pipeline import Text2ImagePipeline
-    from ldm.sweep import clip_metrics, run_sweep, write_outputs
+    from ldm.sweep import clip_metrics, run_sweep
+    from ldm.sweep_report import write_outputs
 
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     scorer = load_clip_scorer(bundle)
@@ -162,7 +163,7 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     sweep = run_sweep(pipe, EMOJI_TRAIN_PROMPTS[:2] + heldout[:2], [1.0, 2.0, 3.0, 4.0, 6.0, 8.0], seeds, steps=50)
     clip_metrics(sweep, scorer)
     write_outputs(sweep, out / "sweep-emoji")
-    report["sweep_emoji"] = {"prompts": sweep.prompts, "metrics": {str(w): m for w, m in sweep.metrics.items()},
+    report["sweep_emoji"] = {"prompts": sweep.prompts, "metrics": {str(c.guidance): m for c, m in sweep.metrics.items()},
                              "seconds": time.perf_counter() - t0}
 
     rows, metrics = [], {}
@@ -172,22 +173,23 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
             t0 = time.perf_counter()
             res = run_sweep(pipe, prompts, [4.0], [0, 1], steps=steps, method=method)
             clip_metrics(res, scorer)
-            metrics[f"{method} {steps}"] = {**res.metrics[4.0], "seconds": time.perf_counter() - t0}
-            rows.append((f"{method.upper()} {steps} steps  CLIP {res.metrics[4.0]['clip_score']:.1f}", res.images[4.0]))
+            metrics[f"{method} {steps}"] = {**res.metrics[res.cells[0]], "seconds": time.perf_counter() - t0}
+            rows.append((f"{method.upper()} {steps} steps  CLIP {res.metrics[res.cells[0]]['clip_score']:.1f}", res.images[res.cells[0]]))
     row_grid(rows).save(out / "samplers-emoji.png")
     report["samplers_emoji"] = {"prompts": prompts, "seeds": [0, 1], "guidance": 4.0, "metrics": metrics}
 
 
 def shapes_section(bundle: Path, out: Path, report: dict) -> None:
     from ldm.pipeline import Text2ImagePipeline
-    from ldm.sweep import run_sweep, shapes_metrics, write_outputs
+    from ldm.sweep import run_sweep, shapes_metrics
+    from ldm.sweep_report import write_outputs
 
     pipe = Text2ImagePipeline.from_pretrained(bundle, backend="onnx")
     seeds = [0, 1, 2, 3]
     sweep = run_sweep(pipe, SHAPES_PROMPTS, [0.0, 1.0, 2.0, 4.0, 6.0, 8.0], seeds, steps=50, batch_size=32)
     shapes_metrics(sweep)
     write_outputs(sweep, out / "sweep-shapes")
-    report["sweep_shapes"] = {"prompts": sweep.prompts, "metrics": {str(w): m for w, m in sweep.metrics.items()}}
+    report["sweep_shapes"] = {"prompts": sweep.prompts, "metrics": {str(c.guidance): m for c, m in sweep.metrics.items()}}
 
     rows, metrics = [], {}
     for method in ("ddim", "ddpm"):
@@ -195,8 +197,8 @@ def shapes_section(bundle: Path, out: Path, report: dict) -> None:
             t0 = time.perf_counter()
             res = run_sweep(pipe, SHAPES_PROMPTS, [4.0], seeds, steps=steps, method=method, batch_size=32)
             shapes_metrics(res)
-            metrics[f"{method} {steps}"] = {**res.metrics[4.0], "seconds": time.perf_counter() - t0}
-            rows.append((f"{method.upper()} {steps}  all-correct {res.metrics[4.0]['all_acc']:.2f}", res.images[4.0][::4]))
+            metrics[f"{method} {steps}"] = {**res.metrics[res.cells[0]], "seconds": time.perf_counter() - t0}
+            rows.append((f"{method.upper()} {steps}  all-correct {res.metrics[res.cells[0]]['all_acc']:.2f}", res.images[res.cells[0]][::4]))
     row_grid(rows, scale=2, label_w=200).save(out / "samplers-shapes.png")
     report["samplers_shapes"] = {"prompts": SHAPES_PROMPTS, "seeds": seeds, "guidance": 4.0, "metrics": metrics}
 

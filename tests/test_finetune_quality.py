@@ -139,7 +139,8 @@ def test_text_option_trains_only_what_it_says(bundles, data, tmp_path, mode):
 def test_grid_labels_keep_every_word(tmp_path):
     from PIL import Image, ImageDraw
 
-    from ldm.sweep import SweepResult, labelled_grid, wrap_label
+    from ldm.sweep import SweepResult
+    from ldm.sweep_report import labelled_grid, wrap_label
 
     prompts = ["grinning face with smiling eyes, twemoji style", "grinning face with smiling eyes, noto style",
                "supercalifragilisticexpialidocious"]

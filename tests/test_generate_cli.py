@@ -46,9 +46,10 @@ def test_sweep_writes_grid_and_metrics(bundle, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", "a koala", "a cat", "--model", str(bundle), "--steps", "2", "--guidance", "1,3",
                  "--seeds", "0,1", "--out", str(out), "--quiet"]) == 0
-    assert {p.name for p in out.iterdir()} == {"grid.png", "metrics.csv", "metrics.json", "metrics.png"}
-    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert {"clip_score", "diversity"} <= set(metrics["3.0"])  # the bundle's own CLIP scores it
+    assert {p.name for p in out.iterdir()} == {"grid.png", "metrics.csv", "metrics.json", "metrics.png", "pareto.png",
+                                               "suggestion.txt", "sweep.json", "images", ".ldm-output"}
+    metrics = json.loads((out / "metrics.json").read_text())["cells"][1]["metrics"]
+    assert {"clip_score", "diversity"} <= set(metrics)  # the bundle's own CLIP scores it
 
 
 @pytest.mark.parametrize(
