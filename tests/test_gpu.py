@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from ldm.cli import main  # noqa: E402
-from train_fakes import (TrainFakeAutoencoder, read_checkpoint, reset_accelerate, tiny_config,  # noqa: E402, F401
+from train_fakes import (TrainFakeAutoencoder, nan_at, read_checkpoint, reset_accelerate, tiny_config,  # noqa: E402, F401
                          tiny_text_encoder, fresh_accelerate, one_thread)  # the last two: autouse fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,20 +252,6 @@ def test_generate_cli_on_cuda_with_compile(tmp_path, monkeypatch):
 
 
 # -- training on CUDA ------------------------------------------------------------------------------
-
-
-def nan_at(monkeypatch, calls: set[int]):
-    """Make the training loss NaN on the given micro-batches (1-based, counted across runs)."""
-    from train.unet import trainer as ldm_trainer
-
-    real, count = ldm_trainer.weighted_mse, [0]
-
-    def loss(pred, batch):
-        count[0] += 1
-        value = real(pred, batch)
-        return value * float("nan") if count[0] in calls else value
-
-    monkeypatch.setattr(ldm_trainer, "weighted_mse", loss)
 
 
 def train(config, **kw):

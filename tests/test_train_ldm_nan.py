@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from train.run import checkpoint as ckpt
-from train.unet import trainer as ldm_trainer
 from train.unet.trainer import TrainingDiverged, train_from_config
 from train.run.log import read_csv
-from train_fakes import TrainFakeAutoencoder, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
+from train_fakes import TrainFakeAutoencoder, nan_at, tiny_text_encoder, read_checkpoint, reset_accelerate, tiny_config, one_thread  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -18,18 +17,6 @@ def fresh_accelerate():
     reset_accelerate()
     yield
     reset_accelerate()
-
-
-def nan_at(monkeypatch, calls: set[int]):
-    """Make the training loss NaN on the given micro-batches (1-based)."""
-    real, count = ldm_trainer.weighted_mse, [0]
-
-    def loss(pred, batch):
-        count[0] += 1
-        value = real(pred, batch)
-        return value * float("nan") if count[0] in calls else value
-
-    monkeypatch.setattr(ldm_trainer, "weighted_mse", loss)
 
 
 def run(config, **kw):

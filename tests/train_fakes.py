@@ -172,3 +172,17 @@ def kill_repeatedly(launch: Callable[[], subprocess.Popen], checkpoints: Path, c
         proc.wait()
         kills += 1
         check()
+
+
+def nan_at(monkeypatch, calls: set[int]):
+    """Make the training loss NaN on the given micro-batches (1-based, counted across runs)."""
+    from train.unet import trainer as ldm_trainer
+
+    real, count = ldm_trainer.weighted_mse, [0]
+
+    def loss(pred, batch):
+        count[0] += 1
+        value = real(pred, batch)
+        return value * float("nan") if count[0] in calls else value
+
+    monkeypatch.setattr(ldm_trainer, "weighted_mse", loss)

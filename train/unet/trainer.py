@@ -41,7 +41,7 @@ import conditioning
 from ldm_io import save_image
 from ldm.pipeline import SamplingConfig, Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
-from ldm.sweep import labelled_grid
+from ldm.sweep_report import labelled_grid
 from ldm.unet import FP32AttentionProcessor
 from train.run import checkpoint as ckpt
 from train.run.lr import build_lr_scheduler, build_optimizer

@@ -3,7 +3,7 @@
 The held-out loss uses the same t and noise at every evaluation (a generator seeded afresh each
 time) and no caption dropout, so its curve moves only with the weights. Images come from the
 pipeline the bundle will load (``Text2ImagePipeline``), drawn with DDIM from fixed seeds, and are
-tiled into a labelled grid (``ldm.sweep.labelled_grid``: a column per prompt and seed). With a CLIP
+tiled into a labelled grid (``ldm.sweep_report.labelled_grid``: a column per prompt and seed). With a CLIP
 (``conditioning.ClipScorer``) the images are also scored: ``clip_score`` for the validation prompts and,
 in fine-tuning, ``base_clip_score`` for the base model's own prompts, whose fall from step 0 measures
 what the fine-tune made the model forget.
@@ -19,7 +19,8 @@ from PIL import Image
 
 from ldm.pipeline import Text2ImagePipeline
 from ldm.schedule import NoiseSchedule
-from ldm.sweep import SweepResult, clip_metrics, labelled_grid, run_sweep
+from ldm.sweep import SweepResult, clip_metrics, run_sweep
+from ldm.sweep_report import labelled_grid
 from train.unet.cache import LatentCache
 from train.unet.objective import noised_batch, weighted_mse
 
