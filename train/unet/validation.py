@@ -66,7 +66,7 @@ def sample_grid(pipe: Text2ImagePipeline, prompts: Sequence[str], seeds: Sequenc
 def clip_score(result: SweepResult, scorer) -> float:
     """Mean CLIP score (``ldm.sweep.clip_metrics``: 100 x cosine) of a one-weight ``sample_images`` result."""
     clip_metrics(result, scorer)
-    return result.metrics[result.weights[0]]["clip_score"]
+    return result.metrics[result.cells[0]]["clip_score"]
 
 
 def draw_prompts(captions: Sequence[str], base_prompts: Sequence[str], *, n_data: int = 4, n_base: int = 2) -> list[str]:
