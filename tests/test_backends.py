@@ -106,8 +106,17 @@ def make_pipe(backend=None):
                               SamplingConfig(), sample_size=8, backend=runner)
 
 
-def test_openvino_backend_gives_the_same_images(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+def test_openvino_backend_gives_the_same_images(tmp_path):
+    """In a process of its own: OpenVINO's TBB thread pool in the pytest process made later tests that fork
+    (DataLoader workers) crash it with a segmentation fault."""
+    code = f"import sys; sys.path[:0] = {[str(ROOT / 'tests'), str(ROOT)]!r}; import test_backends; test_backends.openvino_images_check()"
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def openvino_images_check():
+    tmp_path = Path(os.environ["XDG_CACHE_HOME"])
     kwargs = dict(prompt=["a koala", "a cat"], steps=4, guidance=3.0, seed=0, height=32, width=24, output="tensor")
     ref = make_pipe()(**kwargs)
     got = make_pipe(OpenVinoBackend)(**kwargs)
