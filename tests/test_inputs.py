@@ -292,8 +292,8 @@ def test_more_images_than_memory_is_one_line(folders, tmp_path, monkeypatch, six
     err = one_line(capsys, "generate")
     assert "1000000 image(s) of 32x32 need about" in err and "16 GiB this machine has free" in err
     assert "ask for fewer --num-images per command" in err
-    assert main(sweep(folders["bundle"], "--seeds", ",".join(map(str, range(1000000))))) == 2
-    assert "ask for fewer prompts, --seeds or --guidance weights" in one_line(capsys, "sweep")
+    # (`ldm sweep` no longer holds every image in memory: it writes them and reads them back per cell, so a
+    # million seeds pass its memory check and start; what bounds a sweep now is disk, not checked yet)
     assert list(tmp_path.iterdir()) == []
 
 
