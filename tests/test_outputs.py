@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from ldm.cli import main
+from ldm.sweep import SWEEP_FILES
 from ldm.testing import build_bundle
 from ldm_io import OutputError, claim_output_dir, claim_output_file
 from ldm_io.outputs import MARKER, png_text_keys, written_by_ldm
@@ -173,7 +174,9 @@ def test_sweep_refuses_others_folders_and_needs_overwrite_for_its_own(ws, capsys
     refused_unchanged(ws, capsys, [*args, "--out", "sw"], "earlier output of ldm sweep", "--overwrite")
     ok(capsys, [*args, "--out", "sw", "--overwrite"])
     assert (ws / "sw" / "grid.png").read_bytes() != b"old"
-    assert sorted(p.name for p in (ws / "sw").iterdir()) == ["grid.png", "metrics.csv", "metrics.json", "metrics.png"]
+    left = {p.name for p in (ws / "sw").iterdir()}
+    assert left <= {*SWEEP_FILES, MARKER}, left  # nothing but the sweep's own files and its mark
+    assert all((ws / "sw" / n).read_bytes() != b"old" for n in ("metrics.csv", "metrics.json", "metrics.png"))
 
 
 # -- data sets --------------------------------------------------------------------------------------
