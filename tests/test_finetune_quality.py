@@ -332,3 +332,35 @@ def test_learnt_rows_change_only_the_contexts_after_the_new_word(bundles, data, 
     assert ((c0[first_new:] - c1[first_new:]).abs().amax(-1) > 0).all()  # every later position moved
     # a caption without a new word keeps its whole context
     assert torch.equal(before(["a red circle"])[0], after(["a red circle"])[0])
+
+
+def test_text_steps_train_the_rows_first_then_keep_them(bundles, data, tmp_path):
+    """text.steps=N: the learnt rows train for the first N optimizer steps and stay as they were from then on, while
+    the U-Net's LoRA goes on learning; N = 0 trains them every step."""
+    from safetensors.torch import load_file
+
+    from train.unet.finetune import finetune
+
+    _, packed = bundles
+
+    def run(name, steps, text_steps):
+        config = load_config(FinetuneConfig, None, [
+            f"data.path={data}", f"train.output_dir={tmp_path / name}", f"cache.dir={tmp_path / 'cache'}",
+            f"train.max_steps={steps}", "train.batch_size=4", "optim.warmup_steps=0", "text.train=new_words",
+            "text.lr=1e-1", f"text.steps={text_steps}", "validation.prompts=[]", "validation.base_prompts=[]",
+            "validation.at_start=false", "ema.enabled=false"])
+        bundle = finetune(packed, config).bundle
+        return text_table(bundle), load_file(bundle / "pytorch_lora_weights.safetensors")
+
+    rows2, lora2 = run("two", 2, 2)
+    rows4, lora4 = run("four", 4, 2)
+    rows_all, _ = run("all", 4, 0)
+    assert (rows2 != text_table(packed)).any()  # the rows learnt in the first two steps
+    assert torch.equal(rows4, rows2)  # and stayed so for steps 3 and 4
+    assert any(not torch.equal(lora2[k], lora4[k]) for k in lora2)  # while the U-Net went on
+    assert not torch.equal(rows_all, rows2)  # text.steps=0: the rows train on
+
+
+def test_text_steps_must_not_be_negative():
+    with pytest.raises(ValueError, match="text.steps=-1 must be >= 0"):
+        load_config(FinetuneConfig, None, ["data.path=x", "text.steps=-1"])

@@ -39,8 +39,13 @@ def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, max_steps: int):
-    """A LambdaLR over ``optimizer`` (built with ``lr=optim.lr``) following ``lr_at``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, optim, max_steps) / optim.lr)
+    """A LambdaLR over ``optimizer`` (built with ``lr=optim.lr``) following ``lr_at``, scaled to each param group's
+    own lr. A group with ``stop_step`` N (a key of the group's dict) has lr 0 from step N on: it stays as it is."""
+
+    def rule(stop):
+        return lambda step: 0.0 if stop and step >= stop else lr_at(step, optim, max_steps) / optim.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [rule(g.get("stop_step")) for g in optimizer.param_groups])
 
 
 def build_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:

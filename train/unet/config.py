@@ -279,10 +279,16 @@ class TextTrainingConfig:
     # the rows (the 700-step base_clip_score runs above used 1e-3).
     lr: float = 1e-4
     init_std: float = 0.02  # new_words: a new row starts as the shared row plus N(0, init_std^2) noise (open_clip's init)
+    # optimizer steps the text weights train for, from the start; after them they stay as they are (lr 0) while the
+    # U-Net goes on learning. 0 = every step. The longer learnt rows train, the more of the content words' context
+    # they take over (docs/finetune-openmoji.md); a short start gives the new word its own row and stops there.
+    steps: int = 0
 
     def __post_init__(self):
         if not self.lr > 0 or self.init_std < 0:
             raise ValueError(f"text.lr={self.lr} must be > 0 and text.init_std={self.init_std} >= 0")
+        if self.steps < 0:
+            raise ValueError(f"text.steps={self.steps} must be >= 0 (0 = the text weights train every step)")
 
 
 @dataclass

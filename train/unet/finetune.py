@@ -217,7 +217,13 @@ class FinetuneTrainer(LDMTrainer):
     def _extra_groups(self) -> list[dict]:
         if not self.extra:
             return []
-        return [{"params": list(self.extra.values()), "lr": self.config.text.lr, "weight_decay": 0.0}]
+        return [{"params": list(self.extra.values()), "lr": self.config.text.lr, "weight_decay": 0.0,
+                 "stop_step": self.config.text.steps}]
+
+    def _text_trains(self) -> bool:
+        """Whether this step's contexts need gradients: text weights train and text.steps has not passed."""
+        stop = self.config.text.steps
+        return bool(self.extra) and not (stop and self.lr_scheduler.last_epoch >= stop)
 
     def _contexts(self, rows, epoch: int) -> torch.Tensor:
         return self._contexts_of(self.cache, rows, epoch)
@@ -229,7 +235,8 @@ class FinetuneTrainer(LDMTrainer):
             return cache.contexts(rows, epoch, seed).to(self.device)
         captions = [cache.captions[int(i)][caption_index(len(cache.captions[int(i)]), seed, epoch, cache.keys[int(i)])]
                     for i in rows]  # the caption LatentCache.contexts would pick
-        return self.text_encoder(captions)[0].float()  # (B, L, D), with gradients into the trained rows
+        with torch.set_grad_enabled(self._text_trains()):  # no backward through the encoder once its rows stay
+            return self.text_encoder(captions)[0].float()  # (B, L, D), with gradients into the trained rows
 
     def _empty_context(self) -> torch.Tensor:
         if self.config.text.train == "full" and self.extra:
