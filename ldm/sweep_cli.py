@@ -153,6 +153,45 @@ def check_cells(args: argparse.Namespace, model: Path, spec) -> tuple:
     return est, free
 
 
+PNG_OVERHEAD = 4096  # bytes per image on disk beyond its pixels (an upper bound for PNG: the record, headers, chunks)
+
+
+def disk_free(path: Path) -> int:
+    """Bytes free on the file system that will hold ``path`` (its nearest existing folder)."""
+    import shutil
+
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_room(args: argparse.Namespace, model: Path, spec) -> None:
+    """A sweep writes every image to --out and reads them all back to measure them: refuse one whose images would
+    not fit the disk under --out (not checked on --resume, whose images are partly there) or the share of free
+    memory a run may claim, before anything is written."""
+    from ldm.bundle import read_geometry
+    from ldm.generate_cli import MEMORY_SHARE, available_memory, size_text
+    from ldm.pipeline import image_size
+
+    geometry = read_geometry(model)
+    height, width = image_size(args.height, args.width, factor=geometry.factor, granularity=geometry.granularity,
+                               sample_size=geometry.sample_size)
+    n = len(spec.cells) * len(spec.prompts) * len(spec.seeds)
+    what = f"{n} images of {width}x{height} ({len(spec.cells)} cell(s) x {len(spec.prompts)} prompt(s) x {len(spec.seeds)} seed(s))"
+    fewer = "ask for fewer prompts, --seeds or --guidance weights"
+    if not args.resume:
+        need, free = n * (height * width * 3 + PNG_OVERHEAD), disk_free(args.out)
+        if need > free:
+            raise UsageError(f"{what} need about {size_text(need)} of disk under {args.out}, which has "
+                             f"{size_text(free)} free: {fewer}, or choose an --out on a larger disk")
+    need = n * height * width * 3  # measuring holds every image's pixels at once
+    free, where = available_memory("cpu")
+    if need > MEMORY_SHARE * free:
+        raise UsageError(f"measuring {what} reads them all back: about {size_text(need)} of memory, and {where} "
+                         f"{size_text(free)} free: {fewer}")
+
+
 def auto_batch_size(args: argparse.Namespace, model: Path, spec) -> int:
     """The largest batch (a power of two, at most ``BATCH_CAP`` for the device and the largest group of rows)
     whose memory estimate fits the share of free memory a run may claim."""
@@ -231,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
             if args.batch_size is None:
                 spec.batch_size = auto_batch_size(args, model, spec)
             est, free = check_cells(args, model, spec)
+            check_room(args, model, spec)
             spec = start_output(args.out, spec, request(args, model), overwrite=args.overwrite, resume=args.resume)
         except (UsageError, ValueError, OSError) as exc:
             error = exc

@@ -292,8 +292,22 @@ def test_more_images_than_memory_is_one_line(folders, tmp_path, monkeypatch, six
     err = one_line(capsys, "generate")
     assert "1000000 image(s) of 32x32 need about" in err and "16 GiB this machine has free" in err
     assert "ask for fewer --num-images per command" in err
-    # (`ldm sweep` no longer holds every image in memory: it writes them and reads them back per cell, so a
-    # million seeds pass its memory check and start; what bounds a sweep now is disk, not checked yet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_larger_than_the_disk_or_memory_is_one_line(folders, tmp_path, monkeypatch, sixteen_gib, capsys):
+    """A sweep writes every image and reads them all back to measure them: disk and memory bound it."""
+    monkeypatch.chdir(tmp_path)
+    seeds = ",".join(map(str, range(100000)))  # 2 cells x 100,000 seeds of 32x32: about 1.34 GiB on disk, 586 MiB read back
+    monkeypatch.setattr("ldm.sweep_cli.disk_free", lambda path: 1 << 30)
+    assert main(sweep(folders["bundle"], "--seeds", seeds)) == 2
+    err = one_line(capsys, "sweep")
+    assert "200000 images of 32x32 (2 cell(s) x 1 prompt(s) x 100000 seed(s)) need about 1.34 GiB of disk under sweep-out, " \
+           "which has 1 GiB free: ask for fewer prompts, --seeds or --guidance weights" in err
+    monkeypatch.setattr("ldm.sweep_cli.disk_free", lambda path: 1 << 40)
+    monkeypatch.setattr(ldm.generate_cli, "available_memory", lambda device: (512 << 20, "this machine has"))
+    assert main(sweep(folders["bundle"], "--seeds", seeds)) == 2
+    assert "reads them all back: about 586 MiB of memory, and this machine has 512 MiB free" in one_line(capsys, "sweep")
     assert list(tmp_path.iterdir()) == []
 
 
