@@ -281,8 +281,12 @@ class TextTrainingConfig:
     init_std: float = 0.02  # new_words: a new row starts as the shared row plus N(0, init_std^2) noise (open_clip's init)
     # optimizer steps the text weights train for, from the start; after them they stay as they are (lr 0) while the
     # U-Net goes on learning. 0 = every step. The longer learnt rows train, the more of the content words' context
-    # they take over (docs/finetune-openmoji.md); a short start gives the new word its own row and stops there.
-    steps: int = 0
+    # they take over: the CLIP text tower is causal, so a new word's row moves every position after it, the padding
+    # the U-Net attends to included. Measured (docs/finetune-openmoji.md, default model on OpenMoji, 500 steps,
+    # held-out prompts): rows trained all 500 steps at 1e-4 drew one picture for every prompt (cross-prompt cosine
+    # 0.56, real OpenMoji images 0.44; name top-1 0.20, base model 0.50); rows trained the first 100 steps kept the
+    # prompts apart (0.41; name top-1 0.40) with the new style still reaching them (OpenMoji share 0.67, base 0.43).
+    steps: int = 100
 
     def __post_init__(self):
         if not self.lr > 0 or self.init_std < 0:
