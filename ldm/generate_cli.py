@@ -13,6 +13,7 @@ uses the torch pipeline. Image i of a batch is the image made alone from seed + 
 --lora FILE[:SCALE] (repeatable) merges a LoRA into the model's U-Net, W + SCALE * (alpha/r) B A,
 in the order given: a bundle written by `ldm finetune` (or its pytorch_lora_weights.safetensors,
 diffusers' layout) or a kohya/A1111 file (lora_unet_*.lora_down/lora_up.weight); SCALE defaults to 1.
+Text-encoder updates in the file (lora_te_*) merge into a Stable Diffusion model's CLIP text encoder.
 
 examples:
   ldm generate "koala, twemoji style"

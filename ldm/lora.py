@@ -18,6 +18,12 @@ Two layouts are read (``read_lora``), and both are written:
   U-Net's, so a key is matched to a module by spelling the model's own names that way (``save_kohya``
   writes them so).
 
+Text-encoder updates (kohya ``lora_te_<module>``, diffusers ``text_encoder.<module>.lora_A/B.weight``: what
+most LoRAs from model sites carry beside the U-Net's) apply to a transformers CLIP text encoder, the one a
+Stable Diffusion 1.x/2.x folder or single file has, with module names as in ``CLIPTextModel``
+(``text_model.encoder.layers.0.self_attn.q_proj``). SDXL's two text encoders (``lora_te1_``, ``lora_te2_``,
+``text_encoder_2.``) are not supported.
+
 ``merge_loras`` adds every update of every LoRA, in the order given, into the U-Net's float32 weights:
 exact (no adapter layers at run time) and as cheap as one matrix product per module. A LoRA made for
 another model (a module it names is missing, or an update's shape is not the weight's) and a file in
@@ -32,7 +38,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -43,7 +49,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SA
 OLD_LORA_DIR = "unet_lora"  # bundles made before: unet_lora/pytorch_lora_weights.safetensors, unprefixed keys
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 UNET_PREFIX = "unet."
+TEXT_PREFIX = "text_encoder."  # diffusers' keys of text-encoder updates
 KOHYA_PREFIX = "lora_unet_"
+KOHYA_TEXT_PREFIX = "lora_te_"
 LAYOUTS = "diffusers (unet.<module>.lora_A/lora_B.weight) or kohya (lora_unet_<module>.lora_down/lora_up.weight, .alpha)"
 
 
@@ -131,15 +139,18 @@ class Lora:
     path: Path
     layout: str  # "diffusers" or "kohya"
     modules: dict[str, LoraModule]
+    text_modules: dict[str, LoraModule] = field(default_factory=dict)  # the text encoder's, named as ``modules``
 
     def kohya_state(self) -> dict[str, torch.Tensor]:
-        """The kohya/A1111 state dict: ``lora_unet_<path with _>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
+        """The kohya/A1111 state dict: ``lora_unet_<path with _>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``
+        (and ``lora_te_...`` for the text encoder's)."""
         state = {}
-        for name, m in self.modules.items():
-            base = name if self.layout == "kohya" else KOHYA_PREFIX + name.replace(".", "_")
-            state[f"{base}.lora_down.weight"] = m.down.contiguous()
-            state[f"{base}.lora_up.weight"] = m.up.contiguous()
-            state[f"{base}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+        for prefix, modules in ((KOHYA_PREFIX, self.modules), (KOHYA_TEXT_PREFIX, self.text_modules)):
+            for name, m in modules.items():
+                base = name if self.layout == "kohya" else prefix + name.replace(".", "_")
+                state[f"{base}.lora_down.weight"] = m.down.contiguous()
+                state[f"{base}.lora_up.weight"] = m.up.contiguous()
+                state[f"{base}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
         return state
 
 
@@ -157,8 +168,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
-def _peft_config(path: Path, metadata: dict[str, str]) -> dict:
-    """The LoRA config in the file's metadata, unprefixed; {} when there is none."""
+def _peft_config(path: Path, metadata: dict[str, str], prefix: str = UNET_PREFIX) -> dict:
+    """The LoRA config in the file's metadata of the part ``prefix`` names (the U-Net's, or the text encoder's),
+    unprefixed; {} when there is none."""
     if METADATA_KEY not in metadata:
         return {}
     try:
@@ -167,8 +179,10 @@ def _peft_config(path: Path, metadata: dict[str, str]) -> dict:
         raise _not_a_lora(path, f"its {METADATA_KEY} metadata is not JSON") from None
     if not isinstance(config, dict):
         raise _not_a_lora(path, f"its {METADATA_KEY} metadata is not a JSON object")
-    if any(k.startswith(UNET_PREFIX) for k in config):
-        config = {k[len(UNET_PREFIX):]: v for k, v in config.items() if k.startswith(UNET_PREFIX)}
+    if any(k.startswith((UNET_PREFIX, TEXT_PREFIX)) for k in config):
+        config = {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
+    elif prefix != UNET_PREFIX:
+        return {}  # an unprefixed config is the U-Net's (an old bundle's)
     return config
 
 
@@ -181,13 +195,24 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 def _read_diffusers(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lora:
+    other = next((k for k in state if k.startswith("text_encoder_2.")), None)
+    if other:
+        raise LoraError(f"{path} holds LoRA weights for a second text encoder ({other}): an SDXL LoRA; "
+                        "LoRAs for Stable Diffusion 1.x/2.x and our bundles are supported")
+    text = {k: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    unet = {k: v for k, v in state.items() if not k.startswith(TEXT_PREFIX)}
+    lora = _read_diffusers_part(path, unet, metadata, UNET_PREFIX) if unet else Lora(path, "diffusers", {})
+    if text:
+        lora.text_modules = _read_diffusers_part(path, text, metadata, TEXT_PREFIX).modules
+    return lora
+
+
+def _read_diffusers_part(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str], part: str) -> Lora:
+    """One part's updates (``part``: the U-Net's keys, or the text encoder's), named without the prefix."""
     keys = list(state)
-    if any(k.startswith("text_encoder") for k in keys):
-        first = next(k for k in keys if k.startswith("text_encoder"))
-        raise LoraError(f"{path} holds text-encoder LoRA weights ({first}); only U-Net LoRAs are supported")
-    prefix = UNET_PREFIX if all(k.startswith(UNET_PREFIX) for k in keys) else ""  # unprefixed: an old bundle's
+    prefix = part if all(k.startswith(part) for k in keys) else ""  # unprefixed: an old bundle's U-Net
     state = {k[len(prefix):]: v for k, v in state.items()}
-    config = _peft_config(path, metadata)
+    config = _peft_config(path, metadata, part)
     if config.get("use_dora") or any("lora_magnitude_vector" in k for k in state):
         raise _not_a_lora(path, "a DoRA, whose magnitude vectors are not supported")
     alpha, patterns = config.get("lora_alpha"), config.get("alpha_pattern") or {}
@@ -213,9 +238,10 @@ def _read_kohya(path: Path, state: dict[str, torch.Tensor]) -> Lora:
     modules = {}
     for key in sorted(state):
         base, _, what = key.partition(".")
-        if not base.startswith(KOHYA_PREFIX):
-            if base.startswith("lora_te"):
-                raise LoraError(f"{path} holds text-encoder LoRA weights ({key}); only U-Net LoRAs are supported")
+        if base.startswith(("lora_te1_", "lora_te2_")):
+            raise LoraError(f"{path} holds LoRA weights for two text encoders ({key}): an SDXL LoRA; LoRAs for "
+                            "Stable Diffusion 1.x/2.x and our bundles are supported")
+        if not base.startswith((KOHYA_PREFIX, KOHYA_TEXT_PREFIX)):
             raise _not_a_lora(path, f"key {key!r}")
         if what == "lora_down.weight":
             up_key, alpha_key = f"{base}.lora_up.weight", f"{base}.alpha"
@@ -226,7 +252,8 @@ def _read_kohya(path: Path, state: dict[str, torch.Tensor]) -> Lora:
             modules[base] = LoraModule(down, state[up_key], alpha, key)
         elif what not in ("lora_up.weight", "alpha"):
             raise _not_a_lora(path, f"key {key!r}: LoCon/LyCORIS variants are not supported")
-    return Lora(path, "kohya", modules)
+    return Lora(path, "kohya", {k: m for k, m in modules.items() if k.startswith(KOHYA_PREFIX)},
+                {k: m for k, m in modules.items() if k.startswith(KOHYA_TEXT_PREFIX)})
 
 
 def read_lora(path: PathLike) -> Lora:
@@ -242,9 +269,9 @@ def read_lora(path: PathLike) -> Lora:
         lora = _read_diffusers(path, state, metadata)
     else:
         raise _not_a_lora(path, f"its first key is {keys[0]!r}")
-    if not lora.modules:
+    if not lora.modules and not lora.text_modules:
         raise _not_a_lora(path, "it has no down/A weights")
-    for m in lora.modules.values():
+    for m in [*lora.modules.values(), *lora.text_modules.values()]:
         ok = (m.down.is_floating_point() and m.up.is_floating_point() and m.down.dim() in (2, 4)
               and m.up.dim() == m.down.dim() and m.up.shape[1] == m.rank and m.rank >= 1)
         if not ok:
@@ -256,39 +283,60 @@ def read_lora(path: PathLike) -> Lora:
 # -- merging -----------------------------------------------------------------------------------
 
 
-def _targets(lora: Lora, unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The U-Net module each of ``lora``'s updates applies to; a missing one is an error naming its key."""
-    named = dict(unet.named_modules())
+def _targets(lora: Lora, modules: dict[str, LoraModule], root: torch.nn.Module, kohya_prefix: str,
+             what: str) -> dict[str, torch.nn.Module]:
+    """The module of ``root`` (``what``: "U-Net" or "text encoder") each update applies to; a missing one is an
+    error naming its key."""
+    named = dict(root.named_modules())
     if lora.layout == "kohya":
-        named = {KOHYA_PREFIX + name.replace(".", "_"): m for name, m in named.items() if name}
+        named = {kohya_prefix + name.replace(".", "_"): m for name, m in named.items() if name}
     targets = {}
-    for name, m in lora.modules.items():
+    for name, m in modules.items():
         module = named.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise LoraError(f"LoRA {lora.path}: key {m.key} is for a module {name!r} that this model's U-Net does not "
+            raise LoraError(f"LoRA {lora.path}: key {m.key} is for a module {name!r} that this model's {what} does not "
                             "have; the LoRA was made for another base model")
         targets[name] = module
     return targets
 
 
+def _text_model(lora: Lora, text_encoder) -> torch.nn.Module:
+    """The torch module of ``text_encoder`` that ``lora``'s text-encoder updates name (transformers' CLIPTextModel)."""
+    first = next(iter(lora.text_modules.values())).key
+    if text_encoder is None:
+        raise LoraError(f"LoRA {lora.path} holds text-encoder weights ({first}) and no text encoder was given to merge "
+                        "them into")
+    if getattr(text_encoder, "backend", None) != "transformers":
+        raise LoraError(f"LoRA {lora.path} holds text-encoder weights ({first}) for a transformers CLIP (Stable "
+                        f"Diffusion's); this model's text encoder is {getattr(text_encoder, 'backend', 'another kind')}")
+    return text_encoder.model
+
+
 @torch.no_grad()
-def merge_loras(unet: torch.nn.Module, loras: Sequence[tuple[Lora, float]]) -> torch.nn.Module:
+def merge_loras(unet: torch.nn.Module, loras: Sequence[tuple[Lora, float]], text_encoder=None) -> torch.nn.Module:
     """Add W += scale * (alpha / r) * B A for every module of every (lora, scale), in order, into ``unet``'s
-    weights (computed in float32, stored in the weight's dtype). Every module and shape is checked before
-    any weight changes, so a LoRA for another model leaves ``unet`` as it was."""
+    weights, and the text-encoder updates into ``text_encoder``'s (``conditioning`` text encoder, transformers
+    CLIP), computed in float32 and stored in the weight's dtype. Every module and shape is checked before
+    any weight changes, so a LoRA for another model leaves both as they were."""
     plans = []
     for lora, scale in loras:
-        for name, module in _targets(lora, unet).items():
-            m = lora.modules[name]
-            shape = (m.up.shape[0], *m.down.shape[1:])
-            if tuple(module.weight.shape) != tuple(shape):
-                raise LoraError(f"LoRA {lora.path}: key {m.key} gives an update of shape {tuple(shape)} but the U-Net's "
-                                f"{name}.weight has shape {tuple(module.weight.shape)}; the LoRA was made for another "
-                                "base model")
-            plans.append((module.weight, m, scale))
+        parts = [(lora.modules, unet, KOHYA_PREFIX, "U-Net")]
+        if lora.text_modules:
+            parts.append((lora.text_modules, _text_model(lora, text_encoder), KOHYA_TEXT_PREFIX, "text encoder"))
+        for modules, root, kohya_prefix, what in parts:
+            for name, module in _targets(lora, modules, root, kohya_prefix, what).items():
+                m = modules[name]
+                shape = (m.up.shape[0], *m.down.shape[1:])
+                if tuple(module.weight.shape) != tuple(shape):
+                    raise LoraError(f"LoRA {lora.path}: key {m.key} gives an update of shape {tuple(shape)} but the "
+                                    f"{what}'s {name}.weight has shape {tuple(module.weight.shape)}; the LoRA was made "
+                                    "for another base model")
+                plans.append((module.weight, m, scale))
     for weight, m, scale in plans:
         delta = m.delta(scale).to(weight.device)
         weight.copy_((weight.float() + delta).to(weight.dtype))
+    if text_encoder is not None and any(lora.text_modules for lora, _ in loras):
+        text_encoder.clear_cache()  # encodings made before the merge are stale
     return unet
 
 
@@ -329,8 +377,9 @@ def save_kohya(lora: Lora, out: PathLike, metadata: Optional[dict[str, str]] = N
 
     from ldm_io import atomic_path
 
-    ranks = sorted({m.rank for m in lora.modules.values()})
-    alphas = sorted({m.alpha for m in lora.modules.values()})
+    every = [*lora.modules.values(), *lora.text_modules.values()]
+    ranks = sorted({m.rank for m in every})
+    alphas = sorted({m.alpha for m in every})
     metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
                 "ss_network_alpha": f"{alphas[-1]:g}", "ss_output_name": Path(out).stem, **(metadata or {})}
     with atomic_path(out) as tmp:

@@ -13,8 +13,9 @@ arithmetic is ``ldm.runtime.steps.apply_step`` on every backend (and in the torc
 The U-Net and the decoder run through the pipeline's backend (``ldm.backends``: torch, or ONNX
 Runtime), an object the pipeline is given when it is built.
 
-LoRA files (``ldm.lora``: ours or kohya's) are merged into the U-Net's weights when the pipeline is
-built, W + sum_i scale_i (alpha_i / r_i) B_i A_i, so every backend runs the merged weights as a plain U-Net:
+LoRA files (``ldm.lora``: ours or kohya's) are merged into the U-Net's weights (and the text encoder's, for
+LoRAs that carry text-encoder updates) when the pipeline is built, W + sum_i scale_i (alpha_i / r_i) B_i A_i,
+so every backend runs the merged weights as a plain U-Net:
 
     pipe = Text2ImagePipeline.from_pretrained("path/to/bundle", loras=[("style.safetensors", 0.8)])
     styled = pipe.with_loras([("other.safetensors", 0.5)])   # a copy of the U-Net; ``pipe`` is unchanged
@@ -198,7 +199,7 @@ class Text2ImagePipeline:
 
             path = cached_bundle(path)
         parts = load_parts(path)
-        merge_loras(parts.unet, read)
+        merge_loras(parts.unet, read, parts.text_encoder)
         runner = make_backend(backend, parts.unet, parts.autoencoder, parts.text_encoder, bundle=str(parts.root),
                               device=device, dtype=dtype, variant="lora" if read else None, compile=compile)
         pipe = cls(parts.unet, parts.autoencoder, parts.text_encoder, parts.schedule, parts.sampling,
@@ -221,13 +222,14 @@ class Text2ImagePipeline:
         from ldm.lora import merge_loras, read_loras
 
         read = read_loras(loras)
-        unet = merge_loras(copy.deepcopy(self.unet), read)
+        text_encoder = copy.deepcopy(self.text_encoder) if any(lora.text_modules for lora, _ in read) else self.text_encoder
+        unet = merge_loras(copy.deepcopy(self.unet), read, text_encoder)
         if self.backend.name == "torch":
             runner = TorchBackend(unet, self.autoencoder, compile=getattr(self.backend, "compiled", None) is not None)
         else:
-            runner = make_backend(self.backend.name, unet, self.autoencoder, self.text_encoder, bundle=self.name_or_path,
+            runner = make_backend(self.backend.name, unet, self.autoencoder, text_encoder, bundle=self.name_or_path,
                                   device=self.device, dtype=self.dtype, variant="lora")
-        pipe = type(self)(unet, self.autoencoder, self.text_encoder, self.schedule, self.sampling,
+        pipe = type(self)(unet, self.autoencoder, text_encoder, self.schedule, self.sampling,
                           sample_size=self.sample_size, backend=runner, name_or_path=self.name_or_path,
                           loras=[*self.loras, *((lora.path, scale) for lora, scale in read)])
         pipe.device, pipe.dtype = self.device, self.dtype

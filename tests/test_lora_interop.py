@@ -152,6 +152,56 @@ def test_several_loras_with_scales_agree_with_diffusers_set_adapters(sd_folder, 
     assert torch.equal(plain.unet.state_dict()[f"{name}.weight"], before) and plain.loras == []
 
 
+TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+
+
+def with_text_updates(sd_folder, state: dict, *, rank=2, alpha=1.0, seed=3) -> dict:
+    """``state`` (a kohya state dict) plus random kohya updates of every attention and MLP projection of the SD
+    folder's text encoder (``lora_te_text_model_encoder_layers_<i>_...``), as sd-scripts writes them."""
+    g = torch.Generator().manual_seed(seed)
+    state = dict(state)
+    for name, m in load_parts(sd_folder).text_encoder.model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.endswith(TEXT_TARGETS):
+            base = "lora_te_" + name.replace(".", "_")
+            state[f"{base}.lora_down.weight"] = 0.3 * torch.randn(rank, m.in_features, generator=g)
+            state[f"{base}.lora_up.weight"] = 0.3 * torch.randn(m.out_features, rank, generator=g)
+            state[f"{base}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def test_kohya_lora_with_text_encoder_updates_gives_diffusers_images(sd_folder, lora_bundle, tmp_path):
+    """Most LoRAs from model sites carry text-encoder updates beside the U-Net's: they merge into the text encoder
+    and give the images diffusers' kohya loader gives; diffusers' own layout of the same LoRA gives them too."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet_only = tmp_path / "unet.safetensors"
+    assert main(["export-lora", str(lora_bundle), "--out", str(unet_only)]) == 0
+    both = tmp_path / "both.safetensors"
+    save_file(with_text_updates(sd_folder, load_file(unet_only)), str(both))
+    lora = read_lora(both)
+    assert len(lora.text_modules) == 6 * load_parts(sd_folder).text_encoder.model.config.num_hidden_layers
+    theirs = diffusers_pipe(sd_folder)
+    theirs.load_lora_weights(both)  # diffusers' kohya converter, text encoder included
+    ours = Text2ImagePipeline.from_pretrained(sd_folder, loras=[both])
+    got = our_images(ours)
+    torch.testing.assert_close(got, diffusers_images(theirs), **TOL)
+    assert (got - our_images(Text2ImagePipeline.from_pretrained(sd_folder, loras=[unet_only]))).abs().max() > 1e-2
+    # with_loras merges into a copy of the text encoder: the pipeline it came from is unchanged
+    plain = Text2ImagePipeline.from_pretrained(sd_folder)
+    before = our_images(plain)
+    torch.testing.assert_close(our_images(plain.with_loras([both])), got, rtol=0, atol=0)
+    torch.testing.assert_close(our_images(plain), before, rtol=0, atol=0)
+    # diffusers' layout (text_encoder.<module>.lora_A/B.weight), as diffusers saves the adapters it loaded
+    folder = tmp_path / "diffusers-layout"
+    name = theirs.get_active_adapters()[0]
+    theirs.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(theirs.unet, adapter_name=name),
+                             text_encoder_lora_layers=get_peft_model_state_dict(theirs.text_encoder, adapter_name=name),
+                             unet_lora_adapter_metadata=theirs.unet.peft_config[name].to_dict(),
+                             text_encoder_lora_adapter_metadata=theirs.text_encoder.peft_config[name].to_dict())
+    assert any(k.startswith("text_encoder.") for k in load_file(folder / LORA_FILE))
+    torch.testing.assert_close(our_images(Text2ImagePipeline.from_pretrained(sd_folder, loras=[folder])), got, **TOL)
+
+
 def test_onnx_backend_runs_the_merged_weights_from_graphs_of_its_own(sd_folder, lora_bundle, tmp_path):
     model = shutil.copytree(sd_folder, tmp_path / "sd")  # its onnx/ cache is this test's
     base = Text2ImagePipeline.from_pretrained(model, backend="onnx")
@@ -184,6 +234,9 @@ def test_bad_lora_arguments_are_one_line_errors(sd_folder, lora_bundle, tmp_path
     kohya = tmp_path / "kohya.safetensors"
     save_file({"lora_unet_down_blocks_7_attn_to_q.lora_down.weight": torch.ones(1, 8),
                "lora_unet_down_blocks_7_attn_to_q.lora_up.weight": torch.ones(8, 1)}, str(kohya))
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(1, 8),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(8, 1)}, str(sdxl))
     cases = [
         (f"{lora_bundle}:abc", "scale 'abc' is not a number"),
         (f"{lora_bundle}:inf", "must be a finite number"),
@@ -195,6 +248,7 @@ def test_bad_lora_arguments_are_one_line_errors(sd_folder, lora_bundle, tmp_path
         (str(other_file), "attn2.to_k.lora_A.weight gives an update of shape (8, 32) but the U-Net's "
                           "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight has shape (8, 16)"),
         (str(kohya), "key lora_unet_down_blocks_7_attn_to_q.lora_down.weight is for a module"),
+        (str(sdxl), "an SDXL LoRA"),
     ]
     for spec, words in cases:
         code = main(["generate", "a koala", "--model", str(sd_folder), "--lora", spec, "--steps", "1",
@@ -273,3 +327,14 @@ def test_lora_finetune_of_a_packed_bundle_keeps_the_base_as_packed(tmp_path):
     for part in ("vae", "text_encoder"):
         assert (full / weights[part]).read_bytes() == (packed / weights[part]).read_bytes(), part
     reset_accelerate()
+
+
+def test_text_encoder_updates_for_an_open_clip_model_are_a_one_line_error(sd_folder, tmp_path, capsys):
+    bundle = build_bundle(tmp_path / "ours")  # our bundles' text encoder is open_clip's
+    te_only = tmp_path / "te.safetensors"
+    save_file(with_text_updates(sd_folder, {}), str(te_only))
+    code = main(["generate", "a koala", "--model", str(bundle), "--lora", str(te_only), "--steps", "1",
+                 "--backend", "torch", "--quiet", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "holds text-encoder weights" in err and "this model's text encoder is open_clip" in err, err
+    assert not (tmp_path / "x.png").exists()
