@@ -6,14 +6,17 @@
 #   scripts/guidance_report.sh                  # writes runs/guidance-report/{shapes,emoji}, figures to docs/
 #   EMOJI=/path/to/emoji RUNS=runs PYTHON=.venv/bin/python scripts/guidance_report.sh
 #
-# Each sweep resumes when stopped (rerun the script). Wall time on the project's 2-core CPU under the load of
-# seven other jobs (2026-11-27): shapes 11 min (512 images of 32 px), emoji 54 min (768 images of 64 px).
-# EMOJI_PROMPTS (default 24) and SEEDS size the emoji run: 16 cells x prompts x seeds images.
+# Each sweep resumes when stopped (rerun the script). Wall time on the project's 2-core CPU (2026-11-27): shapes
+# 11 min (512 images of 32 px, under the load of seven other jobs); emoji, all 392 held-out captions x 2 seeds x
+# 12 cells (9,408 images of 64 px), about 2 hours at one thread beside one other job.
+# EMOJI_PROMPTS (default 392, all), EMOJI_GUIDANCE (default 1,4,8) and SEEDS size the emoji run: 4 methods x
+# weights x prompts x seeds images.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EMOJI=${EMOJI:-data/emoji}
 RUNS=${RUNS:-runs}/guidance-report
-EMOJI_PROMPTS=${EMOJI_PROMPTS:-24}
+EMOJI_PROMPTS=${EMOJI_PROMPTS:-392}
+EMOJI_GUIDANCE=${EMOJI_GUIDANCE:-1,4,8}
 SEEDS=${SEEDS:-0,1}
 FIGURES=docs/figures/guidance
 LDM=(nice -n 10 "${PYTHON:-python}" -m ldm.cli)
@@ -35,7 +38,7 @@ mkdir -p "$RUNS" "$FIGURES"
 sweep "$RUNS/shapes" --model shapes --prompts-from "$RUNS/shapes-reference" --split all --limit 16 \
     --reference "$RUNS/shapes-reference" --guidance 1,2,4,8 --guidance-method "$METHODS" --steps 25 --seeds "$SEEDS"
 sweep "$RUNS/emoji" --model default --prompts-from "$EMOJI" --split heldout --limit "$EMOJI_PROMPTS" \
-    --reference "$EMOJI" --guidance 1,2,4,8 --guidance-method "$METHODS" --steps 25 --seeds "$SEEDS"
+    --reference "$EMOJI" --guidance "$EMOJI_GUIDANCE" --guidance-method "$METHODS" --steps 25 --seeds "$SEEDS"
 
 for run in shapes emoji; do
     mkdir -p "$FIGURES/$run"
