@@ -46,7 +46,7 @@ emoji_continue() {  # a further leg of the shipped emoji U-Net: all its weights 
         $(resume_flag "$RUNS/ldm-emoji-continue")
     python scripts/make_report.py --score ldm/default_model --score "$RUNS/ldm-emoji-continue/bundle" --data "$DATA"
     echo "replace the shipped model only if the leg's clip_score_heldout is clearly higher:"
-    echo "  ldm pack $RUNS/ldm-emoji-continue/bundle --out ldm/default_model --vocab-from $DATA/emoji --overwrite"
+    echo "  ldm pack $RUNS/ldm-emoji-continue/bundle --out ldm/default_model --overwrite"
 }
 
 shapes() {
