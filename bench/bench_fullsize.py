@@ -51,10 +51,10 @@ SIZE = 512
 def build_folder(folder: Path, quick: bool = False) -> None:
     """The SD 1.5-size diffusers folder (random weights, seed 0), written atomically; ``quick``: a smoke-test
     model (U-Net 1/10 as wide, a small autoencoder, a one-layer text encoder) with the same structure."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from conditioning.bpe import write_clip_tokenizer_files
+    from ldm.testing import write_sd_folder_rest
     from ldm.unet import build_unet
     from ldm_io import atomic_directory
     from train.run.config import load_config
@@ -78,16 +78,7 @@ def build_folder(folder: Path, quick: bool = False) -> None:
             vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=1 if quick else 12, num_attention_heads=12,
             max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
         )).save_pretrained(tmp / "text_encoder")
-        write_clip_tokenizer_files(tmp / "tokenizer")
-        # set_alpha_to_one: DDIM's last step lands on abar = 1, as ours does (SD 1.5's own config has False)
-        DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
-                      steps_offset=1, clip_sample=False).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-        }, indent=2))
+        write_sd_folder_rest(tmp)
 
 
 def unet_flops(folder: Path) -> tuple[int, float]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -47,13 +48,29 @@ def kl_autoencoder(seed=0, channels=(8, 16, 16), sample_size=32):
     ).eval()
 
 
+def write_sd_folder_rest(folder: Path, num_merges: Optional[int] = None) -> None:
+    """What a Stable Diffusion 1.x folder holds besides its three models: CLIP's tokenizer files, the DDIM
+    scheduler config of SD 1.5 (with set_alpha_to_one: DDIM's last step lands on abar = 1, as ours does; SD 1.5's
+    own config has False) and model_index.json, as diffusers' StableDiffusionPipeline loads them."""
+    from diffusers import DDIMScheduler
+
+    from conditioning.bpe import write_clip_tokenizer_files
+
+    write_clip_tokenizer_files(folder / "tokenizer", num_merges=num_merges)
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
+                  steps_offset=1, clip_sample=False).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    }, indent=2))
+
+
 def build_sd_folder(folder: Path, size: str = "tiny") -> Path:
     """A Stable Diffusion 1.x-layout folder (UNet2DConditionModel, AutoencoderKL f=4, CLIPTextModel,
     CLIPTokenizer, DDIMScheduler) with random weights, which diffusers' StableDiffusionPipeline loads."""
-    from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from conditioning.bpe import write_clip_tokenizer_files
 
     channels, layers, width, text_layers, merges = SIZES[size]
     folder = Path(folder)
@@ -65,15 +82,7 @@ def build_sd_folder(folder: Path, size: str = "tiny") -> Path:
     CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=text_layers,
                                  num_attention_heads=max(1, width // 64) if width >= 64 else 2,
                                  max_position_embeddings=77, vocab_size=vocab)).save_pretrained(folder / "text_encoder")
-    write_clip_tokenizer_files(folder / "tokenizer", num_merges=merges)
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=True,
-                  steps_offset=1, clip_sample=False).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }, indent=2))
+    write_sd_folder_rest(folder, num_merges=merges)
     return folder
 
 
