@@ -153,6 +153,17 @@ def check_cells(args: argparse.Namespace, model: Path, spec) -> tuple:
     return est, free
 
 
+def sweep_geometry(args: argparse.Namespace, model: Path) -> tuple:
+    """(the model's geometry, image height, width) of the sweep: --height/--width or the model's own size."""
+    from ldm.bundle import read_geometry
+    from ldm.pipeline import image_size
+
+    geometry = read_geometry(model)
+    height, width = image_size(args.height, args.width, factor=geometry.factor, granularity=geometry.granularity,
+                               sample_size=geometry.sample_size)
+    return geometry, height, width
+
+
 PNG_OVERHEAD = 4096  # bytes per image on disk beyond its pixels (an upper bound for PNG: the record, headers, chunks)
 
 
@@ -170,13 +181,9 @@ def check_room(args: argparse.Namespace, model: Path, spec) -> None:
     """A sweep writes every image to --out and reads them all back to measure them: refuse one whose images would
     not fit the disk under --out (not checked on --resume, whose images are partly there) or the share of free
     memory a run may claim, before anything is written."""
-    from ldm.bundle import read_geometry
     from ldm.generate_cli import MEMORY_SHARE, available_memory, size_text
-    from ldm.pipeline import image_size
 
-    geometry = read_geometry(model)
-    height, width = image_size(args.height, args.width, factor=geometry.factor, granularity=geometry.granularity,
-                               sample_size=geometry.sample_size)
+    _, height, width = sweep_geometry(args, model)
     n = len(spec.cells) * len(spec.prompts) * len(spec.seeds)
     what = f"{n} images of {width}x{height} ({len(spec.cells)} cell(s) x {len(spec.prompts)} prompt(s) x {len(spec.seeds)} seed(s))"
     fewer = "ask for fewer prompts, --seeds or --guidance weights"
@@ -195,13 +202,10 @@ def check_room(args: argparse.Namespace, model: Path, spec) -> None:
 def auto_batch_size(args: argparse.Namespace, model: Path, spec) -> int:
     """The largest batch (a power of two, at most ``BATCH_CAP`` for the device and the largest group of rows)
     whose memory estimate fits the share of free memory a run may claim."""
-    from ldm.bundle import read_geometry
     from ldm.generate_cli import MEMORY_SHARE, available_memory
-    from ldm.pipeline import image_size, memory_estimate
+    from ldm.pipeline import memory_estimate
 
-    geometry = read_geometry(model)
-    height, width = image_size(args.height, args.width, factor=geometry.factor, granularity=geometry.granularity,
-                               sample_size=geometry.sample_size)
+    geometry, height, width = sweep_geometry(args, model)
     free, _ = available_memory(args.device)
     rows = len(spec.prompts) * len(spec.seeds) * max(
         sum(1 for c in spec.cells if (c.guidance_method, c.steps, c.method, c.eta) == k)
