@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                       sealed=[args.source] if args.source.is_dir() else [], ours=written_here)
     lora = read_lora(args.source)
     save_kohya(lora, args.out, metadata=dict([MARK]))
-    ranks = sorted({m.rank for m in [*lora.modules.values(), *lora.text_modules.values()]})
-    print(f"{args.out}: {len(lora.modules) + len(lora.text_modules)} modules, rank {'/'.join(map(str, ranks))}, kohya/A1111 layout "
+    ranks = sorted({m.rank for m in lora.every_module})
+    print(f"{args.out}: {len(lora.every_module)} modules, rank {'/'.join(map(str, ranks))}, kohya/A1111 layout "
           f"(from {lora.path})")
     return 0

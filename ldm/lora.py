@@ -141,6 +141,11 @@ class Lora:
     modules: dict[str, LoraModule]
     text_modules: dict[str, LoraModule] = field(default_factory=dict)  # the text encoder's, named as ``modules``
 
+    @property
+    def every_module(self) -> list[LoraModule]:
+        """The U-Net's updates and the text encoder's."""
+        return [*self.modules.values(), *self.text_modules.values()]
+
     def kohya_state(self) -> dict[str, torch.Tensor]:
         """The kohya/A1111 state dict: ``lora_unet_<path with _>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``
         (and ``lora_te_...`` for the text encoder's)."""
@@ -271,7 +276,7 @@ def read_lora(path: PathLike) -> Lora:
         raise _not_a_lora(path, f"its first key is {keys[0]!r}")
     if not lora.modules and not lora.text_modules:
         raise _not_a_lora(path, "it has no down/A weights")
-    for m in [*lora.modules.values(), *lora.text_modules.values()]:
+    for m in lora.every_module:
         ok = (m.down.is_floating_point() and m.up.is_floating_point() and m.down.dim() in (2, 4)
               and m.up.dim() == m.down.dim() and m.up.shape[1] == m.rank and m.rank >= 1)
         if not ok:
@@ -377,9 +382,8 @@ def save_kohya(lora: Lora, out: PathLike, metadata: Optional[dict[str, str]] = N
 
     from ldm_io import atomic_path
 
-    every = [*lora.modules.values(), *lora.text_modules.values()]
-    ranks = sorted({m.rank for m in every})
-    alphas = sorted({m.alpha for m in every})
+    ranks = sorted({m.rank for m in lora.every_module})
+    alphas = sorted({m.alpha for m in lora.every_module})
     metadata = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(ranks[-1]),
                 "ss_network_alpha": f"{alphas[-1]:g}", "ss_output_name": Path(out).stem, **(metadata or {})}
     with atomic_path(out) as tmp:
