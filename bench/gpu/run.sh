@@ -11,7 +11,8 @@
 # 3. bench/gpu/bench.py, one process per stage: bf16 matmul rate; training images/s and MFU for
 #    configs/ldm/sd-512.yaml (random weights, synthetic cached latents); sampling it/s at batch 1 and 8 with CFG,
 #    eager and torch.compile'd; then one table, printed last, and written to $OUT/gpu-bench.{json,md} when OUT is set.
-# Environment: PYTHON (default python3), LIMIT (whole run, seconds; default 530), OUT.
+# Environment: PYTHON (default python3), LIMIT (whole run, seconds; default 530), OUT; EMOJI_LEG=1 also trains the
+# emoji model further beside the tests (bench/gpu/emoji_leg.sh; LEG_S seconds, default the tests' share).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DEVICE=cuda
@@ -20,7 +21,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
         --tiny) TINY=--tiny; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "run.sh: unknown argument $1 (allowed: --device cpu|cuda, --tiny)" >&2; exit 2 ;;
     esac
 done
@@ -54,12 +55,27 @@ if [ -z "$TINY" ]; then
     "$PY" -c "import torch, diffusers, open_clip, ldm; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'CUDA', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" || exit 1
     "$PY" -c "import datasets" 2>/dev/null || echo "(datasets does not import here: only the data-set readers need it)"
 
+    # up to 240 s, leaving about 250 s for the measurements (each of which stops at what is left)
+    TESTS_S=$(( $(left) - 250 > 240 ? 240 : $(left) - 250 ))
+    LEG_PID=""
+    if [ "${EMOJI_LEG:-0}" = 1 ]; then  # a training leg of the emoji model beside the tests, done before any timing
+        LEG_S=${LEG_S:-$TESTS_S}
+        TESTS_S=$(( TESTS_S < LEG_S ? TESTS_S : LEG_S ))
+        echo "== emoji leg in the background for ${LEG_S} s (bench/gpu/emoji_leg.sh, log in emoji-leg.log)"
+        PY=$PY SECONDS_FOR_LEG=$LEG_S OUT=${OUT:-/tmp/emoji-leg-out} bench/gpu/emoji_leg.sh \
+            > "${OUT:-$PARTS}/emoji-leg.log" 2>&1 &
+        LEG_PID=$!
+    fi
     echo "== pytest -m gpu ($(left) s left)"
     export CUBLAS_WORKSPACE_CONFIG=:4096:8
-    # up to 240 s, leaving about 250 s for the measurements (each of which stops at what is left)
     LOG=${OUT:-$PARTS}/pytest-gpu.log
-    timeout -k 10 $(( $(left) - 250 > 240 ? 240 : $(left) - 250 )) "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
+    timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
         -p no:cacheprovider --durations=8 2>&1 | tee "$LOG"
+    if [ -n "$LEG_PID" ]; then
+        echo "== waiting for the emoji leg ($(left) s left)"
+        wait "$LEG_PID"
+        tail -3 "${OUT:-$PARTS}/emoji-leg.log"
+    fi
     summary=$(grep -E '(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
     note "pytest -m gpu" "${summary:-timed out or did not finish (see pytest-gpu.log)}" "zz-pytest"
 fi
