@@ -91,8 +91,8 @@ def check_table(folder: Path) -> None:
     """The table bench/gpu/bench.py writes for a CPU check: every stage's row, the numbers consistent."""
     table = json.loads((folder / "gpu-bench.json").read_text())
     rows = {r["stage"]: r for r in table["rows"]}
-    assert set(rows) == {"matmul", "train", "sample b1 eager", "sample b8 eager", "sample b1 compiled",
-                         "sample b8 compiled"}
+    assert set(rows) == {"matmul", "train", "train b16 no checkpointing", "sample b1 eager", "sample b8 eager",
+                         "sample b1 compiled", "sample b8 compiled"}
     assert rows["matmul"]["status"] == "ok" and rows["matmul"]["tflops"] > 0
     train = rows["train"]
     assert train["status"] == "ok" and train["images_per_s"] > 0 and 0 < train["mfu"] < 1
@@ -116,7 +116,7 @@ def test_the_gpu_bench_stages_run_on_the_cpu(tmp_path, capsys):
     spec.loader.exec_module(bench)
     parts = tmp_path / "parts"
     common = ["--device", "cpu", "--tiny", "--seconds", "0"]
-    for name, extra in (("matmul", ["--stage", "matmul"]), ("train", ["--stage", "train"]),
+    for name, extra in (("matmul", ["--stage", "matmul"]), ("train", ["--stage", "train", "--profile"]),
                         ("sample-b1-eager", ["--stage", "sample", "--batch", "1"]),
                         ("sample-b8-eager", ["--stage", "sample", "--batch", "8"])):
         assert bench.main([*common, *extra, "--part", str(parts / f"{name}.json")]) == 0
@@ -125,6 +125,8 @@ def test_the_gpu_bench_stages_run_on_the_cpu(tmp_path, capsys):
     check_table(tmp_path / "out")
     rows = {r["stage"]: r for r in json.loads((tmp_path / "out" / "gpu-bench.json").read_text())["rows"]}
     assert rows["sample b1 compiled"]["status"] == "skipped" and rows["sample b8 compiled"]["status"] == "not run"
+    assert rows["train b16 no checkpointing"]["status"] == "not run"
+    assert "Self CPU" in rows["train"]["profile"]  # --profile: torch.profiler's table of the costliest operators
     assert capsys.readouterr().out.rstrip().endswith("|")  # the table is printed last
 
 

@@ -38,7 +38,7 @@ ANCHORS = {
     "sample": "TensorRT SD 1.5: ~61 it/s on an A100 (512 px, batch 1, CFG)",
     "matmul": "H100 SXM datasheet: ~990 dense bf16 TFLOP/s (A100: 312)",
 }
-STAGES = ["matmul", "train", "sample b1 eager", "sample b8 eager", "sample b1 compiled", "sample b8 compiled"]
+STAGES = ["matmul", "train", "train b16 no checkpointing", "sample b1 eager", "sample b8 eager", "sample b1 compiled", "sample b8 compiled"]
 ANCHORED = ("matmul", "train", "sample b1 eager", "sample b1 compiled")  # rows the anchors compare with
 
 
@@ -165,10 +165,31 @@ def train(args) -> dict:
         steps += 1
     images_per_s = steps * batch / spent
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"stage": "train", "status": "ok", "images_per_s": images_per_s, "train_flops_per_image": flops,
-            "batch": batch, "gradient_checkpointing": checkpointing, "channels_last": run.channels_last,
-            "parameters": params, "latents": [4, side, side], "steps_timed": steps, "seconds": spent,
-            "peak_memory_gib": memory, "precision": "bf16 autocast", "device": device_name(device)}
+    row = {"stage": "train", "status": "ok", "images_per_s": images_per_s, "train_flops_per_image": flops,
+           "batch": batch, "gradient_checkpointing": checkpointing, "channels_last": run.channels_last,
+           "parameters": params, "latents": [4, side, side], "steps_timed": steps, "seconds": spent,
+           "peak_memory_gib": memory, "precision": "bf16 autocast", "device": device_name(device)}
+    if args.profile:
+        row.update(profile(step, device))
+    return row
+
+
+def profile(step, device: torch.device, steps: int = 2) -> dict:
+    """torch.profiler over ``steps`` more steps: how busy the device was (its kernels' time over the wall time:
+    far under 1 means the step waits on the host) and the 25 costliest operators, as a text table."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        wall = sum(timed(step, device) for _ in range(steps))
+    events = prof.key_averages()
+    if device.type == "cuda":
+        key = "device_time_total" if hasattr(events[0], "self_device_time_total") else "cuda_time_total"
+        busy = sum(getattr(e, "self_" + key) for e in events) / 1e6 / wall  # microseconds of kernels / wall seconds
+    else:
+        key, busy = "cpu_time_total", None
+    return {"device_busy": busy, "profile": events.table(sort_by=key, row_limit=25)}
 
 
 def sample(args) -> dict:
@@ -235,6 +256,8 @@ def render(r: dict) -> tuple[str, str]:
                     f"checkpointing {'on' if r['gradient_checkpointing'] else 'off'}")
         if r.get("peak_memory_gib"):
             settings += f", peak {r['peak_memory_gib']:.0f} GiB"
+        if r.get("device_busy") is not None:
+            settings += f", GPU busy {r['device_busy']:.0%} of the step (profile in gpu-bench.json)"
         return f"{r['images_per_s']:.3g} images/s{mfu}", settings
     if "it_per_s" in r:
         speed = f" ({r['speedup_vs_eager']:.2f}x eager)" if "speedup_vs_eager" in r else ""
@@ -288,6 +311,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", type=lambda v: v == "on", default=None, metavar="on|off",
                    help="train: gradient checkpointing (default the config's)")
     p.add_argument("--compile", action="store_true", help="sample: the U-Net through torch.compile")
+    p.add_argument("--profile", action="store_true",
+                   help="train: also profile two steps (the row gets device_busy and a table of the costliest operators)")
     p.add_argument("--seconds", type=float, default=10.0, help="time each measurement for about this long")
     p.add_argument("--part", type=Path, help="write this stage's row here (JSON)")
     p.add_argument("--name", default=None, help="the row's name (default: the stage's), e.g. for a second train row")
