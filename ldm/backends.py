@@ -61,6 +61,20 @@ def check_compile(compile: bool) -> bool:
     return True
 
 
+def compile_in_place(unet: torch.nn.Module, device: torch.device) -> None:
+    """``unet.compile()`` for training, once checked that torch.compile runs here: in place, so the module keeps its
+    parameter names (checkpoints, EMA, the bundle). On CUDA with torch < 2.14 inductor's coalescing tiling analysis
+    is turned off first: torch 2.11's fails an assertion (tiling_utils.py) on the U-Net's training graph (seen on an
+    H100, docs/gpu.md), and without it the graph compiles and training gives eager's weights within 1e-4
+    (tests/test_gpu.py). Only inductor's choice of tiles changes."""
+    check_compile(True)
+    if device.type == "cuda" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14):
+        from torch._inductor import config as inductor
+
+        inductor.triton.coalesce_tiling_analysis = False
+    unet.compile()
+
+
 def resolve_backend(backend: str, device=None, dtype=None, compile: bool = False) -> str:
     """``auto`` is the fastest exact path: ONNX Runtime for fp32 on the CPU (see
     bench/bench_pipeline.py), PyTorch everywhere else, and PyTorch whenever ``compile`` is asked for

@@ -38,7 +38,7 @@ ANCHORS = {
     "sample": "TensorRT SD 1.5: ~61 it/s on an A100 (512 px, batch 1, CFG)",
     "matmul": "H100 SXM datasheet: ~990 dense bf16 TFLOP/s (A100: 312)",
 }
-STAGES = ["matmul", "train", "train b16 no checkpointing", "sample b1 eager", "sample b8 eager", "sample b1 compiled", "sample b8 compiled"]
+STAGES = ["matmul", "train", "train b16 no checkpointing", "train compiled", "sample b1 eager", "sample b8 eager", "sample b1 compiled", "sample b8 compiled"]
 ANCHORED = ("matmul", "train", "sample b1 eager", "sample b1 compiled")  # rows the anchors compare with
 
 
@@ -128,6 +128,10 @@ def train(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
         torch.backends.cudnn.allow_tf32 = run.allow_tf32
     unet.train()
+    if args.compile:  # as train.compile=true does it
+        from ldm.backends import compile_in_place
+
+        compile_in_place(unet, device)
     optimizer = build_optimizer([{"params": [p for p in unet.parameters() if p.requires_grad]}], config.optim)
     s = config.schedule
     schedule = NoiseSchedule(s.beta_schedule, s.num_train_timesteps, s.beta_start, s.beta_end)
@@ -157,8 +161,7 @@ def train(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(1 if args.tiny else 3):  # warm-up: kernel selection, allocator, optimizer state
-        step()
+    warm = sum(timed(step, device) for _ in range(1 if args.tiny else 3))  # kernels, allocator, optimizer state, compile
     steps, spent = 0, 0.0
     while steps < (2 if args.tiny else 5) or spent < args.seconds:
         spent += timed(step, device)
@@ -168,7 +171,8 @@ def train(args) -> dict:
     row = {"stage": "train", "status": "ok", "images_per_s": images_per_s, "train_flops_per_image": flops,
            "batch": batch, "gradient_checkpointing": checkpointing, "channels_last": run.channels_last,
            "parameters": params, "latents": [4, side, side], "steps_timed": steps, "seconds": spent,
-           "peak_memory_gib": memory, "precision": "bf16 autocast", "device": device_name(device)}
+           "peak_memory_gib": memory, "precision": "bf16 autocast", "compile": args.compile, "warmup_s": warm,
+           "device": device_name(device)}
     if args.profile:
         row.update(profile(step, device))
     return row
@@ -256,6 +260,8 @@ def render(r: dict) -> tuple[str, str]:
                     f"checkpointing {'on' if r['gradient_checkpointing'] else 'off'}")
         if r.get("peak_memory_gib"):
             settings += f", peak {r['peak_memory_gib']:.0f} GiB"
+        if r.get("compile"):
+            settings += f", compile + warm-up {r['warmup_s']:.0f} s"
         if r.get("device_busy") is not None:
             settings += f", GPU busy {r['device_busy']:.0%} of the step (profile in gpu-bench.json)"
         return f"{r['images_per_s']:.3g} images/s{mfu}", settings
@@ -310,7 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="train: images per step (default the config's); sample: prompts")
     p.add_argument("--checkpointing", type=lambda v: v == "on", default=None, metavar="on|off",
                    help="train: gradient checkpointing (default the config's)")
-    p.add_argument("--compile", action="store_true", help="sample: the U-Net through torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="sample: the U-Net through torch.compile; train: compiled in place, as train.compile=true")
     p.add_argument("--profile", action="store_true",
                    help="train: also profile two steps (the row gets device_busy and a table of the costliest operators)")
     p.add_argument("--seconds", type=float, default=10.0, help="time each measurement for about this long")

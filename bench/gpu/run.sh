@@ -12,7 +12,8 @@
 #    configs/ldm/sd-512.yaml (random weights, synthetic cached latents); sampling it/s at batch 1 and 8 with CFG,
 #    eager and torch.compile'd; then one table, printed last, and written to $OUT/gpu-bench.{json,md} when OUT is set.
 # Environment: PYTHON (default python3), LIMIT (whole run, seconds; default 530), OUT; EMOJI_LEG=1 also trains the
-# emoji model further beside the tests (bench/gpu/emoji_leg.sh; LEG_S seconds, default the tests' share).
+# emoji model further beside the tests (bench/gpu/emoji_leg.sh; LEG_S seconds, default the tests' share);
+# SKIP_TESTS=1 skips pytest, giving its time to the measurements.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DEVICE=cuda
@@ -66,17 +67,19 @@ if [ -z "$TINY" ]; then
             > "${OUT:-$PARTS}/emoji-leg.log" 2>&1 &
         LEG_PID=$!
     fi
+    if [ "${SKIP_TESTS:-0}" = 1 ]; then TESTS_S=0; fi  # the tests have run on this GPU: all the time to the timings
     echo "== pytest -m gpu ($(left) s left)"
     export CUBLAS_WORKSPACE_CONFIG=:4096:8
     LOG=${OUT:-$PARTS}/pytest-gpu.log
-    timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
+    [ "$TESTS_S" -gt 0 ] && timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
         -p no:cacheprovider --durations=8 2>&1 | tee "$LOG"
     if [ -n "$LEG_PID" ]; then
         echo "== waiting for the emoji leg ($(left) s left)"
         wait "$LEG_PID"
         tail -3 "${OUT:-$PARTS}/emoji-leg.log"
     fi
-    summary=$(grep -E '(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
+    summary=$(grep -sE '(passed|failed|error|skipped|deselected).* in [0-9.]+s' "$LOG" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//')
+    [ "$TESTS_S" -gt 0 ] || summary="skipped (SKIP_TESTS=1)"
     note "pytest -m gpu" "${summary:-timed out or did not finish (see pytest-gpu.log)}" "zz-pytest"
 fi
 
@@ -102,9 +105,11 @@ stage sample-b8-eager 45 --stage sample --batch 8 --seconds $SECS
 if [ "$DEVICE" = cpu ]; then  # inductor's C++ compile on 2 shared cores takes minutes: the GPU run measures it
     note "sample b1 compiled" "skipped (CPU check: no compile)" sample-b1-compiled
     note "sample b8 compiled" "skipped (CPU check: no compile)" sample-b8-compiled
+    note "train compiled" "skipped (CPU check: no compile)" train-compiled
 else
     stage sample-b1-compiled 150 --stage sample --batch 1 --compile --seconds $SECS
     stage sample-b8-compiled 150 --stage sample --batch 8 --compile --seconds $SECS
+    stage train-compiled 150 --stage train --compile --seconds $SECS --name "train compiled"
 fi
 echo "== table ($((SECONDS - START)) s in all)"
 "$PY" bench/gpu/bench.py --stage table --parts "$PARTS" ${OUT:+--out "$OUT"}

@@ -136,17 +136,9 @@ class LDMTrainer:
         if fp32_attention:
             unet.set_attn_processor(FP32AttentionProcessor())
         if cfg.train.compile:  # in place: the module keeps its parameter names (checkpoints, EMA, the bundle)
-            from ldm.backends import check_compile
+            from ldm.backends import compile_in_place
 
-            check_compile(True)
-            if self.device.type == "cuda" and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 14):
-                # torch 2.11's inductor fails an assertion in its coalescing tiling analysis (tiling_utils.py) on
-                # the U-Net's training graph (seen on an H100, docs/gpu.md); without the analysis it compiles and
-                # gives eager's weights within 1e-4 (tests/test_gpu.py). Only inductor's choice of tiles changes.
-                from torch._inductor import config as inductor
-
-                inductor.triton.coalesce_tiling_analysis = False
-            unet.compile()
+            compile_in_place(unet, self.device)
         unet.train()
         self.extra = self._extra_parameters()  # name -> parameter trained beside the U-Net (none here)
         self.param_names = [n for n, p in unet.named_parameters() if p.requires_grad] + list(self.extra)
