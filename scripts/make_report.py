@@ -162,7 +162,7 @@ def emoji_section(bundle: Path, data: Path, out: Path, report: dict) -> None:
     t0 = time.perf_counter()
     sweep = run_sweep(pipe, EMOJI_TRAIN_PROMPTS[:2] + heldout[:2], [1.0, 2.0, 3.0, 4.0, 6.0, 8.0], seeds, steps=50)
     clip_metrics(sweep, scorer)
-    write_outputs(sweep, out / "sweep-emoji")
+    write_outputs(sweep, out / "sweep-emoji", overwrite=True)  # this script's own earlier figures
     report["sweep_emoji"] = {"prompts": sweep.prompts, "metrics": {str(c.guidance): m for c, m in sweep.metrics.items()},
                              "seconds": time.perf_counter() - t0}
 
@@ -188,7 +188,7 @@ def shapes_section(bundle: Path, out: Path, report: dict) -> None:
     seeds = [0, 1, 2, 3]
     sweep = run_sweep(pipe, SHAPES_PROMPTS, [0.0, 1.0, 2.0, 4.0, 6.0, 8.0], seeds, steps=50, batch_size=32)
     shapes_metrics(sweep)
-    write_outputs(sweep, out / "sweep-shapes")
+    write_outputs(sweep, out / "sweep-shapes", overwrite=True)
     report["sweep_shapes"] = {"prompts": sweep.prompts, "metrics": {str(c.guidance): m for c, m in sweep.metrics.items()}}
 
     rows, metrics = [], {}
