@@ -12,6 +12,10 @@
 # CLI (default ldm; from a source tree: LDM="python -m ldm.cli" with PYTHONPATH=.). PRIOR=1 adds prior
 # preservation: the Twemoji and Noto twins of the train emoji ($DATA/openmoji-prior, written by
 # bench/finetune_style.py --write-prior) make up prior.share of every batch (prior.data=...).
+# SET, SET_GROUPS, OTHER and OTHER_GROUPS choose the OpenMoji groups: the fine-tune's set ($DATA/$SET, default openmoji:
+# animals-nature, food-drink, activities) and the set of other groups the measure also draws ($DATA/$OTHER, default
+# openmoji-other: objects, travel-places, smileys-emotion). The faces-and-people run of docs/finetune-openmoji.md:
+#   SET=openmoji-people SET_GROUPS=smileys-emotion,people-body OTHER=openmoji OTHER_GROUPS=animals-nature,food-drink,activities
 # A stopped fine-tune is resumed from its newest checkpoint when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,27 +25,30 @@ FIGURES=${FIGURES:-docs/figures/openmoji}
 LDM=${LDM:-ldm}
 PYTHON=${PYTHON:-python}
 PRIOR=${PRIOR:-0}
+SET=${SET:-openmoji}
+SET_GROUPS=${SET_GROUPS:-animals-nature,food-drink,activities}
+OTHER=${OTHER:-openmoji-other}
+OTHER_GROUPS=${OTHER_GROUPS:-objects,travel-places,smileys-emotion}
 
-[ -e "$DATA/openmoji/metadata.jsonl" ] || $LDM data openmoji --out "$DATA/openmoji"
-[ -e "$DATA/openmoji-other/metadata.jsonl" ] || \
-    $LDM data openmoji --groups objects,travel-places,smileys-emotion --out "$DATA/openmoji-other"
+[ -e "$DATA/$SET/metadata.jsonl" ] || $LDM data openmoji --groups "$SET_GROUPS" --out "$DATA/$SET"
+[ -e "$DATA/$OTHER/metadata.jsonl" ] || $LDM data openmoji --groups "$OTHER_GROUPS" --out "$DATA/$OTHER"
 [ -e "$DATA/emoji/metadata.jsonl" ] || $LDM data emoji --out "$DATA/emoji"
 
 prior=()
 if [ "$PRIOR" = 1 ]; then
-    [ -e "$DATA/openmoji-prior/metadata.jsonl" ] || $PYTHON bench/finetune_style.py --data "$DATA/openmoji" \
-        --other "$DATA/openmoji-other" --emoji "$DATA/emoji" --out "$FIGURES" --write-prior "$DATA/openmoji-prior"
-    prior=(prior.data="$DATA/openmoji-prior")
+    [ -e "$DATA/$SET-prior/metadata.jsonl" ] || $PYTHON bench/finetune_style.py --data "$DATA/$SET" \
+        --other "$DATA/$OTHER" --emoji "$DATA/emoji" --out "$FIGURES" --write-prior "$DATA/$SET-prior"
+    prior=(prior.data="$DATA/$SET-prior")
 fi
 resume=()
-if compgen -G "$RUNS/openmoji/checkpoints/*" > /dev/null; then resume=(--resume latest); fi
+if compgen -G "$RUNS/$SET/checkpoints/*" > /dev/null; then resume=(--resume latest); fi
 start=$(date +%s)
-if [ ! -e "$RUNS/openmoji/bundle" ]; then
-    $LDM finetune --model default --data "$DATA/openmoji" train.output_dir="$RUNS/openmoji" "${prior[@]}" "${resume[@]}" "$@"
+if [ ! -e "$RUNS/$SET/bundle" ]; then
+    $LDM finetune --model default --data "$DATA/$SET" train.output_dir="$RUNS/$SET" "${prior[@]}" "${resume[@]}" "$@"
 fi
 echo "== fine-tune: $(( $(date +%s) - start )) s wall (load average now: $(cut -d' ' -f1-3 /proc/loadavg))"
 
 start=$(date +%s)
-$PYTHON bench/finetune_style.py --tuned "$RUNS/openmoji/bundle" --data "$DATA/openmoji" \
-    --other "$DATA/openmoji-other" --emoji "$DATA/emoji" --out "$FIGURES"
+$PYTHON bench/finetune_style.py --tuned "$RUNS/$SET/bundle" --data "$DATA/$SET" \
+    --other "$DATA/$OTHER" --emoji "$DATA/emoji" --out "$FIGURES"
 echo "== measure: $(( $(date +%s) - start )) s wall"
