@@ -5,8 +5,8 @@
 
 The U-Net is built from configs/ldm/sd-512.yaml with random weights (859.5M parameters; counted and
 printed) for 64x64x4 latents (512x512 images at f = 8) and 77x768 text contexts, and trained the way
-``ldm finetune`` trains it: ``train.unet.finetune.add_lora`` (and the copy of the base weights that
-``finetune`` keeps for the bundle) or every weight trainable, then ``LDMTrainer.fit`` on a latent cache,
+``ldm finetune`` trains it: ``train.unet.finetune.add_lora`` (no copy of the base weights since session 8: the
+bundle's ``unet/`` is read from the adapted module, ``ldm.lora.AdapterBase``) or every weight trainable, then ``LDMTrainer.fit`` on a latent cache,
 at batch 1 (``FinetuneConfig`` defaults plus the case's overrides, below). The cache comes from four
 procedural images (``ldm data shapes``, scaled up to 512 px) through a tiny f = 8 KL autoencoder and a
 one-layer 768-wide open_clip text encoder, both random: what they compute does not change the cost of
@@ -35,7 +35,6 @@ finds it faster on this CPU (with the attention product in fp32, the trainer's C
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -184,9 +183,7 @@ def run_case(args, case: str, work: Path, result: Path) -> dict:
     record["overrides"] = [*COMMON, *overrides, *args.set]
 
     # as train.unet.finetune.finetune builds it
-    base_unet = None
     if config.lora.method == "lora":
-        base_unet = copy.deepcopy(unet)  # the bundle's unet/ (finetune keeps the untouched base weights)
         add_lora(unet, config.lora, config.train.seed)
     else:
         unet.requires_grad_(True)
@@ -194,7 +191,7 @@ def run_case(args, case: str, work: Path, result: Path) -> dict:
     schedule = NoiseSchedule("scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012)
     trainer = LDMTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
                          sampling=SamplingConfig(prediction="eps"), output_dir=config.train.output_dir,
-                         lora=config.lora.method == "lora", base_unet=base_unet)
+                         lora=config.lora.method == "lora")
     record["rss_built"] = proc_status("VmRSS")
 
     guard.phase = "the training steps"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm.bundle import load_parts, save_bundle
 from ldm.cli import main
-from ldm.lora import LORA_FILE, LoraError, merge_loras, parse_lora_spec, read_lora, save_lora
+from ldm.lora import LORA_FILE, AdapterBase, LoraError, merge_loras, parse_lora_spec, read_lora, save_lora
 from ldm.pipeline import Text2ImagePipeline
 from ldm.testing import build_bundle, build_sd_folder, unet as tiny_unet
 from train.unet.config import LoRAConfig
@@ -53,8 +53,8 @@ def sd_folder(tmp_path_factory):
 def lora_bundle(sd_folder, tmp_path_factory):
     """A fine-tuned bundle of the SD folder, saved as the trainer saves one (save_bundle with unet_lora and base)."""
     parts = load_parts(sd_folder)
-    adapted = with_random_lora(load_parts(sd_folder).unet, rank=4, alpha=8.0, seed=1)  # alpha / r = 2
-    return save_bundle(tmp_path_factory.mktemp("ft") / "bundle", unet=parts.unet, unet_lora=adapted,
+    adapted = with_random_lora(parts.unet, rank=4, alpha=8.0, seed=1)  # alpha / r = 2
+    return save_bundle(tmp_path_factory.mktemp("ft") / "bundle", unet=AdapterBase(adapted), unet_lora=adapted,
                        autoencoder=parts.autoencoder, text_encoder=parts.text_encoder, schedule=parts.schedule,
                        sampling=parts.sampling, base=sd_folder)
 
@@ -84,6 +84,18 @@ def diffusers_images(pipe) -> torch.Tensor:
 
 def our_images(pipe) -> torch.Tensor:
     return pipe(PROMPTS, steps=5, guidance=7.5, seed=0, height=32, width=32, output="tensor") / 2 + 0.5
+
+
+def test_the_adapter_base_is_the_base_weights_without_a_copy(sd_folder, tmp_path):
+    """What the trainer saves as a LoRA bundle's unet/: the adapted module's own weights less the adapter, equal
+    to the base's; written as a plain U-Net where the base's files cannot be copied (save_pretrained)."""
+    base = load_parts(sd_folder).unet.state_dict()
+    view = AdapterBase(with_random_lora(load_parts(sd_folder).unet, rank=4, alpha=8.0, seed=1))
+    state = view.state_dict()
+    assert state.keys() == base.keys() and all(torch.equal(state[k], v) for k, v in base.items())
+    view.save_pretrained(tmp_path / "unet")
+    saved = load_file(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved.keys() == base.keys() and all(torch.equal(saved[k], v) for k, v in base.items())
 
 
 def test_finetuned_bundle_lora_loads_in_diffusers_and_gives_our_images(sd_folder, lora_bundle):

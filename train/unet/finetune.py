@@ -269,13 +269,11 @@ def finetune(model: str | Path, config: FinetuneConfig, *, resume: Optional[str]
         from conditioning.scorer import load_clip_scorer
 
         scorer = load_clip_scorer(root)
-    base_unet = None
     if config.lora.method == "lora":
-        base_unet = copy.deepcopy(unet)
         add_lora(unet, config.lora, config.train.seed)
     else:
         unet.requires_grad_(True)
     trainer = FinetuneTrainer(config, unet=unet, autoencoder=autoencoder, text_encoder=text_encoder, schedule=schedule,
                               sampling=sampling, output_dir=config.train.output_dir, lora=config.lora.method == "lora",
-                              base_unet=base_unet, base=root, scorer=scorer, base_prompts=base_model_prompts(root))
+                              base=root, scorer=scorer, base_prompts=base_model_prompts(root))
     return trainer.fit(resume=resume, stop_at_step=stop_at_step)

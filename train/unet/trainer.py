@@ -83,7 +83,7 @@ class LDMTrainer:
         output_dir: the run folder (checkpoints/, logs/, samples/, bundle/, config.json).
         saved_config: what to write as the run's config (defaults to ``config``).
         lora: whether ``unet`` carries a peft LoRA adapter; the bundle then stores it (pytorch_lora_weights.safetensors)
-            next to ``base_unet`` (the untouched base weights).
+            next to the untouched base weights (``ldm.lora.AdapterBase``: read from ``unet`` itself, no copy).
         base: the bundle the model came from (fine-tuning): parts the bundle would store unchanged are
             copied from it as stored (``ldm.bundle.save_bundle``).
         scorer: a CLIP (``conditioning.ClipScorer``) that scores the validation images: ``clip_score`` of the
@@ -91,18 +91,16 @@ class LDMTrainer:
     """
 
     def __init__(self, config: TrainingSections, *, unet, autoencoder, text_encoder, schedule: NoiseSchedule,
-                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base_unet=None,
-                 base=None, scorer=None):
+                 sampling: SamplingConfig, output_dir, saved_config=None, lora: bool = False, base=None,
+                 scorer=None):
         if sampling.prediction not in ("eps", "v"):
             raise ValueError(f"prediction={sampling.prediction!r}; the trainer supports: eps, v")
-        if lora and base_unet is None:
-            raise ValueError("lora=True needs base_unet (the base weights the bundle's unet/ keeps)")
         self.config = config
         self.unet, self.autoencoder, self.text_encoder = unet, autoencoder, text_encoder
         self.schedule, self.sampling = schedule, sampling
         self.output_dir = Path(output_dir)
         self.saved_config = saved_config if saved_config is not None else config
-        self.lora, self.base_unet, self.base = lora, base_unet, base
+        self.lora, self.base = lora, base
         self.scorer = scorer
         self.notes: list[str] = []  # lines for the run log's start (a subclass's findings about the data)
 
@@ -315,7 +313,9 @@ class LDMTrainer:
             parts = dict(autoencoder=self.autoencoder, text_encoder=self.text_encoder, schedule=self.schedule,
                          sampling=self.sampling, base=self.base)
             if self.lora:
-                path = save_bundle(self.output_dir / "bundle", unet=self.base_unet, unet_lora=unwrapped, **parts)
+                from ldm.lora import AdapterBase
+
+                path = save_bundle(self.output_dir / "bundle", unet=AdapterBase(unwrapped), unet_lora=unwrapped, **parts)
             else:
                 path = save_bundle(self.output_dir / "bundle", unet=unwrapped, **parts)
             save_config(self.saved_config, path / "training_config.yaml")
