@@ -130,6 +130,34 @@ def test_the_gpu_bench_stages_run_on_the_cpu(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().endswith("|")  # the table is printed last
 
 
+def test_carry_data_brings_a_data_set_back_pixel_for_pixel(tmp_path):
+    """bench/gpu/carry_data.py: PNGs travel as raw pixels, every other file (a JPEG, whose re-encoding would change
+    its pixels; a palette PNG, whose raw bytes lack the palette; metadata) as its bytes, each under its own name."""
+    import numpy as np
+    from PIL import Image
+
+    src, rng = tmp_path / "src", np.random.default_rng(0)
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(src / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 4), dtype=np.uint8)).save(src / "sub" / "rgba.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE).save(
+        src / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(src / "photo.jpg")
+    (src / "metadata.jsonl").write_text(json.dumps({"file_name": "photo.jpg", "text": "a photo"}) + "\n")
+    script = str(ROOT / "bench" / "gpu" / "carry_data.py")
+    for args in (["pack", src, tmp_path / "data.xz"], ["unpack", tmp_path / "data.xz", tmp_path / "out"]):
+        subprocess.run([sys.executable, script, *map(str, args)], check=True, capture_output=True)
+    files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    for name in files:
+        a, b = src / name, tmp_path / "out" / name
+        if name.suffix == ".png":
+            with Image.open(a) as x, Image.open(b) as y:
+                assert x.mode == y.mode and np.array_equal(np.asarray(x.convert("RGBA")), np.asarray(y.convert("RGBA")))
+        else:
+            assert a.read_bytes() == b.read_bytes()
+
+
 @pytest.mark.slow
 def test_run_sh_runs_its_stages_on_the_cpu(tmp_path):
     """bench/gpu/run.sh --device cpu --tiny: the stage loop, time boxes and table of the GPU run (no install, no

@@ -23,23 +23,24 @@ from pathlib import Path
 
 from PIL import Image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+PIXEL_MODES = {"RGB", "RGBA", "L", "LA"}  # whose raw bytes are the whole image (a palette image's are not)
 
 
 def pack(folder: Path, out: Path) -> None:
-    """Every file under ``folder`` into one xz stream: images as raw pixels (mode and size kept), the rest as bytes."""
+    """Every file under ``folder`` into one xz stream: PNG images as raw pixels (mode and size kept), every other
+    file (other formats, whose re-encoding could change pixels, and palette PNGs) as its bytes."""
     entries, blobs = [], []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        entry = {"name": path.relative_to(folder).as_posix()}
+        data = None
+        if path.suffix.lower() == ".png":
             with Image.open(path) as image:
-                image.load()
-                data = image.tobytes()
-                entries.append({"name": str(Path(name).with_suffix(".png")), "mode": image.mode,
-                                "size": list(image.size), "bytes": len(data)})
-        else:
+                if image.mode in PIXEL_MODES:
+                    data = image.tobytes()
+                    entry.update(mode=image.mode, size=list(image.size))
+        if data is None:
             data = path.read_bytes()
-            entries.append({"name": name, "bytes": len(data)})
+        entries.append({**entry, "bytes": len(data)})
         blobs.append(data)
     header = json.dumps(entries).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def pack(folder: Path, out: Path) -> None:
 
 
 def unpack(archive: Path, folder: Path) -> None:
-    """Write the files of ``pack``'s archive under ``folder``: images as PNG with the same pixels."""
+    """Write the files of ``pack``'s archive under ``folder``: PNG images with the same pixels, the rest as they were."""
     with lzma.open(archive, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         entries = json.loads(f.read(length))
