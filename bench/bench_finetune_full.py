@@ -6,8 +6,8 @@
 The U-Net is built from configs/ldm/sd-512.yaml with random weights (859.5M parameters; counted and
 printed) for 64x64x4 latents (512x512 images at f = 8) and 77x768 text contexts, and trained the way
 ``ldm finetune`` trains it: ``train.unet.finetune.add_lora`` (no copy of the base weights since session 8: the
-bundle's ``unet/`` is read from the adapted module, ``ldm.lora.AdapterBase``) or every weight trainable, then ``LDMTrainer.fit`` on a latent cache,
-at batch 1 (``FinetuneConfig`` defaults plus the case's overrides, below). The cache comes from four
+bundle's ``unet/`` is read from the adapted module, ``ldm.lora.AdapterBase``) or every weight trainable, then
+``LDMTrainer.fit`` on a latent cache, at batch 1 (``FinetuneConfig`` defaults plus the case's overrides, below). The cache comes from four
 procedural images (``ldm data shapes``, scaled up to 512 px) through a tiny f = 8 KL autoencoder and a
 one-layer 768-wide open_clip text encoder, both random: what they compute does not change the cost of
 a U-Net step, which reads only the cache.

@@ -38,7 +38,8 @@ ANCHORS = {
     "sample": "TensorRT SD 1.5: ~61 it/s on an A100 (512 px, batch 1, CFG)",
     "matmul": "H100 SXM datasheet: ~990 dense bf16 TFLOP/s (A100: 312)",
 }
-STAGES = ["matmul", "train", "train b16 no checkpointing", "train compiled", "sample b1 eager", "sample b8 eager", "sample b1 compiled", "sample b8 compiled"]
+STAGES = ["matmul", "train", "train b16 no checkpointing", "train compiled", "sample b1 eager", "sample b8 eager",
+          "sample b1 compiled", "sample b8 compiled"]
 ANCHORED = ("matmul", "train", "sample b1 eager", "sample b1 compiled")  # rows the anchors compare with
 
 

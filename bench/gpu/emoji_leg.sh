@@ -39,8 +39,8 @@ step_s=$("$PY" -c "import csv, sys; rows = list(csv.DictReader(open(sys.argv[1])
 overhead=$(( SECONDS - START ))
 # a multiple of 100 x CHECKPOINTS steps, so that every checkpoint and the last coincide; 25% spare for the leg's
 # validations; most of the probe's overhead (unpacking, the cache build) is not paid again
-steps=$("$PY" -c "import sys; s, left, over, n = map(float, sys.argv[1:]); u = 100 * int(n); print(max(u, int((left - 0.8 * over - 20) / s / 1.25) // u * u))" \
-    "$step_s" "$(left)" "$overhead" "$CHECKPOINTS")
+steps=$("$PY" -c "import sys; s, left, over, n = map(float, sys.argv[1:]); u = 100 * int(n)
+print(max(u, int((left - 0.8 * over - 20) / s / 1.25) // u * u))" "$step_s" "$(left)" "$overhead" "$CHECKPOINTS")
 every=$(( steps / CHECKPOINTS ))
 echo "== leg: $steps steps at ${step_s} s/step, batch $BATCH, lr $LR, a checkpoint every $every ($(left) s left)"
 timeout -k 5 $(( $(left) - 10 )) "$PY" -m ldm.cli finetune "${common[@]}" train.output_dir="$WORK/leg" train.max_steps="$steps" \
