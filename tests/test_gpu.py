@@ -91,8 +91,9 @@ def check_table(folder: Path) -> None:
     """The table bench/gpu/bench.py writes for a CPU check: every stage's row, the numbers consistent."""
     table = json.loads((folder / "gpu-bench.json").read_text())
     rows = {r["stage"]: r for r in table["rows"]}
-    assert set(rows) == {"matmul", "train", "train b16 no checkpointing", "train compiled", "sample b1 eager",
-                         "sample b8 eager", "sample b1 compiled", "sample b8 compiled"}
+    assert set(rows) == {"matmul", "train", "train compiled", "train b16 no checkpointing", "train cudnn benchmark",
+                         "train b32 no checkpointing", "sample b1 eager", "sample b8 eager", "sample b1 compiled",
+                         "sample b8 compiled"}
     assert rows["matmul"]["status"] == "ok" and rows["matmul"]["tflops"] > 0
     train = rows["train"]
     assert train["status"] == "ok" and train["images_per_s"] > 0 and 0 < train["mfu"] < 1
@@ -127,6 +128,8 @@ def test_the_gpu_bench_stages_run_on_the_cpu(tmp_path, capsys):
     assert rows["sample b1 compiled"]["status"] == "skipped" and rows["sample b8 compiled"]["status"] == "not run"
     assert rows["train b16 no checkpointing"]["status"] == "not run" and rows["train compiled"]["status"] == "not run"
     assert "Self CPU" in rows["train"]["profile"]  # --profile: torch.profiler's table of the costliest operators
+    # and the step's time by phase, the device synchronised at the end of each
+    assert set(rows["train"]["phases_ms"]) == {"batch", "forward", "backward", "clip", "optimizer"}
     assert capsys.readouterr().out.rstrip().endswith("|")  # the table is printed last
 
 

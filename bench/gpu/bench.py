@@ -38,8 +38,8 @@ ANCHORS = {
     "sample": "TensorRT SD 1.5: ~61 it/s on an A100 (512 px, batch 1, CFG)",
     "matmul": "H100 SXM datasheet: ~990 dense bf16 TFLOP/s (A100: 312)",
 }
-STAGES = ["matmul", "train", "train b16 no checkpointing", "train compiled", "sample b1 eager", "sample b8 eager",
-          "sample b1 compiled", "sample b8 compiled"]
+STAGES = ["matmul", "train", "train compiled", "train b16 no checkpointing", "train cudnn benchmark",
+          "train b32 no checkpointing", "sample b1 eager", "sample b8 eager", "sample b1 compiled", "sample b8 compiled"]
 ANCHORED = ("matmul", "train", "sample b1 eager", "sample b1 compiled")  # rows the anchors compare with
 
 
@@ -128,6 +128,7 @@ def train(args) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = run.allow_tf32
         torch.backends.cudnn.allow_tf32 = run.allow_tf32
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     unet.train()
     if args.compile:  # as train.compile=true does it
         from ldm.backends import compile_in_place
@@ -143,7 +144,7 @@ def train(args) -> dict:
     empty = torch.randn(1, length, width, device=device, generator=g)
     step_no = [0]
 
-    def step():
+    def step(mark=lambda phase: None):
         rows = slice((step_no[0] % 4) * batch, (step_no[0] % 4 + 1) * batch)
         step_no[0] += 1
         z0 = cache_z[rows]
@@ -153,13 +154,18 @@ def train(args) -> dict:
         nb = noised_batch(z0, schedule, prediction=config.objective.prediction,
                           min_snr_gamma=config.objective.min_snr_gamma, noise_offset=config.objective.noise_offset,
                           generator=g)
+        mark("batch")
         with torch.autocast(device.type, dtype=torch.bfloat16):
             pred = unet(nb.z_t, nb.t, encoder_hidden_states=ctx).sample
         loss = weighted_mse(pred, nb)
+        mark("forward")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.optim.max_grad_norm or float("inf"))
+        mark("clip")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        mark("optimizer")
         return loss
 
     warm = sum(timed(step, device) for _ in range(1 if args.tiny else 3))  # kernels, allocator, optimizer state, compile
@@ -173,10 +179,29 @@ def train(args) -> dict:
            "batch": batch, "gradient_checkpointing": checkpointing, "channels_last": run.channels_last,
            "parameters": params, "latents": [4, side, side], "steps_timed": steps, "seconds": spent,
            "peak_memory_gib": memory, "precision": "bf16 autocast", "compile": args.compile, "warmup_s": warm,
-           "device": device_name(device)}
+           "cudnn_benchmark": args.cudnn_benchmark, "device": device_name(device)}
     if args.profile:
+        row["phases_ms"] = phases(step, device)
         row.update(profile(step, device))
     return row
+
+
+def phases(step, device: torch.device, steps: int = 3) -> dict:
+    """Milliseconds per step in each phase (batch, forward, backward, clip, optimizer), the device synchronised at
+    each phase's end, median over ``steps`` steps: where a slow step's time goes."""
+    spans: dict[str, list[float]] = {}
+    for _ in range(steps):
+        sync(device)
+        last = [time.perf_counter()]
+
+        def mark(phase: str) -> None:
+            sync(device)
+            now = time.perf_counter()
+            spans.setdefault(phase, []).append(1e3 * (now - last[0]))
+            last[0] = now
+
+        step(mark)
+    return {phase: round(sorted(v)[len(v) // 2], 2) for phase, v in spans.items()}
 
 
 def profile(step, device: torch.device, steps: int = 2) -> dict:
@@ -194,7 +219,8 @@ def profile(step, device: torch.device, steps: int = 2) -> dict:
         busy = sum(getattr(e, "self_" + key) for e in events) / 1e6 / wall  # microseconds of kernels / wall seconds
     else:
         key, busy = "cpu_time_total", None
-    return {"device_busy": busy, "profile": events.table(sort_by=key, row_limit=25)}
+    # sorted by the operators' own time (not counting the operators they call): the kernels the step pays for
+    return {"device_busy": busy, "profile": events.table(sort_by="self_" + key, row_limit=30)}
 
 
 def sample(args) -> dict:
@@ -263,6 +289,10 @@ def render(r: dict) -> tuple[str, str]:
             settings += f", peak {r['peak_memory_gib']:.0f} GiB"
         if r.get("compile"):
             settings += f", compile + warm-up {r['warmup_s']:.0f} s"
+        if r.get("cudnn_benchmark"):
+            settings += ", cudnn.benchmark"
+        if r.get("phases_ms"):
+            settings += ", ms per phase: " + " ".join(f"{k} {v:.0f}" for k, v in r["phases_ms"].items())
         if r.get("device_busy") is not None:
             settings += f", GPU busy {r['device_busy']:.0%} of the step (profile in gpu-bench.json)"
         return f"{r['images_per_s']:.3g} images/s{mfu}", settings
@@ -321,6 +351,8 @@ def main(argv=None) -> int:
                    help="sample: the U-Net through torch.compile; train: compiled in place, as train.compile=true")
     p.add_argument("--profile", action="store_true",
                    help="train: also profile two steps (the row gets device_busy and a table of the costliest operators)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="train: torch.backends.cudnn.benchmark on (cuDNN times its convolution algorithms at start)")
     p.add_argument("--seconds", type=float, default=10.0, help="time each measurement for about this long")
     p.add_argument("--part", type=Path, help="write this stage's row here (JSON)")
     p.add_argument("--name", default=None, help="the row's name (default: the stage's), e.g. for a second train row")

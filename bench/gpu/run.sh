@@ -13,7 +13,8 @@
 #    eager and torch.compile'd; then one table, printed last, and written to $OUT/gpu-bench.{json,md} when OUT is set.
 # Environment: PYTHON (default python3), LIMIT (whole run, seconds; default 530), OUT; EMOJI_LEG=1 also trains the
 # emoji model further beside the tests (bench/gpu/emoji_leg.sh; LEG_S seconds, default the tests' share);
-# SKIP_TESTS=1 skips pytest, giving its time to the measurements.
+# SKIP_TESTS=1 skips pytest, giving its time to the measurements; GPU_TESTS=EXPR runs only the tests pytest -k EXPR
+# picks; SAMPLE=0 skips the sampling rows (for a run that studies training alone).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DEVICE=cuda
@@ -69,10 +70,10 @@ if [ -z "$TINY" ]; then
     fi
     if [ "${SKIP_TESTS:-0}" = 1 ]; then TESTS_S=0; fi  # the tests have run on this GPU: all the time to the timings
     echo "== pytest -m gpu ($(left) s left)"
-    export CUBLAS_WORKSPACE_CONFIG=:4096:8
     LOG=${OUT:-$PARTS}/pytest-gpu.log
-    [ "$TESTS_S" -gt 0 ] && timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests/test_gpu.py -q -rfE \
-        -p no:cacheprovider --durations=8 2>&1 | tee "$LOG"
+    # deterministic cuBLAS for the tests alone: its smaller workspace is not what the measurements should run under
+    [ "$TESTS_S" -gt 0 ] && CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu \
+        tests/test_gpu.py ${GPU_TESTS:+-k "$GPU_TESTS"} -q -rfE -p no:cacheprovider --durations=8 2>&1 | tee "$LOG"
     if [ -n "$LEG_PID" ]; then
         echo "== waiting for the emoji leg ($(left) s left)"
         wait "$LEG_PID"
@@ -95,21 +96,24 @@ stage() {  # stage FILE BUDGET_S ARGS...: one bench.py process, time-boxed (at m
 SECS=6
 [ -n "$TINY" ] && SECS=0
 stage matmul 40 --stage matmul
-stage train 110 --stage train --seconds $SECS --profile
-# the same step at batch 16 without gradient checkpointing: what checkpointing and a small batch cost (2026-11-27's
-# run, docs/gpu.md, had it last and ran out of time before it)
-stage train-b16-no-checkpointing 90 --stage train --batch 16 --checkpointing off --seconds $SECS --profile \
+stage train 90 --stage train --seconds $SECS --profile
+# inductor's C++ compile on 2 shared cores takes minutes: the GPU run measures compiled rows, the CPU check skips them
+compiled() {  # compiled FILE BUDGET_S ARGS...
+    if [ "$DEVICE" = cpu ]; then note "${1//-/ }" "skipped (CPU check: no compile)" "$1"; else stage "$@" --compile; fi
+}
+compiled train-compiled 150 --stage train --seconds $SECS --profile --name "train compiled"
+# what checkpointing and a small batch cost (batch 16 and 32 without it), and cuDNN's algorithm search (2026-11-27's
+# run, docs/gpu.md, ran out of time before these)
+stage train-b16-no-checkpointing 70 --stage train --batch 16 --checkpointing off --seconds $SECS --profile \
     --name "train b16 no checkpointing"
-stage sample-b1-eager 45 --stage sample --batch 1 --seconds $SECS
-stage sample-b8-eager 45 --stage sample --batch 8 --seconds $SECS
-if [ "$DEVICE" = cpu ]; then  # inductor's C++ compile on 2 shared cores takes minutes: the GPU run measures it
-    note "sample b1 compiled" "skipped (CPU check: no compile)" sample-b1-compiled
-    note "sample b8 compiled" "skipped (CPU check: no compile)" sample-b8-compiled
-    note "train compiled" "skipped (CPU check: no compile)" train-compiled
-else
-    stage sample-b1-compiled 150 --stage sample --batch 1 --compile --seconds $SECS
-    stage sample-b8-compiled 150 --stage sample --batch 8 --compile --seconds $SECS
-    stage train-compiled 150 --stage train --compile --seconds $SECS --name "train compiled"
+stage train-cudnn-benchmark 70 --stage train --cudnn-benchmark --seconds $SECS --profile --name "train cudnn benchmark"
+stage train-b32-no-checkpointing 70 --stage train --batch 32 --checkpointing off --seconds $SECS --profile \
+    --name "train b32 no checkpointing"
+if [ "${SAMPLE:-1}" = 1 ]; then
+    stage sample-b1-eager 45 --stage sample --batch 1 --seconds $SECS
+    stage sample-b8-eager 45 --stage sample --batch 8 --seconds $SECS
+    compiled sample-b1-compiled 150 --stage sample --batch 1 --seconds $SECS
+    compiled sample-b8-compiled 150 --stage sample --batch 8 --seconds $SECS
 fi
 echo "== table ($((SECONDS - START)) s in all)"
 "$PY" bench/gpu/bench.py --stage table --parts "$PARTS" ${OUT:+--out "$OUT"}
