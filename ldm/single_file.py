@@ -20,8 +20,11 @@ fetches from the hub is derived here from the tensors' shapes (``derive_configs`
   is dropped, as diffusers does (its SD 2 text encoder has 23 of the 24 layers).
 * Tokenizer: CLIP's BPE (``conditioning.bpe``: the vocabulary open_clip ships, which is OpenAI's),
   padded with ``<|endoftext|>`` (SD 1) or ``!`` (SD 2), 77 tokens.
-* Scheduler: SD's scaled_linear betas 0.00085..0.012 over 1000 steps; epsilon prediction for SD 1,
-  v-prediction for SD 2 (the 768-px 2.x models; as diffusers' from_single_file assumes).
+* Scheduler: SD's scaled_linear betas 0.00085..0.012 over 1000 steps; epsilon prediction for SD 1. SD 2
+  came as v-prediction (the 768-px 2.0 and 2.1) and epsilon (the 512-px "base" models) with the same shapes;
+  diffusers' from_single_file takes v unless the file's ``global_step`` is the base's (a .ckpt field that
+  safetensors files lack), so it reads the base models wrong. Here ``convert`` asks the U-Net instead, as A1111
+  does (``predicts_v``): at t = 999 on a constant input, a v-model's output lies far below its input.
 
 What the shapes cannot say and a file of ours needs (a tiny test model's head count, group count,
 scaling factor, schedule) is written by ``export_single_file`` into the file's safetensors metadata
@@ -155,6 +158,7 @@ class SingleFileConfigs:
     scheduler: dict  # a diffusers scheduler config
     num_merges: Optional[int]  # the tokenizer's BPE merges (None: all of CLIP's)
     pad_token: str
+    prediction_given: bool = False  # the file's metadata names the prediction type (else SD 2's is probed)
 
 
 def _indices(shapes: dict, prefix: str) -> list[int]:
@@ -319,7 +323,24 @@ def derive_configs(header: Header) -> SingleFileConfigs:
                               f"text encoder is {text['hidden_size']} wide; expected {EXPECTED}")
     scheduler = {**SD_SCHEDULER, "prediction_type": "v_prediction" if version == "sd2" else "epsilon",
                  **meta.get("scheduler", {})}
-    return SingleFileConfigs(version, unet, vae, text, scheduler, num_merges, "!" if version == "sd2" else "<|endoftext|>")
+    return SingleFileConfigs(version, unet, vae, text, scheduler, num_merges, "!" if version == "sd2" else "<|endoftext|>",
+                             prediction_given="prediction_type" in meta.get("scheduler", {}))
+
+
+def predicts_v(unet) -> bool:
+    """Whether an SD 2 U-Net predicts v rather than the noise: A1111's test (``is_using_v_parameterization_for_sd2``
+    in its modules/sd_models_config.py). On a constant input of 0.5 at t = 999 (x_t is almost all noise there),
+    with a constant context, an eps-model returns about its input, while a v-model (v = a eps - s x0, with
+    a = 0.07 and s = 1.0 at that step) returns far less: the mean of output minus input is below -1 for the
+    v-models and near 0 for the eps-models, the A1111 authors found on SD 2.0/2.1 and their base models."""
+    import torch
+
+    dtype = unet.dtype
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=dtype)
+    context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5, dtype=dtype)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    return (out.float() - x.float()).mean().item() < -1
 
 
 # -- converting a file into a bundle -----------------------------------------------------------------------------
@@ -392,6 +413,11 @@ def convert(path: PathLike, dest: PathLike, configs: Optional[SingleFileConfigs]
     text_state = {k: v for k, v in text_state.items() if not k.endswith("position_ids")}
     text_state = _for_text_model(text_state, CLIPTextModel, text_config)
     text = _loaded(CLIPTextModel, text_config, text_state, "text encoder", path)
+    scheduler = dict(configs.scheduler)
+    if configs.version == "sd2" and not configs.prediction_given:
+        scheduler["prediction_type"] = "v_prediction" if predicts_v(unet) else "epsilon"
+        print(f"{path.name}: an SD 2 file of {scheduler['prediction_type']} (asked of its U-Net, as A1111 does)",
+              file=sys.stderr)
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
@@ -403,7 +429,7 @@ def convert(path: PathLike, dest: PathLike, configs: Optional[SingleFileConfigs]
         write_clip_tokenizer_files(tmp / "tokenizer", num_merges=configs.num_merges, pad_token=configs.pad_token,
                                    model_max_length=configs.text_encoder["max_position_embeddings"])
         (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(configs.scheduler, indent=2))
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         (tmp / "single_file.json").write_text(json.dumps({"sha256": sha256 or file_sha256(path),
                                                                      "version": configs.version}))

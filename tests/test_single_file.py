@@ -149,6 +149,27 @@ def test_sd2_openclip_layout_and_v_prediction_round_trip(sd2):
     assert np.array_equal(diffusers_images(pipe), diffusers_images(ref))
 
 
+@pytest.mark.parametrize("bias, prediction", [(-2.0, "v_prediction"), (0.5, "epsilon")])
+def test_an_sd2_files_prediction_type_is_asked_of_its_u_net(bias, prediction, tmp_path):
+    """SD 2's v-models (768 px) and eps-models (512-px base) have the same shapes, and a safetensors file does not say
+    which it is (diffusers' from_single_file then takes v, wrongly for the base models). Without our metadata's
+    answer, the conversion asks the U-Net as A1111 does: on 0.5 everywhere at t = 999, a mean of output minus input
+    below -1 is a v-model. Here the U-Net's last convolution returns a constant, once far below the input, once
+    equal to it."""
+    from ldm.single_file import cached_bundle
+
+    folder = build_sd2_folder(tmp_path / "folder")
+    state, meta = single_file_state(folder)
+    state["model.diffusion_model.out.2.weight"] = torch.zeros_like(state["model.diffusion_model.out.2.weight"])
+    state["model.diffusion_model.out.2.bias"] = torch.full_like(state["model.diffusion_model.out.2.bias"], bias)
+    del meta["scheduler"]["prediction_type"]  # as a file from another tool: the rest keeps the tiny model's shapes
+    file = tmp_path / "sd2.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file), metadata={METADATA_KEY: json.dumps(meta)})
+    assert not derive_configs(read_header(file)).prediction_given
+    bundle = cached_bundle(file)
+    assert json.loads((bundle / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == prediction
+
+
 def _parts(folder):
     from ldm.bundle import load_parts
 
