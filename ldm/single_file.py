@@ -331,8 +331,8 @@ def predicts_v(unet) -> bool:
     """Whether an SD 2 U-Net predicts v rather than the noise: A1111's test (``is_using_v_parameterization_for_sd2``
     in its modules/sd_models_config.py). On a constant input of 0.5 at t = 999 (x_t is almost all noise there),
     with a constant context, an eps-model returns about its input, while a v-model (v = a eps - s x0, with
-    a = 0.07 and s = 1.0 at that step) returns far less: the mean of output minus input is below -1 for the
-    v-models and near 0 for the eps-models, the A1111 authors found on SD 2.0/2.1 and their base models."""
+    a = 0.07 and s = 1.0 at that step) returns far less. A1111 calls a mean of output minus input below -1 a
+    v-model, for every SD 2 checkpoint it loads without a config; untested here on real weights (none are here)."""
     import torch
 
     dtype = unet.dtype
