@@ -174,6 +174,34 @@ def atomic_directory(path: PathLike, *, durable: bool = False, keep_existing: bo
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: PathLike, *, waiting: Callable[[], None] = lambda: None) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on the file ``path`` (created if missing) for the block.
+
+    Two processes that build the same thing (two fine-tunes sharing one latent cache) take turns: the
+    second blocks until the first leaves its block, calling ``waiting()`` once first. The lock goes with
+    the process, so a killed holder frees it. The file stays (removing it would race with a waiter);
+    where ``fcntl`` is missing (Windows) the block runs unlocked.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield path
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; returns ``path`` as a Path."""
     with atomic_path(path) as tmp:

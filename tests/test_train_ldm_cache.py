@@ -112,3 +112,45 @@ def test_missing_data_folder_is_a_clear_error(tmp_path):
     config = tiny_config(tmp_path, data=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="data.path="):
         build_cache(config.cache, config.data, TrainFakeAutoencoder(), tiny_text_encoder(), progress=False)
+
+
+class GatedAutoencoder(TrainFakeAutoencoder):
+    """TrainFakeAutoencoder that, given events, announces its first encode and waits to be let on."""
+
+    def __init__(self, started=None, go_on=None):
+        super().__init__()
+        self.started, self.go_on = started, go_on
+
+    def encode(self, images):
+        if self.started is not None and not self.started.is_set():
+            self.started.set()
+            assert self.go_on.wait(timeout=60)
+        return super().encode(images)
+
+
+def test_two_runs_building_one_cache_take_turns(tmp_path):
+    """Two fine-tunes started together on one data set: the second waits for the first's cache (the build
+    removes temporary shard folders of killed builds, which were the first's live ones), then reads it."""
+    import threading
+
+    config = tiny_config(tmp_path)
+    started, go_on, results = threading.Event(), threading.Event(), {}
+
+    def build(name, ae):
+        try:
+            results[name] = build_cache(config.cache, config.data, ae, tiny_text_encoder(), progress=False)
+        except Exception as exc:  # noqa: BLE001 - reported by the asserts below
+            results[name] = exc
+
+    first = threading.Thread(target=build, args=("first", GatedAutoencoder(started, go_on)))
+    first.start()
+    assert started.wait(timeout=60)  # the first build is writing its first shard
+    second = threading.Thread(target=build, args=("second", GatedAutoencoder()))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive() and "second" not in results  # it waits for the first
+    go_on.set()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert results["first"][1] is True and results["second"] == (results["first"][0], False), results
+    assert len(LatentCache(results["first"][0])) == 28

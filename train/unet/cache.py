@@ -77,7 +77,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from ldm_io import atomic_directory, atomic_path, write_text
+from ldm_io import atomic_directory, atomic_path, exclusive_lock, write_text
 from train.data import ImageTransform, Split, load_split
 from train.data.buckets import assign, bucket_report, check_sizes, make_buckets, parse_size
 from train.data.captioned import CHANGED, MAX_TOKENS, DataSummary, check_row, clip_token_count
@@ -654,6 +654,21 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
     folder = cache_folder(cache, key)
     if (folder / "meta.json").is_file():
         return folder, False
+
+    def waiting():
+        if progress:
+            print(f"waiting for another process to finish the latent cache {folder}", file=sys.stderr)
+
+    # one builder at a time: the build removes the temporary shard folders a killed build left behind,
+    # which would be another live builder's (two runs started together on one data set)
+    with exclusive_lock(folder.parent / f"{folder.name}.lock", waiting=waiting):
+        if (folder / "meta.json").is_file():  # the other process built it
+            return folder, False
+        return _build_cache(folder, key, cache, data, autoencoder, text_encoder, device, progress), True
+
+
+def _build_cache(folder: Path, key: dict, cache: CacheConfig, data: DataConfig, autoencoder, text_encoder, device,
+                 progress: bool) -> Path:
     buckets = None
     if stream_format(data.path) is not None:
         source = _StreamRows(data)
@@ -672,4 +687,4 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
         # after the encoding: it counts the rows that changed since the scan
         meta = json.loads((folder / "meta.json").read_text())
         print(meta["summary"] + ("\n" + buckets["report"] if buckets else ""), file=sys.stderr)
-    return folder, True
+    return folder
