@@ -2,7 +2,8 @@
 
 Compares a base bundle and a fine-tuned one on two sets of prompts "<name>, openmoji style" that
 the fine-tune never saw, built by ``ldm data openmoji`` (Twemoji and Noto twins from the emoji set,
-``ldm data emoji``):
+``ldm data emoji``). Sets built with ``--variant black`` are asked for as "<name>, outline style" (the
+style word of their captions); the measures and files keep the key "openmoji" for the set's style.
 
 * ``heldout``: the held-out split of the fine-tuning set (--data): emoji that neither the base
   model nor the fine-tune was trained on.
@@ -72,12 +73,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-STYLES = ("openmoji", "twemoji", "noto")
+STYLES = ("openmoji", "twemoji", "noto")  # "openmoji": the fine-tuning set's style, whatever its caption word
 KNOWN_STYLES = ("twemoji", "noto")  # the style words the base model and its CLIP were trained on
 
 
 def read_rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def style_word(rows: list[dict]) -> str:
+    """The word an OpenMoji set's captions give its style: "openmoji", or "outline" for ``--variant black``."""
+    return rows[0].get("style", "openmoji") if rows else "openmoji"
 
 
 def load_images(folder: Path, rows: list[dict]) -> list[Image.Image]:
@@ -102,9 +108,10 @@ class PromptSet:
     real: dict[str, list[Image.Image]]  # style -> images
     real_emb: dict[str, torch.Tensor]  # style -> (N, E)
     name_emb: torch.Tensor  # (N, E): mean of the names' twemoji and noto captions
+    word: str = "openmoji"  # the caption word of the set's own style
 
     def prompts(self, style: str) -> list[str]:
-        return [f"{n}, {style} style" for n in self.names]
+        return [f"{n}, {self.word if style == 'openmoji' else style} style" for n in self.names]
 
 
 class Judge:
@@ -124,7 +131,8 @@ class Judge:
         return torch.cat([self.scorer.encode_image(images[i : i + batch]) for i in range(0, len(images), batch)])
 
     def prompt_set(self, key: str, openmoji_dir: Path, split: str, count: int = 0) -> PromptSet:
-        rows = twins(read_rows(openmoji_dir), self.emoji_rows, split)
+        all_rows = read_rows(openmoji_dir)
+        rows = twins(all_rows, self.emoji_rows, split)
         if count and count < len(rows["openmoji"]):  # evenly spaced by name
             keep = [round(i * (len(rows["openmoji"]) - 1) / (count - 1)) for i in range(count)] if count > 1 else [0]
             rows = {s: [r[i] for i in keep] for s, r in rows.items()}
@@ -132,7 +140,7 @@ class Judge:
         names = [r["name"] for r in rows["openmoji"]]
         per_style = self.scorer.encode_text([f"{n}, {s} style" for s in KNOWN_STYLES for n in names])
         name_emb = F.normalize(per_style.view(len(KNOWN_STYLES), len(names), -1).mean(0), dim=-1)  # (N, E)
-        return PromptSet(key, names, real, {s: self.embed(real[s]) for s in STYLES}, name_emb)
+        return PromptSet(key, names, real, {s: self.embed(real[s]) for s in STYLES}, name_emb, style_word(all_rows))
 
     def measure(self, images: list[Image.Image], ps: PromptSet, seeds: list[int], style: str,
                 prompts: list[str] | None = None) -> dict:
@@ -305,14 +313,16 @@ def main(argv=None) -> int:
         print(f"{write_prior(args.data, args.emoji, args.write_prior)} images in {args.write_prior}", file=sys.stderr)
         return 0
     if args.content_check:
-        names = sorted(r["name"] for r in read_rows(args.data) if r["split"] == "test")
+        rows = read_rows(args.data)
+        names = sorted(r["name"] for r in rows if r["split"] == "test")
         other = sorted(r["name"] for r in read_rows(args.other) if r["split"] == "train")[:: 10]
+        words = {s: style_word(rows) if s == "openmoji" else s for s in STYLES}  # key -> caption word
         base_pipe, checks = Text2ImagePipeline.from_pretrained(base), {}
         for model in args.content_check:
             pipe = load_model(model, base)
-            checks[str(model)] = {**{s: round(content_spread(pipe, names, s), 4) for s in ("openmoji", "twemoji")},
-                                  **{f"{s}_context": round(context_spread(pipe, names, s), 3) for s in ("openmoji", "twemoji")},
-                                  **{f"{s}_drift": round(drift(pipe, base_pipe, other, s), 4) for s in STYLES}}
+            checks[str(model)] = {**{s: round(content_spread(pipe, names, words[s]), 4) for s in ("openmoji", "twemoji")},
+                                  **{f"{s}_context": round(context_spread(pipe, names, words[s]), 3) for s in ("openmoji", "twemoji")},
+                                  **{f"{s}_drift": round(drift(pipe, base_pipe, other, words[s]), 4) for s in STYLES}}
             print(f"{model}: {json.dumps(checks[str(model)])}", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
         write_text(args.out / "content-check.json", json.dumps(checks, indent=2) + "\n")
@@ -347,7 +357,7 @@ def main(argv=None) -> int:
     grid_seeds = seeds[:2]
     for ps, count in zip(sets, (int(n) for n in args.grid_rows.split(","))):
         shown = list(range(0, len(ps.names), max(1, len(ps.names) // max(count, 1))))[:count]
-        rows += [f"{ps.names[i]}, openmoji style" + (" *" if ps.key == "heldout" else "") for i in shown]
+        rows += [f"{ps.names[i]}, {ps.word} style" + (" *" if ps.key == "heldout" else "") for i in shown]
         columns["OpenMoji\n(real)"] += [ps.real["openmoji"][i] for i in shown]
         columns["Twemoji\n(real)"] += [ps.real["twemoji"][i] for i in shown]
         for label, _ in models:

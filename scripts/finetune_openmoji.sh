@@ -16,6 +16,8 @@
 # animals-nature, food-drink, activities) and the set of other groups the measure also draws ($DATA/$OTHER, default
 # openmoji-other: objects, travel-places, smileys-emotion). The faces-and-people run of docs/finetune-openmoji.md:
 #   SET=openmoji-people SET_GROUPS=smileys-emotion,people-body OTHER=openmoji OTHER_GROUPS=animals-nature,food-drink,activities
+# VARIANT=black builds both sets from OpenMoji's black line-art drawings ("<name>, outline style"); the outline run:
+#   VARIANT=black SET=outline OTHER=outline-other FIGURES=docs/figures/outline PRIOR=1 scripts/finetune_openmoji.sh optim.lr=3e-4
 # A stopped fine-tune is resumed from its newest checkpoint when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +31,10 @@ SET=${SET:-openmoji}
 SET_GROUPS=${SET_GROUPS:-animals-nature,food-drink,activities}
 OTHER=${OTHER:-openmoji-other}
 OTHER_GROUPS=${OTHER_GROUPS:-objects,travel-places,smileys-emotion}
+VARIANT=${VARIANT:-color}
 
-[ -e "$DATA/$SET/metadata.jsonl" ] || $LDM data openmoji --groups "$SET_GROUPS" --out "$DATA/$SET"
-[ -e "$DATA/$OTHER/metadata.jsonl" ] || $LDM data openmoji --groups "$OTHER_GROUPS" --out "$DATA/$OTHER"
+[ -e "$DATA/$SET/metadata.jsonl" ] || $LDM data openmoji --groups "$SET_GROUPS" --variant "$VARIANT" --out "$DATA/$SET"
+[ -e "$DATA/$OTHER/metadata.jsonl" ] || $LDM data openmoji --groups "$OTHER_GROUPS" --variant "$VARIANT" --out "$DATA/$OTHER"
 [ -e "$DATA/emoji/metadata.jsonl" ] || $LDM data emoji --out "$DATA/emoji"
 
 prior=()

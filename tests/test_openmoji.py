@@ -27,6 +27,9 @@ RED, OPACITY = (200, 0, 0), 0.5
 # A square from 18 to 54 in OpenMoji's 72-unit view box: pixels 16..47 at 64 px.
 SVG = (f'<svg viewBox="0 0 72 72" xmlns="http://www.w3.org/2000/svg"><rect x="18" y="18" width="36" height="36" '
        f'fill="rgb{RED}" fill-opacity="{OPACITY}"/></svg>').encode()
+# The same square as OpenMoji's black line-art variant draws it: a black outline of 4 units, no fill.
+BLACK_SVG = (b'<svg viewBox="0 0 72 72" xmlns="http://www.w3.org/2000/svg"><rect x="20" y="20" width="32" height="32" '
+             b'fill="none" stroke="#000000" stroke-width="4"/></svg>')
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def _fake_tarballs(cache: Path, entries, skip_svg=()) -> None:
         for entry in openmoji_entries:
             if entry["hexcode"] not in skip_svg:
                 _add(tar, f"package/color/svg/{entry['hexcode']}.svg", SVG)
-                _add(tar, f"package/black/svg/{entry['hexcode']}.svg", b"<svg/>")  # not read
+                _add(tar, f"package/black/svg/{entry['hexcode']}.svg", BLACK_SVG)
     with tarfile.open(cache / f"emoji-datasource-twitter-{emoji.VERSION}.tgz", "w:gz") as tar:
         _add(tar, "package/emoji.json", json.dumps(emoji_entries).encode())
 
@@ -133,6 +136,32 @@ def test_build_writes_an_imagefolder_with_captions_split_and_licences(built, ent
     attribution = (out / "ATTRIBUTION.txt").read_text()
     assert "OpenMoji" in attribution and "CC BY-SA 4.0" in attribution and "Changes made" in attribution
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temporary folders left
+
+
+def test_black_variant_renders_the_line_art_with_its_own_style_word(entries, built, tmp_path):
+    _, cache = built
+    out = tmp_path / "outline"
+    assert main(["data", "openmoji", "--variant", "black", "--out", str(out), "--cache", str(cache),
+                 "--groups", ",".join(GROUPS)]) == 0
+    rows, colour = read_rows(out), read_rows(built[0])
+    assert [(r["hexcode"], r["split"], r["name"]) for r in rows] == [(r["hexcode"], r["split"], r["name"]) for r in colour]
+    for r in rows:
+        assert r["text"] == f"{r['name']}, outline style" and r["style"] == "outline"
+        assert r["file_name"] == f"outline/{r['hexcode']}.png"
+    pixels = np.asarray(Image.open(out / rows[0]["file_name"])).astype(int)  # (64, 64, 3)
+    # the outline covers units 18..22 and 50..54 (pixels 16 to 19.6 and 44.4 to 48): black on the whole pixels
+    # there (cairo's antialiasing blends the two cut ones), white inside and out
+    assert (pixels[16:48, 16:19] <= 3).all() and (pixels[16:48, 45:48] <= 3).all()
+    assert (pixels[21:43, 21:43] == 255).all() and (pixels[:15] == 255).all()
+    assert "black line-art SVG images (package/black/svg/)" in (out / "ATTRIBUTION.txt").read_text()
+    assert '"<name>, outline style"' in (out / "README.md").read_text()
+
+
+def test_unknown_variant_is_a_one_line_error(built, tmp_path, capsys):
+    _, cache = built
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "openmoji", "--variant", "grey", "--out", str(tmp_path / "x"), "--cache", str(cache)])
+    assert exc.value.code == 2 and "invalid choice: 'grey'" in capsys.readouterr().err
 
 
 def test_build_renders_the_72_unit_view_box_at_64_px_on_white(built):

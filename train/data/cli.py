@@ -1,9 +1,10 @@
 """Build or check a captioned image data set.
 
   ldm data emoji --out DIR          Twemoji + Noto emoji (npm packages, 64x64, captions from emoji.json)
-  ldm data openmoji --out DIR [--groups G,...]
+  ldm data openmoji --out DIR [--groups G,...] [--variant color|black]
                                     OpenMoji emoji (npm package openmoji, CC BY-SA 4.0), 64x64, captions
-                                    "<name>, openmoji style" named like the emoji set's; 376 images by default
+                                    "<name>, openmoji style" named like the emoji set's; 376 images by default;
+                                    --variant black: its line-art drawings, "<name>, outline style"
   ldm data shapes --out DIR [--size 32|64] [--n N] [--seed S]
                                     procedural shapes with exact captions ("a small red circle at the top left")
   ldm data check PATH [--allow-outside]
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     openmoji.add_argument("--groups", default=None,
                           help="comma-separated OpenMoji groups whose base emoji (no skin tones) to take "
                                "(default animals-nature,food-drink,activities: 376 images)")
+    openmoji.add_argument("--variant", choices=("color", "black"), default="color",
+                          help="which of OpenMoji's SVG sets to render: color (default; captions \"<name>, openmoji "
+                               "style\") or black, its black line-art drawings (captions \"<name>, outline style\")")
     openmoji.add_argument("--cache", default=None, help="where the npm tarballs are kept (default $LDM_CACHE/npm or ~/.cache/ldm-toolkit/npm)")
     openmoji.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier data set (and nothing else)")
 
@@ -78,7 +82,8 @@ def _openmoji(args: argparse.Namespace) -> int:
     from train.data.openmoji import GROUPS, build_openmoji_dataset
 
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups is not None else GROUPS
-    counts = build_openmoji_dataset(args.out, cache_dir=args.cache, overwrite=args.overwrite, groups=groups)
+    counts = build_openmoji_dataset(args.out, cache_dir=args.cache, overwrite=args.overwrite, groups=groups,
+                                    variant=args.variant)
     per_group = ", ".join(f"{n} {group}" for group, n in counts["groups"].items())
     print(f"wrote {counts['total']} images to {args.out}: {per_group}; {counts['test']} held out (split test)")
     return 0

@@ -24,8 +24,13 @@ Held-out split: the emoji set's rule (``emoji.is_held_out``) on the emoji set's 
 emoji held out of the emoji set is held out here too. In 17.0.0 with the default groups it holds out
 15 of the 376 images.
 
+``variant="black"`` (``--variant black``) renders OpenMoji's other set of the same drawings instead,
+``package/black/svg/``: black line art with no fill, a style the default model has never seen either;
+captions ``"<name>, outline style"`` (one token the default model lacks, so a fine-tune learns one row for it
+and shares nothing with "twemoji"), images in ``DIR/outline/``.
+
 Rows of metadata.jsonl: ``file_name``, ``text`` (the caption), ``split`` ("train" or "test"),
-``style`` ("openmoji"), ``hexcode`` (OpenMoji's), ``base`` (the held-out key above), ``name``,
+``style`` ("openmoji", or "outline"), ``hexcode`` (OpenMoji's), ``base`` (the held-out key above), ``name``,
 ``group`` and ``author`` (the OpenMoji designer, for attribution).
 """
 
@@ -46,6 +51,9 @@ PACKAGE = "openmoji"
 VERSION = "17.0.0"
 NAMES_PACKAGE = emoji.SETS[0].package  # emoji-datasource-twitter: its emoji.json names the emoji set's captions
 STYLE = "openmoji"
+# OpenMoji's two renderings (package/<variant>/svg/) and the style word of their captions and image folder:
+# "color", flat colours inside a black outline; "black", the same drawings as black line art, no fill.
+VARIANTS = {"color": STYLE, "black": "outline"}
 GROUPS = ("animals-nature", "food-drink", "activities")
 IMAGE_SIZE = emoji.IMAGE_SIZE
 SPECS = (f"{PACKAGE}@{VERSION}", f"{NAMES_PACKAGE}@{emoji.VERSION}")  # what the manual step asks to `npm pack`
@@ -62,8 +70,8 @@ class OpenMojiImage:
     group: str  # OpenMoji's group, e.g. "animals-nature"
     author: str  # OpenMoji's openmoji_author
 
-    def caption(self) -> str:
-        return f"{self.name}, {STYLE} style"
+    def caption(self, style: str = STYLE) -> str:
+        return f"{self.name}, {style} style"
 
 
 def code_points_key(codes: str) -> str:
@@ -104,9 +112,9 @@ def read_emoji_json(tarball: Path) -> list[dict]:
     raise ValueError(f"{tarball} has no package/emoji.json; is it an emoji-datasource tarball?")
 
 
-def read_openmoji(tarball: Path) -> tuple[list[dict], dict[str, bytes], str]:
-    """openmoji.json, the colour SVGs (hexcode -> bytes) and LICENSE.txt of the openmoji tarball, in one pass."""
-    prefix = "package/color/svg/"
+def read_openmoji(tarball: Path, variant: str = "color") -> tuple[list[dict], dict[str, bytes], str]:
+    """openmoji.json, the SVGs of ``variant`` (hexcode -> bytes) and LICENSE.txt of the openmoji tarball, in one pass."""
+    prefix = f"package/{variant}/svg/"
     entries, svgs, licence = None, {}, None
     with tarfile.open(tarball, "r:gz") as tar:
         for member in tar:
@@ -139,14 +147,17 @@ def render(svg: bytes, size: int = IMAGE_SIZE):
     return emoji.on_white(svg_renderer().svg2png(bytestring=svg, output_width=size, output_height=size))
 
 
-ATTRIBUTION = f"""OpenMoji graphics (folder openmoji/)
+def attribution(variant: str = "color") -> str:
+    """ATTRIBUTION.txt of a data set rendered from ``variant``'s SVGs."""
+    what = {"color": "colour SVG images", "black": "black line-art SVG images"}[variant]
+    return f"""OpenMoji graphics (folder {VARIANTS[variant]}/)
 
 All emojis designed by OpenMoji - the open-source emoji and icon project (https://openmoji.org/).
 License: CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/); the licence text is in
 LICENSE-CC-BY-SA-4.0.txt. Each image's designer is in metadata.jsonl (column author).
 Source: the npm package openmoji@{VERSION} (https://github.com/hfg-gmuend/openmoji).
 
-Changes made by ldm-toolkit: the colour SVG images (package/color/svg/) were rendered at
+Changes made by ldm-toolkit: the {what} (package/{variant}/svg/) were rendered at
 {IMAGE_SIZE}x{IMAGE_SIZE} pixels with cairosvg, composited on a white background (alpha removed) and
 saved as RGB PNG files; captions were written from emoji-datasource {emoji.VERSION}'s emoji.json (MIT,
 Copyright (c) 2013 Cal Henderson) and OpenMoji's openmoji.json. These images are adaptations of
@@ -154,54 +165,59 @@ OpenMoji and are shared under the same licence, CC BY-SA 4.0.
 """
 
 
-def _write_texts(root: Path, licence: str, count: int, held_out: int, groups: list[str]) -> None:
+def _write_texts(root: Path, licence: str, count: int, held_out: int, groups: list[str], variant: str) -> None:
+    style = VARIANTS[variant]
     (root / "LICENSE-CC-BY-SA-4.0.txt").write_text(licence)
-    (root / "ATTRIBUTION.txt").write_text(ATTRIBUTION)
+    (root / "ATTRIBUTION.txt").write_text(attribution(variant))
     (root / "LICENSE.txt").write_text(
         "The images in this folder are not ldm-toolkit's: they are adaptations of OpenMoji graphics,\n"
         "licensed CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/), see ATTRIBUTION.txt and\n"
         "LICENSE-CC-BY-SA-4.0.txt. metadata.jsonl (captions) is derived from openmoji.json and\n"
         "emoji-datasource's emoji.json (MIT, Copyright (c) 2013 Cal Henderson).\n")
     (root / "README.md").write_text(
-        f"# OpenMoji (ldm-toolkit, openmoji {VERSION})\n\n"
+        f"# OpenMoji (ldm-toolkit, openmoji {VERSION}, {variant} SVGs)\n\n"
         f"{count} RGB {IMAGE_SIZE}x{IMAGE_SIZE} images on white, the base emoji (no skin tones) of the OpenMoji "
         f"groups {', '.join(groups)}, in Hugging Face imagefolder layout: metadata.jsonl has file_name, text "
         "(caption), split, style, hexcode, base, name, group, author.\n\n"
-        "Captions: \"<name>, openmoji style\", with the emoji set's name (`ldm data emoji`) for the same code "
-        "points, so \"koala, openmoji style\" is the twin of \"koala, twemoji style\".\n"
+        f"Captions: \"<name>, {style} style\", with the emoji set's name (`ldm data emoji`) for the same code "
+        f"points, so \"koala, {style} style\" is the twin of \"koala, twemoji style\".\n"
         f"Held-out split: split == \"test\" for {held_out} images, by the emoji set's rule on the same base code "
         "points (an emoji held out there is held out here).\n\n"
         "Built by `ldm data openmoji`. Licences: LICENSE.txt, ATTRIBUTION.txt.\n")
 
 
 def build_openmoji_dataset(out: Path, *, cache_dir: Optional[Path] = None, overwrite: bool = False,
-                           groups: Iterable[str] = GROUPS) -> dict:
+                           groups: Iterable[str] = GROUPS, variant: str = "color") -> dict:
     """Build the OpenMoji imagefolder in ``out`` (written in a temporary folder, renamed into place).
 
-    Returns counts: ``{"total": n, "test": n, "groups": {group: n}}``.
+    ``variant`` "black" renders OpenMoji's line-art SVGs instead, captioned "<name>, outline style" in a folder
+    ``outline/``. Returns counts: ``{"total": n, "test": n, "groups": {group: n}}``.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"OpenMoji variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    style = VARIANTS[variant]
     svg_renderer()
     cache_dir = Path(cache_dir) if cache_dir is not None else emoji.default_cache_dir()
     groups = list(groups)
     with atomic_output_dir(Path(out), overwrite=overwrite, inputs=[cache_dir]) as tmp:
         openmoji_tarball = emoji.fetch_tarball(PACKAGE, cache_dir, version=VERSION, specs=SPECS)
         names_tarball = emoji.fetch_tarball(NAMES_PACKAGE, cache_dir, version=emoji.VERSION, specs=SPECS)
-        entries, svgs, licence = read_openmoji(openmoji_tarball)
+        entries, svgs, licence = read_openmoji(openmoji_tarball, variant)
         images = select_images(entries, read_emoji_json(names_tarball), groups)
         missing = [im.hexcode for im in images if im.hexcode not in svgs]
         if missing:
             raise ValueError(f"{openmoji_tarball.name} lacks {len(missing)} SVGs listed in openmoji.json, e.g. {missing[0]}")
-        (tmp / STYLE).mkdir()
+        (tmp / style).mkdir()
         rows, per_group = [], {g: 0 for g in groups}
         for im in tqdm(images, desc="openmoji", unit="img"):
-            file_name = f"{STYLE}/{im.hexcode}.png"
+            file_name = f"{style}/{im.hexcode}.png"
             render(svgs[im.hexcode]).save(tmp / file_name)
-            rows.append({"file_name": file_name, "text": im.caption(),
-                         "split": "test" if emoji.is_held_out(im.base) else "train", "style": STYLE,
+            rows.append({"file_name": file_name, "text": im.caption(style),
+                         "split": "test" if emoji.is_held_out(im.base) else "train", "style": style,
                          "hexcode": im.hexcode, "base": im.base, "name": im.name, "group": im.group,
                          "author": im.author})
             per_group[im.group] += 1
         write_metadata(tmp, rows)
         held_out = sum(r["split"] == "test" for r in rows)
-        _write_texts(tmp, licence, len(rows), held_out, groups)
+        _write_texts(tmp, licence, len(rows), held_out, groups, variant)
     return {"total": len(rows), "test": held_out, "groups": per_group}
