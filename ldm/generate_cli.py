@@ -32,9 +32,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ldm.errors import UsageError
+
+if TYPE_CHECKING:
+    from ldm.lora import Lora
 
 PNG_KEY = "ldm-toolkit"  # the PNG text chunk holding our JSON record
 LONG_RUN = 120  # seconds: a run estimated to take longer says so after its second step
@@ -120,29 +123,21 @@ def model_path(model: Optional[Path]) -> Path:
     return check_bundle(model)
 
 
-def lora_arguments(specs: list[str]) -> list[tuple[Path, float]]:
-    """``--lora FILE[:SCALE]`` values -> [(LoRA file, scale)], each file found and checked to be a LoRA
-    (``ldm.lora``) before any model loads."""
+def lora_arguments(specs: list[str]) -> list[tuple["Lora", float]]:
+    """``--lora FILE[:SCALE]`` values -> [(LoRA, scale)], each file read (once: the pipeline merges what is
+    read here) and so checked to be a LoRA (``ldm.lora``) before any model loads."""
     if not specs:
         return []  # (ldm.lora imports torch)
-    from ldm.lora import find_lora_file, parse_lora_spec, read_lora
+    from ldm.lora import parse_lora_spec, read_lora
 
-    loras = []
-    for spec in specs or []:
-        path, scale = parse_lora_spec(spec)
-        read_lora(path)  # not a LoRA in a known layout: one line now, not after the model has loaded
-        loras.append((find_lora_file(path), scale))
-    return loras
+    return [(read_lora(path), scale) for path, scale in map(parse_lora_spec, specs)]
 
 
-def lora_records(loras: list[tuple[Path, float]]) -> list[dict]:
+def lora_records(loras: list[tuple["Lora", float]]) -> list[dict]:
     """The PNG record's entries for the LoRAs merged, in order: file, name, hash (the file's sha256, 16 hex
     digits; ``ldm.infotext`` writes them as A1111's ``<lora:NAME:SCALE>`` and ``Lora hashes``) and scale."""
-    if not loras:
-        return []
-    from ldm.lora import file_hash
-
-    return [{"file": str(path), "name": lora_name(path), "hash": file_hash(path), "scale": scale} for path, scale in loras]
+    return [{"file": str(lora.path), "name": lora_name(lora.path), "hash": lora.hash, "scale": scale}
+            for lora, scale in loras]
 
 
 def lora_name(path: Path) -> str:
@@ -632,13 +627,13 @@ def generate(args: argparse.Namespace, batch_prompts: list[str], seed: int, num_
                                  resolve_backend(args.backend, args.device, compile=getattr(args, "compile", False)))
 
 
-def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, float]]:
+def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple["Lora", float]]:
     """The LoRAs to merge for --from-png: the record's files and scales, or those of --lora when given
     (a moved file); a file whose hash differs from the record's is warned about, as the model is."""
     recorded = rec["loras"]
     if not recorded and not args.lora:
         return []
-    from ldm.lora import file_hash
+    from ldm.lora import read_lora
 
     if args.lora:
         loras = args.loras
@@ -652,10 +647,10 @@ def recorded_loras(args: argparse.Namespace, rec: dict) -> list[tuple[Path, floa
             if not path.is_file():
                 raise UsageError(f"the record in {args.from_png} names the LoRA file {path}, which does not exist; "
                                  f"give --lora FILE[:SCALE] for each recorded LoRA, in order")
-            loras.append((path, float(entry["scale"])))
-    for (path, _), entry in zip(loras, recorded):
-        if file_hash(path) != entry["hash"]:
-            print(f"warning: LoRA {path} differs from the one that made {args.from_png} (hash {entry['hash']})",
+            loras.append((read_lora(path), float(entry["scale"])))
+    for (lora, _), entry in zip(loras, recorded):
+        if lora.hash != entry["hash"]:
+            print(f"warning: LoRA {lora.path} differs from the one that made {args.from_png} (hash {entry['hash']})",
                   file=sys.stderr)
     return loras
 

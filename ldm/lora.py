@@ -98,7 +98,10 @@ def find_lora_file(path: PathLike) -> Path:
     return path
 
 
-def file_hash(path: PathLike, length: int = 16) -> str:
+HASH_LENGTH = 16
+
+
+def file_hash(path: PathLike, length: int = HASH_LENGTH) -> str:
     """sha256 of the file's bytes, as a short hex string (what a PNG record names a LoRA by)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -140,6 +143,7 @@ class Lora:
     layout: str  # "diffusers" or "kohya"
     modules: dict[str, LoraModule]
     text_modules: dict[str, LoraModule] = field(default_factory=dict)  # the text encoder's, named as ``modules``
+    hash: str = ""  # ``file_hash`` of the bytes read (``read_lora``: the file is read once for both)
 
     @property
     def every_module(self) -> list[LoraModule]:
@@ -163,14 +167,17 @@ def _not_a_lora(path: Path, why: str) -> LoraError:
     return LoraError(f"{path} is not a LoRA in a known layout ({why}); expected {LAYOUTS}")
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """The file's tensors, metadata and ``file_hash``, from one read of its bytes."""
+    from safetensors.torch import load
 
     from ldm_io.weights import check_safetensors
 
     check_safetensors(path)  # truncated or not safetensors: one line naming the file
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    digest = hashlib.sha256(data).hexdigest()[:HASH_LENGTH]
+    return load(data), dict(header.get("__metadata__") or {}), digest
 
 
 def _peft_config(path: Path, metadata: dict[str, str], prefix: str = UNET_PREFIX) -> dict:
@@ -264,7 +271,7 @@ def _read_kohya(path: Path, state: dict[str, torch.Tensor]) -> Lora:
 def read_lora(path: PathLike) -> Lora:
     """The LoRA in ``path`` (a file or a folder, see ``find_lora_file``), in either layout."""
     path = find_lora_file(path)
-    state, metadata = _read_safetensors(path)
+    state, metadata, digest = _read_safetensors(path)
     if not state:
         raise _not_a_lora(path, "it holds no tensors")
     keys = list(state)
@@ -276,6 +283,7 @@ def read_lora(path: PathLike) -> Lora:
         raise _not_a_lora(path, f"its first key is {keys[0]!r}")
     if not lora.modules and not lora.text_modules:
         raise _not_a_lora(path, "it has no down/A weights")
+    lora.hash = digest
     for m in lora.every_module:
         ok = (m.down.is_floating_point() and m.up.is_floating_point() and m.down.dim() in (2, 4)
               and m.up.dim() == m.down.dim() and m.up.shape[1] == m.rank and m.rank >= 1)
@@ -346,13 +354,14 @@ def merge_loras(unet: torch.nn.Module, loras: Sequence[tuple[Lora, float]], text
 
 
 def read_loras(loras: Optional[Iterable]) -> list[tuple[Lora, float]]:
-    """``[(file, scale) or file, ...]`` -> ``[(Lora, scale), ...]`` (the pipeline's ``loras=``)."""
+    """``[(file, scale) or file, ...]`` -> ``[(Lora, scale), ...]`` (the pipeline's ``loras=``); a ``Lora``
+    already read may stand for its file."""
     out = []
     for item in loras or ():
-        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike, Lora)) else item
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise LoraError(f"LoRA {path}: scale {scale!r} must be a finite number")
-        out.append((read_lora(path), float(scale)))
+            raise LoraError(f"LoRA {getattr(path, 'path', path)}: scale {scale!r} must be a finite number")
+        out.append((path if isinstance(path, Lora) else read_lora(path), float(scale)))
     return out
 
 

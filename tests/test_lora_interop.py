@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from ldm.bundle import load_parts, save_bundle
 from ldm.cli import main
-from ldm.lora import LORA_FILE, AdapterBase, LoraError, merge_loras, parse_lora_spec, read_lora, save_lora
+from ldm.lora import (LORA_FILE, AdapterBase, LoraError, file_hash, find_lora_file, merge_loras, parse_lora_spec, read_lora,
+                      save_lora)
 from ldm.pipeline import Text2ImagePipeline
 from ldm.testing import build_bundle, build_sd_folder, unet as tiny_unet
 from train.unet.config import LoRAConfig
@@ -149,6 +150,11 @@ def test_several_loras_with_scales_agree_with_diffusers_set_adapters(sd_folder, 
     expected = base + 0.5 * (8 / 4) * a.up.double() @ a.down.double() - 0.75 * (1 / 2) * b.up.double() @ b.down.double()
     torch.testing.assert_close(dict(ours.unet.named_parameters())[f"{name}.weight"].double(), expected,
                                rtol=1e-6, atol=1e-6)  # float32 rounding of a sum of a few terms of size ~1
+    # LoRAs already read stand for their files (what `ldm generate --lora` passes on: each file read once)
+    read = [(read_lora(path), scale) for path, scale in loras]
+    assert [lora.hash for lora, _ in read] == [file_hash(find_lora_file(path)) for path, _ in loras]
+    again = Text2ImagePipeline.from_pretrained(sd_folder, loras=read)
+    assert again.loras == ours.loras and all(torch.equal(p, q) for p, q in zip(again.unet.parameters(), ours.unet.parameters()))
     # diffusers: two adapters, weighted
     theirs = diffusers_pipe(sd_folder)
     theirs.load_lora_weights(lora_bundle, adapter_name="a")
