@@ -294,6 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--other-prompts", type=int, default=24, help="'other' emoji to draw (default 24)")
     parser.add_argument("--seeds", default="0,1", help="seeds per prompt for the measures (default 0,1)")
     parser.add_argument("--grid-rows", default="4,4", help="prompts of heldout,other shown in the grid (default 4,4)")
+    parser.add_argument("--grid-names", default=None, metavar="NAME,...",
+                        help="the emoji the grid shows, by name, in order (instead of --grid-rows' evenly spaced ones)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     parser.add_argument("--guidance", type=float, default=4.0, help="guidance weight (default 4)")
     parser.add_argument("--content-check", nargs="+", type=Path, default=None, metavar="MODEL",
@@ -334,6 +336,10 @@ def main(argv=None) -> int:
               if label in wanted]
     judge = Judge(load_clip_scorer(base), args.data, read_rows(args.emoji), args.emoji)
     sets = [judge.prompt_set("heldout", args.data, "test"), judge.prompt_set("other", args.other, "train", args.other_prompts)]
+    chosen = [n.strip() for n in args.grid_names.split(",")] if args.grid_names else None
+    missing = sorted(set(chosen or ()) - {n for ps in sets for n in ps.names})
+    if missing:
+        raise ValueError(f"--grid-names {', '.join(missing)}: not among the prompts drawn")
     print(f"prompts: {len(sets[0].names)} heldout, {len(sets[1].names)} other; style centroids from "
           f"{judge.train_count} train emoji per style", file=sys.stderr)
     results = {"settings": {"base": str(args.base), "tuned": str(args.tuned), "seeds": seeds, "steps": args.steps,
@@ -357,6 +363,8 @@ def main(argv=None) -> int:
     grid_seeds = seeds[:2]
     for ps, count in zip(sets, (int(n) for n in args.grid_rows.split(","))):
         shown = list(range(0, len(ps.names), max(1, len(ps.names) // max(count, 1))))[:count]
+        if chosen:
+            shown = [ps.names.index(n) for n in chosen if n in ps.names]
         rows += [f"{ps.names[i]}, {ps.word} style" + (" *" if ps.key == "heldout" else "") for i in shown]
         columns["OpenMoji\n(real)"] += [ps.real["openmoji"][i] for i in shown]
         columns["Twemoji\n(real)"] += [ps.real["twemoji"][i] for i in shown]

@@ -16,8 +16,12 @@
 # animals-nature, food-drink, activities) and the set of other groups the measure also draws ($DATA/$OTHER, default
 # openmoji-other: objects, travel-places, smileys-emotion). The faces-and-people run of docs/finetune-openmoji.md:
 #   SET=openmoji-people SET_GROUPS=smileys-emotion,people-body OTHER=openmoji OTHER_GROUPS=animals-nature,food-drink,activities
-# VARIANT=black builds both sets from OpenMoji's black line-art drawings ("<name>, outline style"); the outline run:
-#   VARIANT=black SET=outline OTHER=outline-other FIGURES=docs/figures/outline PRIOR=1 scripts/finetune_openmoji.sh optim.lr=3e-4
+# VARIANT=black builds both sets from OpenMoji's black line-art drawings ("<name>, outline style"); GRID_NAMES picks the
+# grid's rows by name. The line-art faces-and-people run of docs/finetune-openmoji.md:
+#   VARIANT=black SET=outline-people SET_GROUPS=smileys-emotion,people-body OTHER=outline \
+#   OTHER_GROUPS=animals-nature,food-drink,activities FIGURES=docs/figures/outline PRIOR=1 \
+#   GRID_NAMES="thinking face,disguised face,pouting face,woman frowning,man: white hair,fearful face,beating heart,genie" \
+#   scripts/finetune_openmoji.sh lora.method=full optim.lr=1e-4 train.max_steps=1000
 # A stopped fine-tune is resumed from its newest checkpoint when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +36,7 @@ SET_GROUPS=${SET_GROUPS:-animals-nature,food-drink,activities}
 OTHER=${OTHER:-openmoji-other}
 OTHER_GROUPS=${OTHER_GROUPS:-objects,travel-places,smileys-emotion}
 VARIANT=${VARIANT:-color}
+GRID_NAMES=${GRID_NAMES:-}
 
 [ -e "$DATA/$SET/metadata.jsonl" ] || $LDM data openmoji --groups "$SET_GROUPS" --variant "$VARIANT" --out "$DATA/$SET"
 [ -e "$DATA/$OTHER/metadata.jsonl" ] || $LDM data openmoji --groups "$OTHER_GROUPS" --variant "$VARIANT" --out "$DATA/$OTHER"
@@ -53,5 +58,5 @@ echo "== fine-tune: $(( $(date +%s) - start )) s wall (load average now: $(cut -
 
 start=$(date +%s)
 $PYTHON bench/finetune_style.py --tuned "$RUNS/$SET/bundle" --data "$DATA/$SET" \
-    --other "$DATA/$OTHER" --emoji "$DATA/emoji" --out "$FIGURES"
+    --other "$DATA/$OTHER" --emoji "$DATA/emoji" --out "$FIGURES" ${GRID_NAMES:+--grid-names "$GRID_NAMES"}
 echo "== measure: $(( $(date +%s) - start )) s wall"
