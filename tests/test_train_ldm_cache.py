@@ -154,3 +154,4 @@ def test_two_runs_building_one_cache_take_turns(tmp_path):
     second.join(timeout=60)
     assert results["first"][1] is True and results["second"] == (results["first"][0], False), results
     assert len(LatentCache(results["first"][0])) == 28
+    assert not any(p.name.startswith(".") for p in (tmp_path / "cache").iterdir())  # the lock file went with the build

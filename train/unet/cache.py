@@ -659,12 +659,15 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
         if progress:
             print(f"waiting for another process to finish the latent cache {folder}", file=sys.stderr)
 
-    # one builder at a time: the build removes the temporary shard folders a killed build left behind,
-    # which would be another live builder's (two runs started together on one data set)
-    with exclusive_lock(folder.parent / f"{folder.name}.lock", waiting=waiting):
+    # One builder at a time: the build removes the temporary shard folders a killed build left behind,
+    # which would be another live builder's (two runs started together on one data set). The lock file goes
+    # once the cache is complete: whoever takes the lock after that finds meta.json and builds nothing.
+    with exclusive_lock(folder.parent / f".{folder.name}.lock", waiting=waiting) as lock:
         if (folder / "meta.json").is_file():  # the other process built it
             return folder, False
-        return _build_cache(folder, key, cache, data, autoencoder, text_encoder, device, progress), True
+        _build_cache(folder, key, cache, data, autoencoder, text_encoder, device, progress)
+        lock.unlink(missing_ok=True)
+    return folder, True
 
 
 def _build_cache(folder: Path, key: dict, cache: CacheConfig, data: DataConfig, autoencoder, text_encoder, device,
