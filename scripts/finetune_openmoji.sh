@@ -21,7 +21,7 @@
 #   VARIANT=black SET=outline-people SET_GROUPS=smileys-emotion,people-body OTHER=outline \
 #   OTHER_GROUPS=animals-nature,food-drink,activities FIGURES=docs/figures/outline PRIOR=1 \
 #   GRID_NAMES="thinking face,disguised face,pouting face,woman frowning,man: white hair,fearful face,beating heart,genie" \
-#   scripts/finetune_openmoji.sh lora.method=full optim.lr=1e-4 train.max_steps=1000
+#   scripts/finetune_openmoji.sh lora.method=full optim.lr=1e-4 train.max_steps=1000 prior.share=0.5
 # A stopped fine-tune is resumed from its newest checkpoint when the script is run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
