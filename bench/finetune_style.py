@@ -331,7 +331,7 @@ def main(argv=None) -> int:
         return 0
     wanted = [m.strip() for m in args.models.split(",")]
     if not wanted or not set(wanted) <= {"base", "tuned"} or ("tuned" in wanted and not args.tuned):
-        raise ValueError(f"--models {args.models}: give base, tuned or base,tuned (tuned needs --tuned)")
+        parser.error(f"--models {args.models}: give base, tuned or base,tuned (tuned needs --tuned)")
     models = [(label, bundle) for label, bundle in (("base", base), ("tuned", Path(args.tuned or "")))
               if label in wanted]
     judge = Judge(load_clip_scorer(base), args.data, read_rows(args.emoji), args.emoji)
@@ -339,7 +339,8 @@ def main(argv=None) -> int:
     chosen = [n.strip() for n in args.grid_names.split(",")] if args.grid_names else None
     missing = sorted(set(chosen or ()) - {n for ps in sets for n in ps.names})
     if missing:
-        raise ValueError(f"--grid-names {', '.join(missing)}: not among the prompts drawn")
+        parser.error(f"--grid-names {', '.join(missing)}: not among the prompts drawn (the held-out names and "
+                     f"--other-prompts evenly spaced names of --other)")
     print(f"prompts: {len(sets[0].names)} heldout, {len(sets[1].names)} other; style centroids from "
           f"{judge.train_count} train emoji per style", file=sys.stderr)
     results = {"settings": {"base": str(args.base), "tuned": str(args.tuned), "seeds": seeds, "steps": args.steps,
