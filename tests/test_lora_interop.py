@@ -356,3 +356,27 @@ def test_text_encoder_updates_for_an_open_clip_model_are_a_one_line_error(sd_fol
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "holds text-encoder weights" in err and "this model's text encoder is open_clip" in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_lora_on_the_resnet_convolutions_loads_in_diffusers_both_layouts(sd_folder, tmp_path):
+    """A LoRA that also adapts the ResNet convolutions (conv1, conv2: kohya's LoCon; what a style far from the
+    base's needs, docs/finetune-openmoji.md) gives diffusers' images from our layout and from the kohya export."""
+    parts = load_parts(sd_folder)
+    adapted = with_random_lora(parts.unet, rank=4, alpha=4.0, seed=3, targets=("to_q", "to_v", "conv1", "conv2"))
+    bundle = save_bundle(tmp_path / "bundle", unet=AdapterBase(adapted), unet_lora=adapted,
+                         autoencoder=parts.autoencoder, text_encoder=parts.text_encoder, schedule=parts.schedule,
+                         sampling=parts.sampling, base=sd_folder)
+    conv = read_lora(bundle).modules["down_blocks.0.resnets.0.conv1"]
+    assert conv.down.shape[2:] == (3, 3) and conv.up.shape[2:] == (1, 1)  # a 3x3 conv A, a 1x1 B
+    ours = our_images(Text2ImagePipeline.from_pretrained(bundle))
+    assert (ours - our_images(Text2ImagePipeline.from_pretrained(sd_folder))).abs().max() > 1e-2
+    theirs = diffusers_pipe(sd_folder)
+    theirs.load_lora_weights(bundle)
+    torch.testing.assert_close(diffusers_images(theirs), ours, **TOL)
+    out = tmp_path / "locon.safetensors"
+    assert main(["export-lora", str(bundle), "--out", str(out)]) == 0
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in load_file(out)
+    theirs = diffusers_pipe(sd_folder)
+    theirs.load_lora_weights(out)
+    torch.testing.assert_close(diffusers_images(theirs), ours, **TOL)
+    torch.testing.assert_close(our_images(Text2ImagePipeline.from_pretrained(sd_folder, loras=[out])), ours, rtol=0, atol=0)
