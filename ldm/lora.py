@@ -173,9 +173,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     from ldm_io.weights import check_safetensors
 
-    check_safetensors(path)  # truncated or not safetensors: one line naming the file
+    header = check_safetensors(path)  # truncated or not safetensors: one line naming the file
     data = path.read_bytes()
-    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
     digest = hashlib.sha256(data).hexdigest()[:HASH_LENGTH]
     return load(data), dict(header.get("__metadata__") or {}), digest
 
@@ -358,10 +357,10 @@ def read_loras(loras: Optional[Iterable]) -> list[tuple[Lora, float]]:
     already read may stand for its file."""
     out = []
     for item in loras or ():
-        path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike, Lora)) else item
+        source, scale = (item, 1.0) if isinstance(item, (str, os.PathLike, Lora)) else item
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise LoraError(f"LoRA {getattr(path, 'path', path)}: scale {scale!r} must be a finite number")
-        out.append((path if isinstance(path, Lora) else read_lora(path), float(scale)))
+            raise LoraError(f"LoRA {getattr(source, 'path', source)}: scale {scale!r} must be a finite number")
+        out.append((source if isinstance(source, Lora) else read_lora(source), float(scale)))
     return out
 
 

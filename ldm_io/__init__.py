@@ -180,8 +180,10 @@ def exclusive_lock(path: PathLike, *, waiting: Callable[[], None] = lambda: None
 
     Two processes that build the same thing (two fine-tunes sharing one latent cache) take turns: the
     second blocks until the first leaves its block, calling ``waiting()`` once first. The lock goes with
-    the process, so a killed holder frees it. The file stays (removing it would race with a waiter);
-    where ``fcntl`` is missing (Windows) the block runs unlocked.
+    the process, so a killed holder frees it. The file stays; a caller may remove it inside the block only
+    once the guarded work is complete, so that a waiter which then takes the lock on the removed file, or a
+    process that makes a new one, finds the work done. Where ``fcntl`` is missing (Windows) the block runs
+    unlocked.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,9 @@ def _corrupt(path: Path, why: str) -> WeightsError:
     return WeightsError(f"{path} is truncated or corrupt ({why}); copy or download the model folder again")
 
 
-def check_safetensors(path: PathLike) -> None:
-    """Raise ``WeightsError`` unless ``path``'s header parses and its tensors cover the file exactly."""
+def check_safetensors(path: PathLike) -> dict:
+    """Raise ``WeightsError`` unless ``path``'s header parses and its tensors cover the file exactly; returns
+    the header (tensor name -> dtype, shape, offsets, and ``__metadata__`` where the file has one)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -88,6 +89,7 @@ def check_safetensors(path: PathLike) -> None:
         end = max(end, stop)
     if end != size - 8 - n:
         raise _corrupt(path, f"its tensors need {end} bytes of data but the file holds {size - 8 - n}")
+    return header
 
 
 def check_pickle(path: PathLike) -> None:

@@ -671,7 +671,7 @@ def build_cache(cache: CacheConfig, data: DataConfig, autoencoder, text_encoder,
 
 
 def _build_cache(folder: Path, key: dict, cache: CacheConfig, data: DataConfig, autoencoder, text_encoder, device,
-                 progress: bool) -> Path:
+                 progress: bool) -> None:
     buckets = None
     if stream_format(data.path) is not None:
         source = _StreamRows(data)
@@ -690,4 +690,3 @@ def _build_cache(folder: Path, key: dict, cache: CacheConfig, data: DataConfig, 
         # after the encoding: it counts the rows that changed since the scan
         meta = json.loads((folder / "meta.json").read_text())
         print(meta["summary"] + ("\n" + buckets["report"] if buckets else ""), file=sys.stderr)
-    return folder
